@@ -1,0 +1,260 @@
+//! One crank's working state ([`Work`]: the transaction plus the [`CrankBuffer`]), the
+//! [`Endpoint`] trait deliveries go through, and [`CrankContext`], the buffered kref-level API an
+//! endpoint's syscalls use during its delivery.
+
+use crate::error::{KernelError, SyscallError};
+use crate::ids::{Allocator, EndpointId, KObjectId, KPromiseId, KRef, RefKind, VRef};
+use crate::message::{CapData, Message, RunQueueItem, Settlement};
+use crate::promise;
+use crate::tables::{KernelTxn, PromiseState};
+
+/// What a crank produced that only takes effect if it commits: run-queue items in the order
+/// made, and the promises it settled (whose host watchers run after the commit).
+#[derive(Debug, Default)]
+pub struct CrankBuffer {
+    /// Sends and notifies, flushed to the run queue in this order at commit.
+    pub outputs: Vec<RunQueueItem>,
+    /// Promises settled by this crank.
+    pub settled: Vec<KPromiseId>,
+}
+
+/// A crank in progress: its transaction and its buffer. Dropping it is the abort.
+pub struct Work<'s> {
+    /// The transaction.
+    pub db: KernelTxn<'s>,
+    /// The buffered outputs.
+    pub buf: CrankBuffer,
+}
+
+/// A delivery at the kernel level, before an endpoint translates it into its own references.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelDelivery {
+    /// Invoke `message` on `target`, an object the endpoint exports. If the message has a result
+    /// promise, the endpoint is now its decider.
+    Message {
+        /// The receiving object.
+        target: KObjectId,
+        /// The call.
+        message: Message,
+    },
+    /// These promises settled. The first is the one subscribed to; the rest are settled promises
+    /// its data names. After the delivery commits, the endpoint's c-list forgets all of them.
+    Notify {
+        /// `(promise, settlement)` pairs.
+        resolutions: Vec<(KPromiseId, Settlement)>,
+    },
+}
+
+impl KernelDelivery {
+    /// A short description for reports and logs (`send ko3.ping`, `notify kp7`).
+    pub fn describe(&self) -> String {
+        match self {
+            KernelDelivery::Message { target, message } => format!("send {target}.{}", message.method),
+            KernelDelivery::Notify { resolutions } => match resolutions.first() {
+                Some((kp, _)) => format!("notify {kp}"),
+                None => "notify".to_owned(),
+            },
+        }
+    }
+}
+
+/// Something the kernel delivers to: a vat (through `kernel-syscall`) or a remote kernel.
+///
+/// Implementations translate the delivery into their own references and act only through
+/// `ctx`. Returning `Err` (or panicking) aborts the crank and terminates the endpoint.
+pub trait Endpoint {
+    /// Handle one delivery.
+    fn deliver(&mut self, delivery: KernelDelivery, ctx: &mut CrankContext<'_>) -> Result<(), crate::Fault>;
+}
+
+/// Why an endpoint stops receiving deliveries after this crank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Illegal(String),
+    Exit { failure: bool, info: CapData },
+}
+
+/// The crank's API for the endpoint being delivered to: every syscall is checked, buffered or
+/// written into the crank's transaction, and takes effect only if the crank commits.
+///
+/// The verdict is sticky: after an illegal syscall or an `exit`, every later syscall of this
+/// delivery returns an error and does nothing, and nothing the endpoint does can undo it.
+pub struct CrankContext<'s> {
+    work: Work<'s>,
+    endpoint: EndpointId,
+    verdict: Option<Verdict>,
+    kernel_error: Option<KernelError>,
+}
+
+impl<'s> CrankContext<'s> {
+    pub(crate) fn new(work: Work<'s>, endpoint: EndpointId) -> Self {
+        CrankContext { work, endpoint, verdict: None, kernel_error: None }
+    }
+
+    pub(crate) fn into_parts(self) -> (Work<'s>, Option<Verdict>, Option<KernelError>) {
+        (self.work, self.verdict, self.kernel_error)
+    }
+
+    /// The endpoint this delivery is for.
+    pub fn endpoint(&self) -> EndpointId {
+        self.endpoint
+    }
+
+    fn guard(&self) -> Result<(), SyscallError> {
+        if self.kernel_error.is_some() {
+            Err(SyscallError::Kernel)
+        } else if self.verdict.is_some() {
+            Err(SyscallError::Terminated)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Record an illegal syscall: the crank will abort and the endpoint be terminated. Used by
+    /// translation layers for faults only they can see (a malformed vref, a bad vatstore key).
+    pub fn illegal(&mut self, reason: impl Into<String>) -> SyscallError {
+        let reason = reason.into();
+        if self.verdict.is_none() {
+            self.verdict = Some(Verdict::Illegal(reason.clone()));
+        }
+        SyscallError::Illegal(reason)
+    }
+
+    fn kernel_failed(&mut self, e: KernelError) -> SyscallError {
+        if self.kernel_error.is_none() {
+            self.kernel_error = Some(e);
+        }
+        SyscallError::Kernel
+    }
+
+    fn check<T>(&mut self, r: Result<T, KernelError>) -> Result<T, SyscallError> {
+        r.map_err(|e| self.kernel_failed(e))
+    }
+
+    /// True once this delivery can no longer make syscalls.
+    pub fn is_finished(&self) -> bool {
+        self.guard().is_err()
+    }
+
+    // ---- c-list translation ----
+
+    /// The kref for the endpoint's `vref`, allocating a kernel object or promise the first time
+    /// the endpoint exports one of its own (`o+N`, `p+N`). An unknown kernel-allocated ref
+    /// (`o-N`, `p-N`) is illegal: the endpoint was never given it.
+    pub fn export(&mut self, vref: VRef) -> Result<KRef, SyscallError> {
+        self.guard()?;
+        let ep = self.endpoint;
+        if let Some(k) = self.check(self.work.db.clist_kref(ep, vref))? {
+            return Ok(k);
+        }
+        if vref.allocator == Allocator::Kernel {
+            return Err(self.illegal(format!("{vref} is not in the c-list of {ep}")));
+        }
+        let kref = match vref.kind {
+            RefKind::Object => KRef::Object(self.work.db.new_object(ep, false)),
+            RefKind::Promise => KRef::Promise(self.work.db.new_promise(Some(ep))),
+        };
+        self.work.db.clist_insert(ep, kref, vref);
+        Ok(kref)
+    }
+
+    /// The endpoint's vref for `kref`, allocating an import (`o-N`, `p-N`) the first time the
+    /// endpoint sees it.
+    pub fn import(&mut self, kref: KRef) -> Result<VRef, SyscallError> {
+        self.guard()?;
+        let ep = self.endpoint;
+        if let Some(v) = self.check(self.work.db.clist_vref(ep, kref))? {
+            return Ok(v);
+        }
+        let r = self.work.db.next_import(ep, kref.as_promise().is_some());
+        let vref = self.check(r)?;
+        self.work.db.clist_insert(ep, kref, vref);
+        Ok(vref)
+    }
+
+    // ---- syscalls ----
+
+    /// `send(target, method, args, result?)`: buffered until commit. `result` must be an
+    /// unresolved promise this endpoint decides; the kernel decides it while the message is in
+    /// flight, and the receiver decides it on delivery.
+    pub fn send(&mut self, target: KRef, method: String, args: CapData, result: Option<KPromiseId>) -> Result<(), SyscallError> {
+        self.guard()?;
+        if let Some(kp) = result {
+            match self.check(self.work.db.promise(kp))? {
+                Some(PromiseState::Unresolved { decider: Some(d), subscribers, queue }) if d == self.endpoint => {
+                    self.work.db.set_promise(kp, &PromiseState::Unresolved { decider: None, subscribers, queue });
+                }
+                _ => return Err(self.illegal(format!("result {kp} is not an unresolved promise decided by {}", self.endpoint))),
+            }
+        }
+        self.work.buf.outputs.push(RunQueueItem::Send { target, message: Message { method, args, result } });
+        Ok(())
+    }
+
+    /// `subscribe(kp)`: be notified (after commit) when `kp` settles, or at once if settled.
+    pub fn subscribe(&mut self, kp: KPromiseId) -> Result<(), SyscallError> {
+        self.guard()?;
+        let ep = self.endpoint;
+        let r = promise::subscribe(&mut self.work, ep, kp);
+        self.check(r)
+    }
+
+    /// `resolve([(kp, settlement)])`: every promise must be unresolved, decided by this endpoint,
+    /// and named once; otherwise nothing is resolved and the syscall is illegal. The endpoint's
+    /// c-list forgets each promise it resolves.
+    pub fn resolve(&mut self, resolutions: Vec<(KPromiseId, Settlement)>) -> Result<(), SyscallError> {
+        self.guard()?;
+        let ep = self.endpoint;
+        for (i, (kp, _)) in resolutions.iter().enumerate() {
+            if resolutions[..i].iter().any(|(q, _)| q == kp) {
+                return Err(self.illegal(format!("{kp} resolved twice in one syscall")));
+            }
+            match self.check(self.work.db.promise(*kp))? {
+                Some(PromiseState::Unresolved { decider: Some(d), .. }) if d == ep => {}
+                Some(PromiseState::Settled(_)) => return Err(self.illegal(format!("{kp} is already resolved"))),
+                _ => return Err(self.illegal(format!("{ep} is not the decider of {kp}"))),
+            }
+        }
+        for (kp, settlement) in resolutions {
+            let r = promise::resolve(&mut self.work, kp, settlement).and_then(|()| self.work.db.clist_remove(ep, KRef::Promise(kp)));
+            self.check(r)?;
+        }
+        Ok(())
+    }
+
+    /// `exit(failure, info)`: this delivery's effects so far commit, then the endpoint is
+    /// terminated in the same transaction, its promises rejected with `info`.
+    pub fn exit(&mut self, failure: bool, info: CapData) -> Result<(), SyscallError> {
+        self.guard()?;
+        self.verdict = Some(Verdict::Exit { failure, info });
+        Ok(())
+    }
+
+    /// `vatstore get`.
+    pub fn vatstore_get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, SyscallError> {
+        self.guard()?;
+        let r = self.work.db.vatstore_get(self.endpoint, key);
+        self.check(r)
+    }
+
+    /// `vatstore set`.
+    pub fn vatstore_set(&mut self, key: &[u8], value: Vec<u8>) -> Result<(), SyscallError> {
+        self.guard()?;
+        self.work.db.vatstore_set(self.endpoint, key, value);
+        Ok(())
+    }
+
+    /// `vatstore delete`.
+    pub fn vatstore_delete(&mut self, key: &[u8]) -> Result<(), SyscallError> {
+        self.guard()?;
+        self.work.db.vatstore_delete(self.endpoint, key);
+        Ok(())
+    }
+
+    /// `vatstore next-key`: the first key after `after` (or the first key).
+    pub fn vatstore_next_key(&mut self, after: Option<&[u8]>) -> Result<Option<Vec<u8>>, SyscallError> {
+        self.guard()?;
+        let r = self.work.db.vatstore_next_key(self.endpoint, after);
+        self.check(r)
+    }
+}

@@ -1,0 +1,255 @@
+//! The store traits: an ordered key-value space the kernel keeps all its tables in, and the
+//! transaction ([`Txn`]) a crank runs in: an in-memory overlay of writes over the committed
+//! state, applied as one [`WriteBatch`] at commit and dropped at abort. [`MemStore`] is the
+//! in-memory implementation for tests and benchmarks; `kernel-store` implements [`Store`] on fjall.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+/// A failure of the underlying store (I/O, corruption). Never a vat's fault.
+#[derive(Debug, thiserror::Error)]
+#[error("store: {message}")]
+pub struct StoreError {
+    /// What went wrong, naming the key or table where known.
+    pub message: String,
+    /// The underlying error, if any.
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl StoreError {
+    /// An error with a message and no underlying cause.
+    pub fn new(message: impl Into<String>) -> Self {
+        StoreError { message: message.into(), source: None }
+    }
+
+    /// An error wrapping an underlying cause.
+    pub fn with_source(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError { message: message.into(), source: Some(Box::new(source)) }
+    }
+}
+
+/// The writes of one transaction, sorted by key: `Some(value)` sets, `None` deletes.
+pub type WriteBatch = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// A committed, ordered key-value space. Reads see only committed state; all writes arrive as
+/// one atomic [`WriteBatch`] per transaction.
+pub trait Store {
+    /// The committed value at `key`.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The first committed entry whose key starts with `prefix` and sorts after `after`
+    /// (or the first with `prefix` when `after` is `None`).
+    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+
+    /// Apply `batch` atomically: after a crash either all of it or none of it is visible.
+    fn apply(&mut self, batch: WriteBatch) -> Result<(), StoreError>;
+}
+
+/// One transaction: reads see its own writes first, then the committed store.
+pub struct Txn<'s, S: Store + ?Sized> {
+    store: &'s S,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'s, S: Store + ?Sized> Txn<'s, S> {
+    /// Begin a transaction over `store`.
+    pub fn begin(store: &'s S) -> Self {
+        Txn { store, writes: BTreeMap::new() }
+    }
+
+    /// The value at `key` as this transaction sees it.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.store.get(key),
+        }
+    }
+
+    /// Set `key` to `value` in this transaction.
+    pub fn set(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+
+    /// Delete `key` in this transaction.
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    /// The first entry (as this transaction sees it) whose key starts with `prefix` and sorts
+    /// after `after`.
+    pub fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut cursor: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
+        loop {
+            let committed = self.store.next(prefix, cursor.as_deref())?;
+            let lower = match &cursor {
+                Some(c) => Bound::Excluded(c.as_slice()),
+                None => Bound::Included(prefix),
+            };
+            let overlay = self.writes.range::<[u8], _>((lower, Bound::Unbounded)).next().filter(|(k, _)| k.starts_with(prefix));
+            match (committed, overlay) {
+                (None, None) => return Ok(None),
+                (Some((ck, cv)), None) => return Ok(Some((ck, cv))),
+                (c, Some((ok, ov))) => {
+                    // The overlay entry wins if it sorts first or shadows the committed key.
+                    let overlay_first = match &c {
+                        Some((ck, _)) => ok.as_slice() <= ck.as_slice(),
+                        None => true,
+                    };
+                    if overlay_first {
+                        match ov {
+                            Some(v) => return Ok(Some((ok.clone(), v.clone()))),
+                            None => cursor = Some(ok.clone()), // deleted here: keep looking
+                        }
+                    } else if let Some((ck, cv)) = c {
+                        return Ok(Some((ck, cv)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every entry with `prefix`, in key order, as this transaction sees them.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        while let Some((k, v)) = self.next(prefix, after.as_deref())? {
+            after = Some(k.clone());
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+
+    /// True if the transaction has written nothing.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// End the transaction, yielding its writes as one sorted batch.
+    pub fn into_batch(self) -> WriteBatch {
+        self.writes.into_iter().collect()
+    }
+}
+
+/// Every committed entry with `prefix`, in key order.
+pub fn scan_committed<S: Store + ?Sized>(store: &S, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    Txn::begin(store).scan_prefix(prefix)
+}
+
+/// An in-memory [`Store`] on a `BTreeMap`: for tests, benchmarks and ephemeral kernels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemStore {
+    map: BTreeMap<Vec<u8>, Vec<u8>>,
+    batches: u64,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every committed entry, for comparing whole states in tests.
+    pub fn entries(&self) -> &BTreeMap<Vec<u8>, Vec<u8>> {
+        &self.map
+    }
+
+    /// How many batches have been applied (one per committed transaction).
+    pub fn batches_applied(&self) -> u64 {
+        self.batches
+    }
+}
+
+impl Store for MemStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.map.get(key).cloned())
+    }
+
+    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Included(prefix),
+        };
+        Ok(self
+            .map
+            .range::<[u8], _>((lower, Bound::Unbounded))
+            .next()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone())))
+    }
+
+    fn apply(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
+        for (k, v) in batch {
+            match v {
+                Some(v) => {
+                    self.map.insert(k, v);
+                }
+                None => {
+                    self.map.remove(&k);
+                }
+            }
+        }
+        self.batches += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_with(entries: &[(&str, &str)]) -> MemStore {
+        let mut s = MemStore::new();
+        let batch = entries.iter().map(|(k, v)| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()))).collect();
+        s.apply(batch).expect("mem apply");
+        s
+    }
+
+    fn keys(entries: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<String> {
+        entries.into_iter().map(|(k, _)| String::from_utf8(k).expect("utf8")).collect()
+    }
+
+    #[test]
+    fn reads_see_the_transactions_own_writes() {
+        let s = store_with(&[("a", "1")]);
+        let mut t = Txn::begin(&s);
+        t.set(b"a".to_vec(), b"2".to_vec());
+        t.set(b"b".to_vec(), b"3".to_vec());
+        assert_eq!(t.get(b"a").expect("get"), Some(b"2".to_vec()));
+        assert_eq!(t.get(b"b").expect("get"), Some(b"3".to_vec()));
+        t.delete(b"a".to_vec());
+        assert_eq!(t.get(b"a").expect("get"), None);
+        // The committed store is untouched until the batch is applied.
+        assert_eq!(s.get(b"a").expect("get"), Some(b"1".to_vec()));
+    }
+
+    #[test]
+    fn scans_merge_overlay_and_committed_in_order() {
+        let s = store_with(&[("p/a", "1"), ("p/c", "3"), ("p/e", "5"), ("q/x", "9")]);
+        let mut t = Txn::begin(&s);
+        t.set(b"p/b".to_vec(), b"2".to_vec());
+        t.delete(b"p/c".to_vec());
+        t.set(b"p/e".to_vec(), b"55".to_vec());
+        t.set(b"p/f".to_vec(), b"6".to_vec());
+        let all = t.scan_prefix(b"p/").expect("scan");
+        assert_eq!(keys(all.clone()), ["p/a", "p/b", "p/e", "p/f"]);
+        assert_eq!(all[2].1, b"55".to_vec());
+        assert_eq!(t.next(b"p/", Some(b"p/b")).expect("next").map(|e| e.0), Some(b"p/e".to_vec()));
+    }
+
+    #[test]
+    fn an_applied_batch_is_visible_and_a_dropped_one_is_not() {
+        let mut s = store_with(&[("k", "old")]);
+        {
+            let mut t = Txn::begin(&s);
+            t.set(b"k".to_vec(), b"aborted".to_vec());
+            drop(t);
+        }
+        assert_eq!(s.get(b"k").expect("get"), Some(b"old".to_vec()));
+        let mut t = Txn::begin(&s);
+        t.set(b"k".to_vec(), b"new".to_vec());
+        let batch = t.into_batch();
+        s.apply(batch).expect("apply");
+        assert_eq!(s.get(b"k").expect("get"), Some(b"new".to_vec()));
+    }
+}
