@@ -1,0 +1,55 @@
+//! `cargo xtask <task>`: the project's automation, in Rust so a clean clone with the stock
+//! toolchain can run it.
+//!
+//! - `ci`: `cargo fmt --check`, `cargo clippy --workspace --all-targets -- -D warnings`,
+//!   `cargo test --workspace`.
+//! - `bench`: the benchmarks, printed as ratios against baselines measured in the same run.
+
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("bench") => bench(&args[1..]),
+        Some("help") | Some("--help") | None => {
+            println!("usage: cargo xtask <ci | bench [filter]>");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown task {other:?}; try `cargo xtask help`")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Run `cargo` with `args`, failing if it fails.
+fn cargo(args: &[&str]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(&cargo).args(args).status().map_err(|e| format!("cannot run {cargo}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`cargo {}` failed ({status})", args.join(" ")))
+    }
+}
+
+fn ci() -> Result<(), String> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["test", "--workspace"])?;
+    Ok(())
+}
+
+fn bench(filter: &[String]) -> Result<(), String> {
+    // Each crate keeps its benchmarks in `benches/` (harness = false): each prints its rate
+    // beside a baseline measured in the same run, and the ratio.
+    let mut args = vec!["bench", "--workspace", "--"];
+    args.extend(filter.iter().map(String::as_str));
+    cargo(&args)
+}
