@@ -200,8 +200,8 @@ impl<'s> CrankContext<'s> {
     }
 
     /// `resolve([(kp, settlement)])`: every promise must be unresolved, decided by this endpoint,
-    /// and named once; otherwise nothing is resolved and the syscall is illegal. The endpoint's
-    /// c-list forgets each promise it resolves.
+    /// and named once; otherwise nothing is resolved and the syscall is illegal. The resolver's
+    /// c-list keeps the entry, so resolving it again is caught as a double resolve.
     pub fn resolve(&mut self, resolutions: Vec<(KPromiseId, Settlement)>) -> Result<(), SyscallError> {
         self.guard()?;
         let ep = self.endpoint;
@@ -216,7 +216,7 @@ impl<'s> CrankContext<'s> {
             }
         }
         for (kp, settlement) in resolutions {
-            let r = promise::resolve(&mut self.work, kp, settlement).and_then(|()| self.work.db.clist_remove(ep, KRef::Promise(kp)));
+            let r = promise::resolve(&mut self.work, kp, settlement);
             self.check(r)?;
         }
         Ok(())
