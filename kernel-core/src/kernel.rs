@@ -476,7 +476,8 @@ fn set_decider(work: &mut Work<'_>, kp: KPromiseId, endpoint: EndpointId) -> Res
 }
 
 /// Terminate `ep` inside `work` (DESIGN §4): mark it, reject every promise it decides with
-/// `data`, drop its c-list and vatstore. Messages to its objects are rejected as they are routed.
+/// `data`, drop its c-list. Messages to its objects are rejected as they are routed. Its
+/// vatstore is kept, read-only, for post-mortem inspection.
 fn terminate(work: &mut Work<'_>, ep: EndpointId, reason: &str, data: CapData) -> Result<(), KernelError> {
     let Some(mut rec) = work.db.endpoint(ep)? else {
         return Err(KernelError::UnknownEndpoint(ep));
@@ -491,9 +492,6 @@ fn terminate(work: &mut Work<'_>, ep: EndpointId, reason: &str, data: CapData) -
         }
     }
     work.db.clist_clear(ep)?;
-    for (k, _) in work.db.vatstore_entries(ep)? {
-        work.db.vatstore_delete(ep, &k);
-    }
     Ok(())
 }
 
