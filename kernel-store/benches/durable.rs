@@ -1,0 +1,2 @@
+//! Durability benchmarks (in progress).
+fn main() {}

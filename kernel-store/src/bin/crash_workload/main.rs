@@ -1,0 +1,2 @@
+//! Crash-test workload (in progress).
+fn main() {}

@@ -1,0 +1,301 @@
+//! [`FjallStore`]: kernel-core's [`Store`] on fjall. Each [`WriteBatch`] (one crank, or one
+//! immediate-path write) becomes one atomic fjall write batch, together with the store's own
+//! count of batches applied.
+//!
+//! Layout of the engine's directory (`<dir>/fjall`):
+//! - keyspace `kernel`: the kernel's keys and values, exactly as kernel-core wrote them
+//!   (byte-ordered keys, postcard values);
+//! - keyspace `store`: `applied` -> u64 big-endian, the number of batches applied over the store's
+//!   life, written in every batch (so it names the last committed batch after a crash).
+
+use crate::durability::{Clock, Durability, Durable, SystemClock, Watermark};
+use crate::error::OpenError;
+use crate::format::{self, Found, ENGINE_DIR, LOCK_FILE};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use kernel_core::{CommitEvent, Store, StoreError, WriteBatch};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+const DATA_KEYSPACE: &str = "kernel";
+const META_KEYSPACE: &str = "store";
+const APPLIED_KEY: &[u8] = b"applied";
+
+/// How to open a store.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// When applied batches reach the disk.
+    pub durability: Durability,
+    /// The time source for group commit's `max_delay`.
+    pub clock: Arc<dyn Clock>,
+    /// The engine's block cache, in bytes.
+    pub cache_bytes: u64,
+}
+
+impl StoreOptions {
+    /// Options with `durability`, the system clock and a 64 MiB cache.
+    pub fn new(durability: Durability) -> Self {
+        StoreOptions { durability, clock: Arc::new(SystemClock::new()), cache_bytes: 64 << 20 }
+    }
+
+    /// The same options with another clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+impl Default for StoreOptions {
+    /// `Durability::Sync`.
+    fn default() -> Self {
+        Self::new(Durability::Sync)
+    }
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions").field("durability", &self.durability).field("cache_bytes", &self.cache_bytes).finish()
+    }
+}
+
+/// A kernel store on fjall, in one directory it holds locked while open.
+pub struct FjallStore {
+    dir: PathBuf,
+    db: Database,
+    data: Keyspace,
+    meta: Keyspace,
+    durability: Durability,
+    clock: Arc<dyn Clock>,
+    watermark: Arc<Mutex<Watermark>>,
+    /// Held (locked) for as long as the store is open; the OS releases it if the process dies.
+    _lock: File,
+}
+
+impl std::fmt::Debug for FjallStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FjallStore").field("dir", &self.dir).field("durability", &self.durability).finish_non_exhaustive()
+    }
+}
+
+fn engine_error(message: &str, e: fjall::Error) -> StoreError {
+    StoreError::with_source(message.to_owned(), e)
+}
+
+impl FjallStore {
+    /// Open the store in `dir`, creating it (and `dir`) if `dir` is missing or empty.
+    ///
+    /// Refused: a non-empty directory without a format record ([`OpenError::Foreign`]), a record
+    /// from a newer format ([`OpenError::NewerFormat`]) or one that does not decode
+    /// ([`OpenError::BadRecord`]), and a store already open ([`OpenError::Locked`]). A store that
+    /// crashed reopens at its last committed batch (in group mode: no older than the last one
+    /// reported durable).
+    pub fn open(dir: impl AsRef<Path>, options: StoreOptions) -> Result<Self, OpenError> {
+        let dir = dir.as_ref().to_path_buf();
+        let io = |doing: &'static str| {
+            let dir = dir.clone();
+            move |source| OpenError::Io { dir, doing, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io("creating the directory"))?;
+        // Look before writing anything: a foreign or newer directory is left exactly as found.
+        format::inspect(&dir)?;
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE)).map_err(io("opening the lock file"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(OpenError::Locked { dir }),
+            Err(TryLockError::Error(e)) => return Err(io("locking the lock file")(e)),
+        }
+        // Inspect again under the lock: another process may have created the store meanwhile.
+        if let Found::Empty = format::inspect(&dir)? {
+            format::create(&dir)?;
+        }
+        let engine = |source| OpenError::Engine { dir: dir.clone(), source };
+        let db = Database::builder(dir.join(ENGINE_DIR)).cache_size(options.cache_bytes).open().map_err(|e| match e {
+            fjall::Error::Locked => OpenError::Locked { dir: dir.clone() },
+            e => engine(e),
+        })?;
+        let data = db.keyspace(DATA_KEYSPACE, KeyspaceCreateOptions::default).map_err(engine)?;
+        let meta = db.keyspace(META_KEYSPACE, KeyspaceCreateOptions::default).map_err(engine)?;
+        let applied = match meta.get(APPLIED_KEY).map_err(engine)? {
+            None => 0,
+            Some(v) => <[u8; 8]>::try_from(&*v).map(u64::from_be_bytes).map_err(|_| OpenError::BadRecord {
+                dir: dir.clone(),
+                table: META_KEYSPACE,
+                key: String::from_utf8_lossy(APPLIED_KEY).into_owned(),
+                reason: format!("expected an 8-byte batch count, found {} bytes {:?}", v.len(), v.escape_ascii().to_string()),
+            })?,
+        };
+        if applied == 0 && !data.is_empty().map_err(engine)? {
+            return Err(OpenError::BadRecord {
+                dir,
+                table: META_KEYSPACE,
+                key: String::from_utf8_lossy(APPLIED_KEY).into_owned(),
+                reason: "missing, but the kernel keyspace holds data".into(),
+            });
+        }
+        Ok(FjallStore {
+            dir,
+            db,
+            data,
+            meta,
+            durability: options.durability,
+            clock: options.clock,
+            watermark: Arc::new(Mutex::new(Watermark::recovered(applied))),
+            _lock: lock,
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The durability setting it was opened with.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Batches applied over the store's life (one per crank, one per immediate-path write).
+    pub fn applied(&self) -> u64 {
+        self.watermark.lock().applied
+    }
+
+    /// The durable watermark now.
+    pub fn durable(&self) -> Durable {
+        self.watermark.lock().current()
+    }
+
+    /// The durable event: the watermark, if it moved since the last call. Poll it after each
+    /// crank (a group sync may happen inside `apply`) and after [`FjallStore::flush_due`]; only
+    /// cranks up to its `up_to_crank` may have their outputs sent to remotes.
+    pub fn take_durable(&self) -> Option<Durable> {
+        self.watermark.lock().take()
+    }
+
+    /// A commit observer for `Kernel::add_commit_observer`: it ties each committed crank to the
+    /// batch that committed it, so [`Durable::up_to_crank`] can name cranks.
+    pub fn crank_observer(&self) -> impl FnMut(&CommitEvent) + 'static {
+        let watermark = Arc::clone(&self.watermark);
+        move |event: &CommitEvent| watermark.lock().observe(event.crank)
+    }
+
+    /// When a group sync falls due by time (on the store's clock), if batches are waiting:
+    /// the host's timer for [`FjallStore::flush_due`] while the kernel is idle.
+    pub fn flush_deadline(&self) -> Option<Duration> {
+        match self.durability {
+            Durability::Group { max_delay, .. } => self.watermark.lock().oldest_pending.map(|t| t + max_delay),
+            Durability::Sync | Durability::Buffered => None,
+        }
+    }
+
+    /// Group commit: sync now if a sync is due (by count or by time), then return the durable
+    /// event if the watermark moved. Other modes only return the event.
+    pub fn flush_due(&self) -> Result<Option<Durable>, StoreError> {
+        let mut w = self.watermark.lock();
+        if self.group_sync_due(&w) {
+            self.sync_locked(&mut w)?;
+        }
+        Ok(w.take())
+    }
+
+    /// Sync everything applied so far to disk now, in any mode.
+    pub fn sync(&self) -> Result<Durable, StoreError> {
+        let mut w = self.watermark.lock();
+        self.sync_locked(&mut w)?;
+        Ok(w.current())
+    }
+
+    fn group_sync_due(&self, w: &Watermark) -> bool {
+        match (self.durability, w.oldest_pending) {
+            (Durability::Group { max_cranks, max_delay }, Some(oldest)) => {
+                w.applied - w.durable >= max_cranks || self.clock.now().saturating_sub(oldest) >= max_delay
+            }
+            _ => false,
+        }
+    }
+
+    fn sync_locked(&self, w: &mut Watermark) -> Result<(), StoreError> {
+        if w.applied > w.durable {
+            self.db.persist(PersistMode::SyncData).map_err(|e| engine_error("syncing the journal", e))?;
+        }
+        w.synced();
+        Ok(())
+    }
+
+    /// Every entry of the kernel keyspace, in key order: for comparing whole states in tests.
+    pub fn entries(&self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+        let mut out = BTreeMap::new();
+        for guard in self.data.iter() {
+            let (k, v) = guard.into_inner().map_err(|e| engine_error("reading the kernel keyspace", e))?;
+            out.insert(k.to_vec(), v.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Write the engine's in-memory tables out to table files and wait, so the next open
+    /// replays little journal. Durability is unchanged (the journal already holds everything).
+    pub fn compact_journal(&self) -> Result<(), StoreError> {
+        for ks in [&self.data, &self.meta] {
+            ks.rotate_memtable_and_wait().map_err(|e| engine_error("flushing a memtable", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Store for FjallStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.data.get(key) {
+            Ok(v) => Ok(v.map(|v| v.to_vec())),
+            Err(e) => Err(engine_error(&format!("reading key {}", key.escape_ascii()), e)),
+        }
+    }
+
+    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let lower = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        let Some(guard) = self.data.range::<&[u8], _>((lower, Bound::Unbounded)).next() else {
+            return Ok(None);
+        };
+        let (k, v) = guard.into_inner().map_err(|e| engine_error(&format!("scanning prefix {}", prefix.escape_ascii()), e))?;
+        Ok(k.starts_with(prefix).then(|| (k.to_vec(), v.to_vec())))
+    }
+
+    fn apply(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut w = self.watermark.lock();
+        let applied = w.applied + 1;
+        let persist = match self.durability {
+            Durability::Sync => Some(PersistMode::SyncData),
+            Durability::Buffered => Some(PersistMode::Buffer),
+            Durability::Group { .. } => None,
+        };
+        let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), batch.len() + 1).durability(persist);
+        for (k, v) in batch {
+            match v {
+                Some(v) => b.insert(&self.data, k, v),
+                None => b.remove(&self.data, k),
+            }
+        }
+        b.insert(&self.meta, APPLIED_KEY, applied.to_be_bytes().to_vec());
+        b.commit().map_err(|e| engine_error(&format!("committing batch {applied}"), e))?;
+        w.applied = applied;
+        match self.durability {
+            Durability::Sync => w.synced(),
+            Durability::Buffered => {}
+            Durability::Group { .. } => {
+                if w.oldest_pending.is_none() {
+                    w.oldest_pending = Some(self.clock.now());
+                }
+                if self.group_sync_due(&w) {
+                    self.sync_locked(&mut w)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
