@@ -112,11 +112,13 @@ impl<'s> CrankContext<'s> {
 
     /// Record an illegal syscall: the crank will abort and the endpoint be terminated. Used by
     /// translation layers for faults only they can see (a malformed vref, a bad vatstore key).
+    /// After the verdict (or a kernel failure) this is just another refused syscall.
     pub fn illegal(&mut self, reason: impl Into<String>) -> SyscallError {
-        let reason = reason.into();
-        if self.verdict.is_none() {
-            self.verdict = Some(Verdict::Illegal(reason.clone()));
+        if let Err(e) = self.guard() {
+            return e;
         }
+        let reason = reason.into();
+        self.verdict = Some(Verdict::Illegal(reason.clone()));
         SyscallError::Illegal(reason)
     }
 
