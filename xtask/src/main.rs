@@ -4,6 +4,10 @@
 //! - `ci`: `cargo fmt --check`, `cargo clippy --workspace --all-targets -- -D warnings`,
 //!   `cargo test --workspace`.
 //! - `bench`: the benchmarks, printed as ratios against baselines measured in the same run.
+//! - `crash-test --kills N [--seed S] [--mode sync|group]`: kill -9 the kernel on fjall N times
+//!   and check nothing was lost or doubled (kernel-store's crash workload).
+
+mod crash_test;
 
 use std::process::{Command, ExitCode};
 
@@ -12,8 +16,9 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
+        Some("crash-test") => crash_test::crash_test(&args[1..]),
         Some("help") | Some("--help") | None => {
-            println!("usage: cargo xtask <ci | bench [filter]>");
+            println!("usage: cargo xtask <ci | bench [filter] | crash-test --kills N [--seed S] [--mode sync|group]>");
             Ok(())
         }
         Some(other) => Err(format!("unknown task {other:?}; try `cargo xtask help`")),
