@@ -389,9 +389,9 @@ impl<S: Store> Kernel<S> {
         }
         let fault = match (verdict, returned) {
             (Some(Verdict::Illegal(reason)), _) => Some(Fault::IllegalSyscall(reason)),
-            (_, Ok(Err(fault))) => Some(fault),
-            (_, Err(panic)) => Some(Fault::Panic(panic_message(&panic))),
-            (Some(Verdict::Exit { failure, info }), Ok(Ok(()))) => {
+            // The exit verdict is sticky too: an error or panic after asking to exit (e.g. the
+            // endpoint not catching a refused later syscall) cannot turn it into an abort.
+            (Some(Verdict::Exit { failure, info }), _) => {
                 for kp in &notified {
                     work.db.clist_remove(endpoint, KRef::Promise(*kp))?;
                 }
@@ -401,6 +401,8 @@ impl<S: Store> Kernel<S> {
                 let outcome = CrankOutcome::Exited { endpoint, failure };
                 return Ok(Some(CrankReport { crank, input, outcome, flushed, commit: CommitEvent { crank } }));
             }
+            (None, Ok(Err(fault))) => Some(fault),
+            (None, Err(panic)) => Some(Fault::Panic(panic_message(&panic))),
             (None, Ok(Ok(()))) => None,
         };
         let Some(fault) = fault else {
