@@ -17,7 +17,7 @@ struct Player {
 
 impl Endpoint for Player {
     fn deliver(&mut self, d: KernelDelivery, ctx: &mut CrankContext<'_>) -> Result<(), Fault> {
-        let KernelDelivery::Message { message, .. } = d else { return Ok(()) };
+        let KernelDelivery::Message { target, message } = d else { return Ok(()) };
         let fail = |e: kernel_core::SyscallError| Fault::VatError(e.to_string());
         if let Some(r) = message.result {
             ctx.resolve(vec![(r, Settlement::Fulfilled(CapData::plain("1")))]).map_err(fail)?;
@@ -29,7 +29,8 @@ impl Endpoint for Player {
         self.peer = Some(peer);
         self.next_promise += 1;
         let kp = ctx.export(VRef::local_promise(self.next_promise)).map_err(fail)?;
-        ctx.send(peer, "ping".into(), CapData::plain("1"), kp.as_promise()).map_err(fail)?;
+        // Carry our own root along so the peer learns whom to answer.
+        ctx.send(peer, "ping".into(), CapData::reference(target.into()), kp.as_promise()).map_err(fail)?;
         Ok(())
     }
 }
@@ -65,7 +66,8 @@ fn baseline(txns: u64) -> Duration {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let cranks = args.iter().position(|a| a == "--cranks").and_then(|i| args.get(i + 1)).and_then(|n| n.parse().ok()).unwrap_or(1_000_000u64);
+    let cranks =
+        args.iter().position(|a| a == "--cranks").and_then(|i| args.get(i + 1)).and_then(|n| n.parse().ok()).unwrap_or(1_000_000u64);
     let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
     // Warm up, then take the best of three of each, interleaved so both see the same machine.
     let _ = pingpong(cranks / 10);

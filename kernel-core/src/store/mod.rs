@@ -3,6 +3,12 @@
 //! state, applied as one [`WriteBatch`] at commit and dropped at abort. [`MemStore`] is the
 //! in-memory implementation for tests and benchmarks; `kernel-store` implements [`Store`] on fjall.
 
+mod key;
+mod mem;
+
+pub(crate) use key::Key;
+pub use mem::MemStore;
+
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -49,7 +55,7 @@ pub trait Store {
 /// One transaction: reads see its own writes first, then the committed store.
 pub struct Txn<'s, S: Store + ?Sized> {
     store: &'s S,
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    writes: BTreeMap<Key, Option<Vec<u8>>>,
 }
 
 impl<'s, S: Store + ?Sized> Txn<'s, S> {
@@ -60,7 +66,10 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
 
     /// The value at `key` as this transaction sees it.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.writes.get(key) {
+        if self.writes.is_empty() {
+            return self.store.get(key);
+        }
+        match self.writes.get(&Key::new(key)) {
             Some(v) => Ok(v.clone()),
             None => self.store.get(key),
         }
@@ -68,12 +77,12 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
 
     /// Set `key` to `value` in this transaction.
     pub fn set(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.writes.insert(key, Some(value));
+        self.writes.insert(Key::new(&key), Some(value));
     }
 
     /// Delete `key` in this transaction.
     pub fn delete(&mut self, key: Vec<u8>) {
-        self.writes.insert(key, None);
+        self.writes.insert(Key::new(&key), None);
     }
 
     /// The first entry (as this transaction sees it) whose key starts with `prefix` and sorts
@@ -82,11 +91,10 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
         let mut cursor: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
         loop {
             let committed = self.store.next(prefix, cursor.as_deref())?;
-            let lower = match &cursor {
-                Some(c) => Bound::Excluded(c.as_slice()),
-                None => Bound::Included(prefix),
-            };
-            let overlay = self.writes.range::<[u8], _>((lower, Bound::Unbounded)).next().filter(|(k, _)| k.starts_with(prefix));
+            let lower = Key::new(cursor.as_deref().unwrap_or(prefix));
+            let lower = if cursor.is_some() { Bound::Excluded(lower) } else { Bound::Included(lower) };
+            let overlay =
+                self.writes.range((lower, Bound::Unbounded)).next().map(|(k, v)| (k.to_vec(), v)).filter(|(k, _)| k.starts_with(prefix));
             match (committed, overlay) {
                 (None, None) => return Ok(None),
                 (Some((ck, cv)), None) => return Ok(Some((ck, cv))),
@@ -98,8 +106,8 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
                     };
                     if overlay_first {
                         match ov {
-                            Some(v) => return Ok(Some((ok.clone(), v.clone()))),
-                            None => cursor = Some(ok.clone()), // deleted here: keep looking
+                            Some(v) => return Ok(Some((ok, v.clone()))),
+                            None => cursor = Some(ok), // deleted here: keep looking
                         }
                     } else if let Some((ck, cv)) = c {
                         return Ok(Some((ck, cv)));
@@ -127,71 +135,13 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
 
     /// End the transaction, yielding its writes as one sorted batch.
     pub fn into_batch(self) -> WriteBatch {
-        self.writes.into_iter().collect()
+        self.writes.into_iter().map(|(k, v)| (k.to_vec(), v)).collect()
     }
 }
 
 /// Every committed entry with `prefix`, in key order.
 pub fn scan_committed<S: Store + ?Sized>(store: &S, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
     Txn::begin(store).scan_prefix(prefix)
-}
-
-/// An in-memory [`Store`] on a `BTreeMap`: for tests, benchmarks and ephemeral kernels.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MemStore {
-    map: BTreeMap<Vec<u8>, Vec<u8>>,
-    batches: u64,
-}
-
-impl MemStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Every committed entry, for comparing whole states in tests.
-    pub fn entries(&self) -> &BTreeMap<Vec<u8>, Vec<u8>> {
-        &self.map
-    }
-
-    /// How many batches have been applied (one per committed transaction).
-    pub fn batches_applied(&self) -> u64 {
-        self.batches
-    }
-}
-
-impl Store for MemStore {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.map.get(key).cloned())
-    }
-
-    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let lower = match after {
-            Some(a) => Bound::Excluded(a),
-            None => Bound::Included(prefix),
-        };
-        Ok(self
-            .map
-            .range::<[u8], _>((lower, Bound::Unbounded))
-            .next()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone())))
-    }
-
-    fn apply(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
-        for (k, v) in batch {
-            match v {
-                Some(v) => {
-                    self.map.insert(k, v);
-                }
-                None => {
-                    self.map.remove(&k);
-                }
-            }
-        }
-        self.batches += 1;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
