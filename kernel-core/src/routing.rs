@@ -26,7 +26,7 @@ pub(crate) fn route(w: &mut Work<'_>, mut target: KRef, message: Message) -> Res
                     reject_result(w, &message, CapData::error(&format!("no such object {o}")))?;
                     return Ok(Route::Done);
                 };
-                match w.db.endpoint(rec.owner)?.map(|e| e.status) {
+                match w.db.endpoint_status(rec.owner)? {
                     Some(EndpointStatus::Live) => return Ok(Route::Deliver { endpoint: rec.owner, target: o, message }),
                     Some(EndpointStatus::Terminated { reason }) => {
                         let why = format!("vat terminated: {} ({reason})", rec.owner);

@@ -7,7 +7,7 @@
 //! - `q/<seq u64>` -> [`RunQueueItem`]
 //! - `o/<ko u64>` -> [`ObjectRecord`]
 //! - `p/<kp u64>` -> [`PromiseState`]
-//! - `e/<ep u32>/r` -> [`EndpointRecord`]; `e/<ep u32>/c` -> [`ImportCounters`]
+//! - `e/<ep u32>/r` -> name; `e/<ep u32>/s` -> [`EndpointStatus`]; `e/<ep u32>/c` -> [`ImportCounters`]
 //! - `n/<name>` -> [`EndpointId`]
 //! - `l/<ep u32>/k<kref 9 bytes>` -> [`VRef`]; `l/<ep u32>/v<vref 10 bytes>` -> [`KRef`]
 //! - `s/<ep u32>/<key bytes>` -> vatstore value
@@ -17,6 +17,7 @@ use crate::ids::{EndpointId, KObjectId, KPromiseId, KRef, VRef};
 use crate::message::{Message, RunQueueItem, Settlement};
 use crate::store::{Store, Txn};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// The store format this kernel writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -176,6 +177,10 @@ pub(crate) fn decode<T: DeserializeOwned>(table: &'static str, key: &[u8], bytes
 /// One transaction over the kernel's tables, with typed access to each.
 pub struct KernelTxn<'s> {
     txn: Txn<'s, dyn Store + 's>,
+    /// Promises written by this transaction, decoded; encoded once each at `finish`. A crank
+    /// reads and rewrites the same few promises several times, so this saves most of the
+    /// encoding and decoding.
+    promises: BTreeMap<KPromiseId, PromiseState>,
     /// The counters as this transaction sees them; written back at commit if changed.
     pub counters: Counters,
     counters_dirty: bool,
@@ -184,11 +189,14 @@ pub struct KernelTxn<'s> {
 impl<'s> KernelTxn<'s> {
     /// Begin a transaction over `store` whose committed counters are `counters`.
     pub fn begin(store: &'s (dyn Store + 's), counters: Counters) -> Self {
-        KernelTxn { txn: Txn::begin(store), counters, counters_dirty: false }
+        KernelTxn { txn: Txn::begin(store), promises: BTreeMap::new(), counters, counters_dirty: false }
     }
 
     /// End the transaction: its batch (counters included) and the counters after it.
     pub fn finish(mut self) -> (crate::store::WriteBatch, Counters) {
+        for (id, state) in std::mem::take(&mut self.promises) {
+            self.txn.set(u64_key(PROMISE_PREFIX, id.0), encode(&state));
+        }
         if self.counters_dirty {
             self.txn.set(COUNTERS_KEY.to_vec(), encode(&self.counters));
         }
@@ -265,25 +273,28 @@ impl<'s> KernelTxn<'s> {
         let c = self.counters_mut();
         let id = KPromiseId(c.next_promise);
         c.next_promise += 1;
-        self.put(u64_key(PROMISE_PREFIX, id.0), &PromiseState::new(decider));
+        self.promises.insert(id, PromiseState::new(decider));
         id
     }
 
     /// A promise's state.
     pub fn promise(&self, id: KPromiseId) -> Result<Option<PromiseState>, KernelError> {
-        self.get("promise", &u64_key(PROMISE_PREFIX, id.0))
+        match self.promises.get(&id) {
+            Some(p) => Ok(Some(p.clone())),
+            None => self.get("promise", &u64_key(PROMISE_PREFIX, id.0)),
+        }
     }
 
     /// Overwrite a promise's state.
     pub fn set_promise(&mut self, id: KPromiseId, state: &PromiseState) {
-        self.put(u64_key(PROMISE_PREFIX, id.0), state);
+        self.promises.insert(id, state.clone());
     }
 
     /// True if the kernel has a record of `r`.
     pub fn exists(&self, r: KRef) -> Result<bool, KernelError> {
         Ok(match r {
             KRef::Object(o) => self.txn.get(&u64_key(OBJECT_PREFIX, o.0))?.is_some(),
-            KRef::Promise(p) => self.txn.get(&u64_key(PROMISE_PREFIX, p.0))?.is_some(),
+            KRef::Promise(p) => self.promises.contains_key(&p) || self.txn.get(&u64_key(PROMISE_PREFIX, p.0))?.is_some(),
         })
     }
 
@@ -294,7 +305,7 @@ impl<'s> KernelTxn<'s> {
         let c = self.counters_mut();
         let ep = EndpointId(c.next_endpoint);
         c.next_endpoint += 1;
-        self.put(endpoint_key(ep, b"r"), &EndpointRecord { name: name.to_owned(), status: EndpointStatus::Live });
+        self.set_endpoint(ep, &EndpointRecord { name: name.to_owned(), status: EndpointStatus::Live });
         self.put(name_key(name), &ep);
         let root = self.new_object(ep, true);
         self.clist_insert(ep, KRef::Object(root), VRef::ROOT);
@@ -303,12 +314,24 @@ impl<'s> KernelTxn<'s> {
 
     /// An endpoint's record.
     pub fn endpoint(&self, ep: EndpointId) -> Result<Option<EndpointRecord>, KernelError> {
-        self.get("endpoint", &endpoint_key(ep, b"r"))
+        let Some(name) = self.get::<String>("endpoint", &endpoint_key(ep, b"r"))? else { return Ok(None) };
+        let status = self.endpoint_status(ep)?.ok_or_else(|| KernelError::Corrupt {
+            table: "endpoint",
+            key: endpoint_key(ep, b"s").escape_ascii().to_string(),
+            reason: "status missing".into(),
+        })?;
+        Ok(Some(EndpointRecord { name, status }))
+    }
+
+    /// An endpoint's status alone (kept under its own key: routing reads it every crank).
+    pub fn endpoint_status(&self, ep: EndpointId) -> Result<Option<EndpointStatus>, KernelError> {
+        self.get("endpoint", &endpoint_key(ep, b"s"))
     }
 
     /// Overwrite an endpoint's record.
     pub fn set_endpoint(&mut self, ep: EndpointId, rec: &EndpointRecord) {
-        self.put(endpoint_key(ep, b"r"), rec);
+        self.put(endpoint_key(ep, b"r"), &rec.name);
+        self.put(endpoint_key(ep, b"s"), &rec.status);
     }
 
     /// The endpoint registered under `name`.
@@ -318,7 +341,7 @@ impl<'s> KernelTxn<'s> {
 
     /// True if `ep` exists and is not terminated.
     pub fn is_live(&self, ep: EndpointId) -> Result<bool, KernelError> {
-        Ok(matches!(self.endpoint(ep)?, Some(EndpointRecord { status: EndpointStatus::Live, .. })))
+        Ok(matches!(self.endpoint_status(ep)?, Some(EndpointStatus::Live)))
     }
 
     // ---- c-lists ----
@@ -420,6 +443,7 @@ impl<'s> KernelTxn<'s> {
 
     /// Every record under `prefix`, decoded, with the number that ends its key.
     pub(crate) fn numbered<T: DeserializeOwned>(&self, table: &'static str, prefix: &[u8]) -> Result<Vec<(u64, T)>, KernelError> {
+        debug_assert!(self.promises.is_empty(), "scans run on read-only transactions");
         let mut out = Vec::new();
         for (k, v) in self.txn.scan_prefix(prefix)? {
             let n = k[prefix.len()..].try_into().map(u64::from_be_bytes).map_err(|_| KernelError::Corrupt {
