@@ -7,7 +7,7 @@ use crate::ids::{CrankNumber, EndpointId, KObjectId, KPromiseId, KRef, VRef};
 use crate::message::{CapData, Message, RunQueueItem, Settlement};
 use crate::promise;
 use crate::routing::{self, Route};
-use crate::store::{Store, WriteBatch};
+use crate::store::{Entry, Store, WriteBatch};
 use crate::tables::{
     self, Counters, EndpointRecord, EndpointStatus, KernelTxn, ObjectRecord, PromiseState, COUNTERS_KEY, FORMAT_KEY, FORMAT_VERSION,
 };
@@ -302,7 +302,7 @@ impl<S: Store> Kernel<S> {
     }
 
     /// `ep`'s vatstore.
-    pub fn vatstore(&self, ep: EndpointId) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KernelError> {
+    pub fn vatstore(&self, ep: EndpointId) -> Result<Vec<Entry>, KernelError> {
         self.read().vatstore_entries(ep)
     }
 

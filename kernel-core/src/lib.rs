@@ -50,5 +50,5 @@ pub use error::{Fault, KernelError, SyscallError};
 pub use ids::{Allocator, CrankNumber, EndpointId, KObjectId, KPromiseId, KRef, ParseRefError, RefKind, VRef};
 pub use kernel::{CommitEvent, CrankInput, CrankOutcome, CrankReport, Kernel, RunSummary};
 pub use message::{CapData, Message, RunQueueItem, Settlement};
-pub use store::{MemStore, Store, StoreError, WriteBatch};
+pub use store::{Entry, MemStore, Store, StoreError, WriteBatch};
 pub use tables::{EndpointRecord, EndpointStatus, ObjectRecord, PromiseState, FORMAT_VERSION};

@@ -15,7 +15,7 @@
 use crate::error::KernelError;
 use crate::ids::{EndpointId, KObjectId, KPromiseId, KRef, VRef};
 use crate::message::{Message, RunQueueItem, Settlement};
-use crate::store::{Store, Txn};
+use crate::store::{Entry, Store, Txn};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -436,7 +436,7 @@ impl<'s> KernelTxn<'s> {
     }
 
     /// Every `(key, value)` in `ep`'s vatstore.
-    pub fn vatstore_entries(&self, ep: EndpointId) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KernelError> {
+    pub fn vatstore_entries(&self, ep: EndpointId) -> Result<Vec<Entry>, KernelError> {
         let prefix = vatstore_prefix(ep);
         Ok(self.txn.scan_prefix(&prefix)?.into_iter().map(|(k, v)| (k[prefix.len()..].to_vec(), v)).collect())
     }

@@ -2,7 +2,7 @@
 //! `BTreeMap` over [`Key`]s, which compare with integer instructions rather than `memcmp`.
 
 use super::key::Key;
-use super::{Store, StoreError, WriteBatch};
+use super::{Entry, Store, StoreError, WriteBatch};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -53,7 +53,7 @@ impl Store for MemStore {
         Ok(self.map.get(&Key::new(key)).cloned())
     }
 
-    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<Entry>, StoreError> {
         let lower = match after {
             Some(a) => Bound::Excluded(Key::new(a)),
             None => Bound::Included(Key::new(prefix)),

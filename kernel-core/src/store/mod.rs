@@ -35,6 +35,9 @@ impl StoreError {
     }
 }
 
+/// One key-value pair as read from a store.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// The writes of one transaction, sorted by key: `Some(value)` sets, `None` deletes.
 pub type WriteBatch = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
@@ -46,7 +49,7 @@ pub trait Store {
 
     /// The first committed entry whose key starts with `prefix` and sorts after `after`
     /// (or the first with `prefix` when `after` is `None`).
-    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<Entry>, StoreError>;
 
     /// Apply `batch` atomically: after a crash either all of it or none of it is visible.
     fn apply(&mut self, batch: WriteBatch) -> Result<(), StoreError>;
@@ -87,7 +90,7 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
 
     /// The first entry (as this transaction sees it) whose key starts with `prefix` and sorts
     /// after `after`.
-    pub fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<Entry>, StoreError> {
         let mut cursor: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
         loop {
             let committed = self.store.next(prefix, cursor.as_deref())?;
@@ -118,7 +121,7 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
     }
 
     /// Every entry with `prefix`, in key order, as this transaction sees them.
-    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         let mut after: Option<Vec<u8>> = None;
         while let Some((k, v)) = self.next(prefix, after.as_deref())? {
@@ -140,7 +143,7 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
 }
 
 /// Every committed entry with `prefix`, in key order.
-pub fn scan_committed<S: Store + ?Sized>(store: &S, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+pub fn scan_committed<S: Store + ?Sized>(store: &S, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
     Txn::begin(store).scan_prefix(prefix)
 }
 
@@ -155,7 +158,7 @@ mod tests {
         s
     }
 
-    fn keys(entries: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<String> {
+    fn keys(entries: Vec<Entry>) -> Vec<String> {
         entries.into_iter().map(|(k, _)| String::from_utf8(k).expect("utf8")).collect()
     }
 
