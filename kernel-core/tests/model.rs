@@ -369,16 +369,19 @@ fn translate_delivery(d: &KernelDelivery, mut import: impl FnMut(KRef) -> VRef) 
 // ---------------------------------------------------------------------------------------------
 
 /// The scripts the vats run, one per delivery, in turn (cycling): set by each host transition.
+/// Also records what each delivery handed the vat (host memory: an abort does not erase it).
 #[derive(Default)]
 struct Feed {
     scripts: Vec<Script>,
     next: usize,
+    delivered: Vec<String>,
 }
 
 impl Feed {
     fn load(&mut self, scripts: Vec<Script>) {
         self.scripts = scripts;
         self.next = 0;
+        self.delivered.clear();
     }
 
     fn take(&mut self) -> Script {
@@ -398,7 +401,11 @@ struct ScriptedVat {
 
 impl Endpoint for ScriptedVat {
     fn deliver(&mut self, delivery: KernelDelivery, ctx: &mut CrankContext<'_>) -> Result<(), Fault> {
-        let script = self.feed.borrow_mut().take();
+        let script = {
+            let mut feed = self.feed.borrow_mut();
+            feed.delivered.push(show_delivery(ctx.endpoint(), &delivery));
+            feed.take()
+        };
         let vd = translate_delivery(&delivery, |k| ctx.import(k).expect("import at the start of a delivery"));
         self.mind.observe(&vd);
         let end = run_script(&mut self.mind, &script, &mut CtxSyscalls { ctx });
@@ -526,6 +533,8 @@ struct Model {
     watch_log: Vec<(u32, KPromiseId, Settlement)>,
     commits: Vec<u64>,
     last: Observed,
+    /// What the vats were handed during the last transition.
+    delivered: Vec<String>,
 }
 
 /// Why a delivery cannot go on (sticky).
@@ -549,6 +558,7 @@ impl Model {
             watch_log: Vec::new(),
             commits: Vec::new(),
             last: Observed::Nothing,
+            delivered: Vec::new(),
         };
         for i in 0..vats {
             let ep = EndpointId(i as u32 + 1);
@@ -873,6 +883,7 @@ impl Model {
         };
 
         // Deliver: the vat replays its script against the model's syscalls.
+        feed.delivered.push(show_delivery(ep, &delivery));
         let script = feed.take();
         let vd = translate_delivery(&delivery, |k| self.import(ep, k));
         let mut mind = self.vat(ep).mind.clone();
@@ -1094,6 +1105,16 @@ fn show_item(item: &RunQueueItem) -> String {
     }
 }
 
+fn show_delivery(ep: EndpointId, d: &KernelDelivery) -> String {
+    match d {
+        KernelDelivery::Message { target, message } => format!("{ep} gets {target}.{}", show_message(message)),
+        KernelDelivery::Notify { resolutions } => {
+            let rs: Vec<String> = resolutions.iter().map(|(kp, s)| format!("{kp} {}", show_settlement(s))).collect();
+            format!("{ep} told {}", rs.join("; "))
+        }
+    }
+}
+
 fn show_promise(kp: u64, p: &PromiseState) -> String {
     match p {
         PromiseState::Unresolved { decider, subscribers, queue } => {
@@ -1116,6 +1137,7 @@ fn show_status(s: &Status) -> String {
 /// The parts of a snapshot, before formatting.
 struct Parts<'a> {
     last: &'a Observed,
+    delivered: &'a [String],
     cranks: u64,
     run_queue: Vec<RunQueueItem>,
     promises: Vec<(u64, PromiseState)>,
@@ -1133,6 +1155,7 @@ impl Parts<'_> {
         Snapshot {
             fields: vec![
                 ("last transition", vec![format!("{:?}", self.last)]),
+                ("deliveries", self.delivered.to_vec()),
                 ("cranks", vec![self.cranks.to_string()]),
                 ("run queue", self.run_queue.iter().map(show_item).collect()),
                 ("promises", self.promises.iter().map(|(kp, p)| show_promise(*kp, p)).collect()),
@@ -1186,6 +1209,7 @@ impl Model {
     fn snapshot(&self) -> Snapshot {
         Parts {
             last: &self.last,
+            delivered: &self.delivered,
             cranks: self.cranks,
             run_queue: self.run_queue.iter().cloned().collect(),
             promises: self.promises.iter().map(|(n, p)| (*n, p.clone())).collect(),
@@ -1217,8 +1241,10 @@ impl Sut {
             EndpointStatus::Live => Status::Live,
             EndpointStatus::Terminated { reason } => Status::Terminated(reason),
         };
+        let feed = self.feed.borrow();
         Parts {
             last: &self.last,
+            delivered: &feed.delivered,
             cranks: k.cranks().0,
             run_queue: k.run_queue().expect("run queue"),
             promises: k.promises().expect("promises").into_iter().map(|(kp, p)| (kp.0, p)).collect(),
@@ -1347,6 +1373,7 @@ impl ReferenceStateMachine for KernelModel {
     }
 
     fn apply(mut state: Model, transition: &Transition) -> Model {
+        state.delivered.clear();
         state.last = match transition {
             Transition::Queue { target, method, args } => {
                 Observed::Queued(state.queue_message(*target, format!("h{method}"), args.clone()))
@@ -1355,12 +1382,16 @@ impl ReferenceStateMachine for KernelModel {
             Transition::Step { script } => {
                 let mut feed = Feed::default();
                 feed.load(vec![script.clone()]);
-                Observed::Stepped(state.step(&mut feed))
+                let stepped = state.step(&mut feed);
+                state.delivered = feed.delivered;
+                Observed::Stepped(stepped)
             }
             Transition::Run { max, scripts } => {
                 let mut feed = Feed::default();
                 feed.load(scripts.clone());
-                state.run(u64::from(*max), &mut feed)
+                let ran = state.run(u64::from(*max), &mut feed);
+                state.delivered = feed.delivered;
+                ran
             }
         };
         state
@@ -1407,6 +1438,7 @@ impl StateMachineTest for KernelTest {
 
     fn apply(mut sut: Sut, model: &Model, transition: Transition) -> Sut {
         let after = format!("{transition:?}");
+        sut.feed.borrow_mut().load(Vec::new());
         sut.last = match transition {
             Transition::Queue { target, method, args } => {
                 let args = CapData { body: HOST_BODY.to_vec(), slots: args };
@@ -1436,7 +1468,8 @@ impl StateMachineTest for KernelTest {
 
 prop_state_machine! {
     #![proptest_config(Config {
-        cases: 256,
+        // PROPTEST_CASES=N runs a deeper search locally.
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct("proptest-regressions/model.txt"))),
         ..Config::default()
     })]
