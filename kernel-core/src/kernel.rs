@@ -429,6 +429,16 @@ impl<S: Store> Kernel<S> {
     /// Commit: the transaction and the flushed buffer as one atomic batch, then deferred host
     /// callbacks, then the commit event.
     fn commit(&mut self, done: Finished, crank: CrankNumber) -> Result<usize, KernelError> {
+        let flushed = self.apply_finished(done)?;
+        let event = CommitEvent { crank };
+        for o in &mut self.observers {
+            o(&event);
+        }
+        Ok(flushed)
+    }
+
+    /// Write a finished transaction, then run the host callbacks of the promises it settled.
+    fn apply_finished(&mut self, done: Finished) -> Result<usize, KernelError> {
         self.store.apply(done.batch)?;
         self.counters = done.counters;
         if !self.watchers.is_empty() {
@@ -442,11 +452,42 @@ impl<S: Store> Kernel<S> {
                 }
             }
         }
-        let event = CommitEvent { crank };
-        for o in &mut self.observers {
-            o(&event);
-        }
         Ok(done.flushed)
+    }
+
+    /// Apply work that arrives from outside any crank on behalf of endpoint `ep` (a message
+    /// from a remote kernel) on the immediate path: `f` gets the same context a delivery gets,
+    /// and what it does commits at once as one transaction, its sends and notifies flushed to the
+    /// run queue. Being `&mut self`, it can never run inside a crank.
+    ///
+    /// If `f` returns a fault or makes an illegal syscall (or asks to exit), nothing is applied
+    /// and the fault is returned as `Ok(Err(fault))`; the endpoint is not terminated — the
+    /// caller decides what a bad inbound message means (e.g. closing the connection).
+    pub fn apply_external<T>(
+        &mut self,
+        ep: EndpointId,
+        f: impl FnOnce(&mut CrankContext<'_>) -> Result<T, Fault>,
+    ) -> Result<Result<T, Fault>, KernelError> {
+        if !self.read().is_live(ep)? {
+            return Ok(Err(Fault::IllegalSyscall(format!("{ep} is not a live endpoint"))));
+        }
+        let work = Work { db: KernelTxn::begin(&self.store, self.counters), buf: CrankBuffer::default() };
+        let mut ctx = CrankContext::new(work, ep);
+        let returned = f(&mut ctx);
+        let (work, verdict, kernel_error) = ctx.into_parts();
+        if let Some(e) = kernel_error {
+            return Err(e);
+        }
+        match (verdict, returned) {
+            (Some(Verdict::Illegal(reason)), _) => Ok(Err(Fault::IllegalSyscall(reason))),
+            (Some(Verdict::Exit { .. }), _) => Ok(Err(Fault::IllegalSyscall("exit outside a delivery".into()))),
+            (None, Err(fault)) => Ok(Err(fault)),
+            (None, Ok(value)) => {
+                let done = finish(work);
+                self.apply_finished(done)?;
+                Ok(Ok(value))
+            }
+        }
     }
 }
 
