@@ -1,0 +1,242 @@
+//! # tests
+//!
+//! Cross-crate tests of the kernel (in `tests/`), and what they share: [`check_tables`], which
+//! reads a kernel's tables (through the host API and, for the c-lists' vref side, the raw store)
+//! and lists every way they disagree with each other.
+#![forbid(unsafe_code)]
+
+use kernel_core::store::{scan_committed, Store};
+use kernel_core::{Allocator, EndpointId, EndpointStatus, KObjectId, KPromiseId, KRef, Kernel, PromiseState, RefKind, RunQueueItem, VRef};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One side of one endpoint's c-list, as stored.
+type Side<K, V> = BTreeMap<(EndpointId, K), V>;
+
+/// Both sides of every c-list, read from the raw store (`l/<ep>/k<kref>` and `l/<ep>/v<vref>`).
+struct RawCLists {
+    by_kref: Side<KRef, VRef>,
+    by_vref: Side<VRef, KRef>,
+}
+
+fn kref_from_key(b: &[u8]) -> Option<KRef> {
+    let (tag, n) = b.split_first()?;
+    let n = u64::from_be_bytes(n.try_into().ok()?);
+    match tag {
+        b'o' => Some(KRef::Object(KObjectId(n))),
+        b'p' => Some(KRef::Promise(KPromiseId(n))),
+        _ => None,
+    }
+}
+
+fn read_clists<S: Store>(store: &S, problems: &mut Vec<String>) -> RawCLists {
+    let mut raw = RawCLists { by_kref: BTreeMap::new(), by_vref: BTreeMap::new() };
+    let rows = match scan_committed(store, b"l/") {
+        Ok(rows) => rows,
+        Err(e) => {
+            problems.push(format!("cannot scan the c-lists: {e}"));
+            return raw;
+        }
+    };
+    for (key, value) in rows {
+        let shown = key.escape_ascii().to_string();
+        if key.len() < 8 || key[6] != b'/' {
+            problems.push(format!("c-list key {shown} is malformed"));
+            continue;
+        }
+        let ep = EndpointId(u32::from_be_bytes([key[2], key[3], key[4], key[5]]));
+        let rest = &key[8..];
+        match key[7] {
+            b'k' => match (kref_from_key(rest), postcard::from_bytes::<VRef>(&value)) {
+                (Some(k), Ok(v)) if rest.len() == 9 => {
+                    raw.by_kref.insert((ep, k), v);
+                }
+                _ => problems.push(format!("c-list row {shown} does not decode")),
+            },
+            b'v' => match postcard::from_bytes::<KRef>(&value) {
+                Ok(k) => {
+                    let Some(v) = vref_from_key(rest) else {
+                        problems.push(format!("c-list row {shown} has a malformed vref key"));
+                        continue;
+                    };
+                    raw.by_vref.insert((ep, v), k);
+                }
+                Err(_) => problems.push(format!("c-list row {shown} does not decode")),
+            },
+            _ => problems.push(format!("c-list key {shown} is neither a kref nor a vref row")),
+        }
+    }
+    raw
+}
+
+fn vref_from_key(b: &[u8]) -> Option<VRef> {
+    let [kind, alloc, n @ ..] = b else { return None };
+    let index = u64::from_be_bytes(n.try_into().ok()?);
+    let kind = match kind {
+        b'o' => RefKind::Object,
+        b'p' => RefKind::Promise,
+        _ => return None,
+    };
+    let allocator = match alloc {
+        b'+' => Allocator::Endpoint,
+        b'-' => Allocator::Kernel,
+        _ => return None,
+    };
+    Some(VRef { kind, allocator, index })
+}
+
+/// Every way the kernel's tables disagree with each other (empty: consistent). Checks:
+/// - each c-list row has its reverse row, and the host API's c-list is the stored one;
+/// - c-list krefs exist, their kinds match the vrefs', `o+N` names an object the endpoint owns
+///   and `o-N` one it does not; a terminated endpoint has no c-list;
+/// - objects are owned by known endpoints;
+/// - an unresolved promise is decided by a live endpoint holding it in its c-list, or by the
+///   kernel while exactly one queued message carries it as its result;
+/// - every reference in the run queue, in promise queues and in settlements exists.
+pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let (endpoints, objects, promises, queue) = match (kernel.endpoints(), kernel.objects(), kernel.promises(), kernel.run_queue()) {
+        (Ok(e), Ok(o), Ok(p), Ok(q)) => (e, o, p, q),
+        _ => return vec!["the host API cannot read the tables".to_owned()],
+    };
+    let endpoints: BTreeMap<EndpointId, EndpointStatus> = endpoints.into_iter().map(|(ep, r)| (ep, r.status)).collect();
+    let objects: BTreeMap<_, _> = objects.into_iter().collect();
+    let promises: BTreeMap<_, _> = promises.into_iter().collect();
+    let exists = |k: &KRef| match k {
+        KRef::Object(o) => objects.contains_key(o),
+        KRef::Promise(p) => promises.contains_key(p),
+    };
+
+    // The c-lists, both ways.
+    let raw = read_clists(kernel.store(), &mut problems);
+    for ((ep, k), v) in &raw.by_kref {
+        match raw.by_vref.get(&(*ep, *v)) {
+            Some(back) if back == k => {}
+            Some(back) => problems.push(format!("{ep}: {k} -> {v} but {v} -> {back}")),
+            None => problems.push(format!("{ep}: {k} -> {v} has no reverse row")),
+        }
+    }
+    for ((ep, v), k) in &raw.by_vref {
+        match raw.by_kref.get(&(*ep, *k)) {
+            Some(back) if back == v => {}
+            Some(back) => problems.push(format!("{ep}: {v} -> {k} but {k} -> {back}")),
+            None => problems.push(format!("{ep}: {v} -> {k} has no reverse row")),
+        }
+    }
+    let mut held: BTreeSet<(EndpointId, KRef)> = BTreeSet::new();
+    for ((ep, k), v) in &raw.by_kref {
+        held.insert((*ep, *k));
+        let Some(status) = endpoints.get(ep) else {
+            problems.push(format!("c-list of unknown endpoint {ep} holds {k}"));
+            continue;
+        };
+        if matches!(status, EndpointStatus::Terminated { .. }) {
+            problems.push(format!("terminated {ep} still has {k} <-> {v} in its c-list"));
+        }
+        if !exists(k) {
+            problems.push(format!("{ep}'s c-list names {k} ({v}), which does not exist"));
+        }
+        if (v.kind == RefKind::Promise) != k.as_promise().is_some() {
+            problems.push(format!("{ep}: {v} and {k} are of different kinds"));
+        }
+        if let (KRef::Object(o), RefKind::Object) = (k, v.kind) {
+            if let Some(rec) = objects.get(o) {
+                let own = rec.owner == *ep;
+                match v.allocator {
+                    Allocator::Endpoint if !own => problems.push(format!("{ep} exports {o} as {v} but {} owns it", rec.owner)),
+                    Allocator::Kernel if own => problems.push(format!("{ep} imports its own object {o} as {v}")),
+                    _ => {}
+                }
+            }
+        }
+    }
+    for ep in endpoints.keys() {
+        match kernel.clist(*ep) {
+            Ok(api) => {
+                let stored: Vec<(KRef, VRef)> = raw
+                    .by_kref
+                    .range((*ep, KRef::Object(KObjectId(0)))..)
+                    .take_while(|((e, _), _)| e == ep)
+                    .map(|((_, k), v)| (*k, *v))
+                    .collect();
+                if api != stored {
+                    problems.push(format!("{ep}: the host API's c-list differs from the stored one"));
+                }
+            }
+            Err(e) => problems.push(format!("{ep}: cannot read its c-list: {e}")),
+        }
+    }
+
+    for (o, rec) in &objects {
+        if !endpoints.contains_key(&rec.owner) {
+            problems.push(format!("{o} is owned by unknown endpoint {}", rec.owner));
+        }
+    }
+
+    // Messages in flight: on the run queue and queued on promises.
+    let mut in_flight: BTreeMap<KPromiseId, usize> = BTreeMap::new();
+    let mut check_message = |where_: &str, target: Option<&KRef>, m: &kernel_core::Message, problems: &mut Vec<String>| {
+        for r in target.into_iter().chain(&m.args.slots) {
+            if !exists(r) {
+                problems.push(format!("{where_}: {}({}) names {r}, which does not exist", m.method, m.args.slots.len()));
+            }
+        }
+        if let Some(kp) = m.result {
+            *in_flight.entry(kp).or_default() += 1;
+        }
+    };
+    for item in &queue {
+        match item {
+            RunQueueItem::Send { target, message } => check_message("run queue", Some(target), message, &mut problems),
+            RunQueueItem::Notify { endpoint, promise } => {
+                if !endpoints.contains_key(endpoint) {
+                    problems.push(format!("run queue: notify for unknown endpoint {endpoint}"));
+                }
+                if !matches!(promises.get(promise), Some(PromiseState::Settled(_))) {
+                    problems.push(format!("run queue: notify {endpoint} of {promise}, which is not settled"));
+                }
+            }
+        }
+    }
+    for (kp, state) in &promises {
+        match state {
+            PromiseState::Unresolved { queue, .. } => {
+                for m in queue {
+                    check_message(&format!("queue of {kp}"), None, m, &mut problems);
+                }
+            }
+            PromiseState::Settled(s) => {
+                for r in &s.data().slots {
+                    if !exists(r) {
+                        problems.push(format!("{kp} settled to data naming {r}, which does not exist"));
+                    }
+                }
+            }
+        }
+    }
+
+    // Deciders.
+    for (kp, state) in &promises {
+        let flying = in_flight.get(kp).copied().unwrap_or(0);
+        match state {
+            PromiseState::Unresolved { decider: None, .. } if flying != 1 => {
+                problems.push(format!("{kp} is decided by the kernel but is the result of {flying} queued messages"))
+            }
+            PromiseState::Unresolved { decider: Some(d), .. } => {
+                if flying != 0 {
+                    problems.push(format!("{kp} is decided by {d} yet is the result of {flying} queued messages"));
+                }
+                if !matches!(endpoints.get(d), Some(EndpointStatus::Live)) {
+                    problems.push(format!("{kp} is decided by {d}, which is not live"));
+                }
+                if !held.contains(&(*d, KRef::Promise(*kp))) {
+                    problems.push(format!("{kp} is decided by {d}, whose c-list does not hold it"));
+                }
+            }
+            PromiseState::Settled(_) if flying != 0 => {
+                problems.push(format!("{kp} is settled yet is the result of {flying} queued messages"))
+            }
+            _ => {}
+        }
+    }
+    problems
+}

@@ -1,0 +1,894 @@
+//! Fuzzing syscall validation through the whole kernel (DESIGN §3, §10.6).
+//!
+//! Several vats make random syscalls through [`Syscall::execute`], with vref strings that are
+//! mostly forged or malformed (random text, out-of-range numbers, wrong kinds, other vats'
+//! vrefs, stale vrefs), and random vatstore keys. Each vat keeps a model of what its c-list and
+//! vatstore must be, and predicts every syscall's answer before making it. After every crank
+//! the host checks: `step` never fails or panics; a crank with an illegal syscall aborts and
+//! terminates exactly the vat that made it, with that syscall's reason; every other vat stays
+//! as it was; legal syscalls keep working; the vatstore holds exactly the committed writes.
+//! Periodically and at the end, the kernel's tables are checked for internal consistency.
+//!
+//! A failure names the seed; `FUZZ_SEED=<seed> cargo test -p tests --test fuzz_syscalls`
+//! replays exactly that run.
+
+use kernel_core::{
+    Allocator, CapData, CrankInput, CrankOutcome, CrankReport, EndpointId, EndpointStatus, Fault, KRef, Kernel, MemStore, RefKind,
+    SyscallError, VRef,
+};
+use kernel_syscall::{RawData, RawSyscall, Resolution, Syscall, Vat, VatData, VatEndpoint, VatError, MAX_KEY_LEN, MAX_VALUE_LEN};
+use proptest::prelude::any;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::rc::Rc;
+
+/// Syscalls made over the whole test (all cases together).
+const TOTAL_SYSCALLS: u64 = 120_000;
+/// Proptest cases (each a fresh kernel and seed).
+const CASES: u32 = 12;
+/// Vats kept alive at any time: a terminated one is replaced by a new one.
+const LIVE_VATS: usize = 4;
+/// Above this many queued items, vats stop sending (so the queue does not grow without bound).
+const BUSY_QUEUE: u64 = 150;
+/// Tables are checked every this many cranks (and at the end).
+const CHECK_EVERY: u64 = 400;
+const PANIC_TAG: &str = "fuzz vat panics on purpose";
+
+/// SplitMix64: small, seedable, good enough to drive a fuzzer.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        ((self.next() >> 11) as f64) / ((1u64 << 53) as f64) < p
+    }
+
+    fn pick<T: Clone>(&mut self, items: &[T]) -> Option<T> {
+        if items.is_empty() {
+            None
+        } else {
+            Some(items[self.below(items.len() as u64) as usize].clone())
+        }
+    }
+
+    fn text(&mut self, max: u64) -> String {
+        const CHARS: &[char] = &['o', 'p', '+', '-', '0', '1', '9', ' ', 'k', 'x', 'é', '\0', '/', '$', '٣', '🦀'];
+        (0..self.below(max + 1)).map(|_| CHARS[self.below(CHARS.len() as u64) as usize]).collect()
+    }
+}
+
+/// What one vat's c-list and vatstore must hold, as the vat itself can know it.
+#[derive(Clone, Debug)]
+struct VatModel {
+    ep: EndpointId,
+    root: KRef,
+    live: bool,
+    /// The status reason once terminated.
+    reason: Option<String>,
+    /// How often this vat reaches for a forged or malformed vref instead of one it holds.
+    forge_rate: f64,
+    /// The c-list: every vref held, and (for promises) whether this vat decides it.
+    known: BTreeMap<VRef, bool>,
+    /// Promise vrefs forgotten after a notify: stale.
+    forgotten: Vec<VRef>,
+    vatstore: BTreeMap<String, String>,
+    /// The last `o-N` and `p-N` the kernel allocated here.
+    last_import: (u64, u64),
+}
+
+impl VatModel {
+    /// The kref for `v` as the c-list would give it: held, or allocated on a first export.
+    fn export(&mut self, v: VRef) -> bool {
+        if self.known.contains_key(&v) {
+            return true;
+        }
+        if v.allocator == Allocator::Kernel {
+            return false;
+        }
+        self.known.insert(v, v.is_promise());
+        true
+    }
+
+    fn decides(&self, v: VRef) -> bool {
+        self.known.get(&v).copied().unwrap_or(false)
+    }
+
+    /// A random held vref of `kind` (any kind if `None`).
+    fn pick_known(&self, rng: &mut Rng, kind: Option<RefKind>) -> Option<VRef> {
+        let of_kind = |v: &&VRef| kind.is_none_or(|k| v.kind == k);
+        let n = self.known.keys().filter(of_kind).count();
+        if n == 0 {
+            return None;
+        }
+        self.known.keys().filter(of_kind).nth(rng.below(n as u64) as usize).copied()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Verdict {
+    Illegal(String),
+    Exit(bool),
+}
+
+#[derive(Clone, Debug)]
+enum End {
+    Returned,
+    Failed(String),
+    Panicked(String),
+}
+
+/// What the vat did in the delivery now running: its model as it will be if the crank commits.
+struct Delivery {
+    vat: usize,
+    pending: VatModel,
+    forget: Vec<VRef>,
+    verdict: Option<Verdict>,
+    end: End,
+    legal: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Stats {
+    syscalls: u64,
+    judged_legal: u64,
+    judged_illegal: u64,
+    refused_after_verdict: u64,
+    refs: u64,
+    forged_refs: u64,
+    cranks: u64,
+    deliveries: u64,
+    aborted_illegal: u64,
+    aborted_other: u64,
+    exited: u64,
+    committed_with_legal_syscalls: u64,
+    vats: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.syscalls += o.syscalls;
+        self.judged_legal += o.judged_legal;
+        self.judged_illegal += o.judged_illegal;
+        self.refused_after_verdict += o.refused_after_verdict;
+        self.refs += o.refs;
+        self.forged_refs += o.forged_refs;
+        self.cranks += o.cranks;
+        self.deliveries += o.deliveries;
+        self.aborted_illegal += o.aborted_illegal;
+        self.aborted_other += o.aborted_other;
+        self.exited += o.exited;
+        self.committed_with_legal_syscalls += o.committed_with_legal_syscalls;
+        self.vats += o.vats;
+    }
+}
+
+struct World {
+    rng: Rng,
+    vats: Vec<VatModel>,
+    /// Indices of the vats the model holds live.
+    live: Vec<usize>,
+    queue_len: u64,
+    delivery: Option<Delivery>,
+    failures: Vec<String>,
+    stats: Stats,
+    /// Draining the run queue at the end: vats make no syscalls.
+    quiet: bool,
+}
+
+type Shared = Rc<RefCell<World>>;
+
+// ---- generating syscalls ----
+
+#[derive(Clone, Copy)]
+enum Want {
+    Any,
+    Object,
+    Promise,
+}
+
+impl Want {
+    fn kind(self) -> Option<RefKind> {
+        match self {
+            Want::Any => None,
+            Want::Object => Some(RefKind::Object),
+            Want::Promise => Some(RefKind::Promise),
+        }
+    }
+
+    fn letter(self, rng: &mut Rng) -> char {
+        match self {
+            Want::Object => 'o',
+            Want::Promise => 'p',
+            Want::Any => rng.pick(&['o', 'p']).unwrap_or('o'),
+        }
+    }
+}
+
+const BIG: &[&str] = &[
+    "o-18446744073709551615",
+    "p-18446744073709551615",
+    "o+18446744073709551615",
+    "p+18446744073709551615",
+    "o-18446744073709551616",
+    "p+99999999999999999999",
+    "o-4294967296",
+    "p-1000000",
+];
+
+const MALFORMED: &[&str] = &[
+    "", "o", "p", "o+", "p-", "x+1", "O+1", "P-1", "o*1", "o+01", "p-00", "o+-1", "o-+1", " o+1", "o+1 ", "o+1\n", "o+١", "ko1", "kp2",
+    "o+0x1", "p-1e3", "o++1", "o+ 1", "+1", "-1", "o-1.0", "🦀", "o\u{0}+1", "o+1/2", "ro+1", "rp-1",
+];
+
+struct Gen<'a> {
+    rng: &'a mut Rng,
+    me: &'a VatModel,
+    vats: &'a [VatModel],
+    refs: u64,
+    forged: u64,
+}
+
+impl Gen<'_> {
+    /// A vref string: usually one the vat holds (per its forge rate), else forged or malformed.
+    fn vref(&mut self, want: Want) -> String {
+        self.refs += 1;
+        if !self.rng.chance(self.me.forge_rate) {
+            if let Some(v) = self.me.pick_known(self.rng, want.kind()) {
+                return v.to_string();
+            }
+        }
+        self.forged += 1;
+        match self.rng.below(9) {
+            0 => format!("{}+{}", want.letter(self.rng), self.rng.below(40)),
+            1 | 2 => format!("{}-{}", want.letter(self.rng), self.rng.below(25)),
+            3 => (self.rng.pick(BIG).unwrap_or("o-1")).to_owned(),
+            4 => (self.rng.pick(MALFORMED).unwrap_or("")).to_owned(),
+            5 => self.rng.text(6),
+            6 => {
+                let other = &self.vats[self.rng.below(self.vats.len() as u64) as usize];
+                other.pick_known(self.rng, want.kind()).map(|v| v.to_string()).unwrap_or_else(|| "o-3".to_owned())
+            }
+            7 => self.rng.pick(&self.me.forgotten).map(|v| v.to_string()).unwrap_or_else(|| "p-2".to_owned()),
+            _ => {
+                let wrong = match want {
+                    Want::Object => Some(RefKind::Promise),
+                    Want::Promise => Some(RefKind::Object),
+                    Want::Any => None,
+                };
+                self.me.pick_known(self.rng, wrong).map(|v| v.to_string()).unwrap_or_else(|| "o+0".to_owned())
+            }
+        }
+    }
+
+    fn key(&mut self) -> String {
+        match self.rng.below(24) {
+            0 => String::new(),
+            1 => "k".repeat(MAX_KEY_LEN + 1 + self.rng.below(40) as usize),
+            2 => "é".repeat(MAX_KEY_LEN / 2 + 1),
+            3 => "x".repeat(MAX_KEY_LEN),
+            4 | 5 => self.rng.text(8),
+            6..=10 => {
+                let keys: Vec<String> = self.me.vatstore.keys().cloned().collect();
+                self.rng.pick(&keys).unwrap_or_else(|| "a".to_owned())
+            }
+            _ => (self.rng.pick(&["a", "b", "c", "d/1", "d/2", "ü", "$x", "a\0"]).unwrap_or("a")).to_owned(),
+        }
+    }
+
+    fn data(&mut self) -> RawData {
+        if self.rng.chance(0.2) {
+            return RawData { body: "{\"$slot\":0}".to_owned(), slots: vec![self.vref(Want::Any)] };
+        }
+        let n = self.rng.below(3);
+        RawData { body: format!("\"v{}\"", self.rng.below(100)), slots: (0..n).map(|_| self.vref(Want::Any)).collect() }
+    }
+
+    fn syscall(&mut self, result: Option<VRef>, busy: bool) -> RawSyscall {
+        let roll = self.rng.below(100);
+        match roll {
+            0..=29 if !busy => {
+                let want = if self.rng.chance(0.3) { Want::Object } else { Want::Any };
+                let target = self.vref(want);
+                let method = (self.rng.pick(&["m", "ping", "x"]).unwrap_or("m")).to_owned();
+                let args = self.data();
+                let result = match self.rng.below(4) {
+                    0 | 1 => None,
+                    2 => Some(format!("p+{}", 1000 + self.rng.below(1_000_000))),
+                    _ => Some(self.vref(Want::Promise)),
+                };
+                RawSyscall::Send { target, method, args, result }
+            }
+            30..=39 => RawSyscall::Subscribe { promise: self.vref(Want::Promise) },
+            40..=54 => {
+                let first = match result {
+                    Some(r) if self.rng.chance(0.6) => r.to_string(),
+                    _ => self.vref(Want::Promise),
+                };
+                let mut resolutions = vec![(first.clone(), self.rng.chance(0.3), self.data())];
+                if self.rng.chance(0.2) {
+                    resolutions.push((self.vref(Want::Promise), self.rng.chance(0.3), self.data()));
+                }
+                if self.rng.chance(0.1) {
+                    resolutions.push((first, false, self.data()));
+                }
+                RawSyscall::Resolve { resolutions }
+            }
+            55..=66 => RawSyscall::VatstoreSet { key: self.key(), value: self.rng.text(5) },
+            67..=76 => RawSyscall::VatstoreGet { key: self.key() },
+            77..=82 => RawSyscall::VatstoreDelete { key: self.key() },
+            83..=88 => RawSyscall::VatstoreNextKey { after: if self.rng.chance(0.4) { String::new() } else { self.key() } },
+            89..=91 => {
+                let kind = self
+                    .rng
+                    .pick(&["dropImports", "retireImports", "retireExports", "abandonExports", "callNow", "", "send"])
+                    .unwrap_or("");
+                RawSyscall::Other { kind: kind.to_owned() }
+            }
+            92 if self.rng.chance(0.25) => RawSyscall::Exit { failure: self.rng.chance(0.5), info: self.data() },
+            _ => RawSyscall::VatstoreGet { key: self.key() },
+        }
+    }
+}
+
+// ---- predicting syscalls ----
+
+/// What a syscall must return.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expect {
+    Ok(Option<String>),
+    Illegal,
+    Exit(bool),
+    /// After the verdict: refused, not honoured.
+    Refused,
+}
+
+/// The canonical vref grammar, written independently of the kernel's parser.
+fn parse(s: &str) -> Option<VRef> {
+    let b = s.as_bytes();
+    if b.len() < 3 {
+        return None;
+    }
+    let kind = match b[0] {
+        b'o' => RefKind::Object,
+        b'p' => RefKind::Promise,
+        _ => return None,
+    };
+    let allocator = match b[1] {
+        b'+' => Allocator::Endpoint,
+        b'-' => Allocator::Kernel,
+        _ => return None,
+    };
+    let digits = &s[2..];
+    if !digits.bytes().all(|c| c.is_ascii_digit()) || (digits.len() > 1 && digits.starts_with('0')) {
+        return None;
+    }
+    let index = digits.parse::<u64>().ok()?;
+    Some(VRef { kind, allocator, index })
+}
+
+fn parse_all(slots: &[String]) -> Option<Vec<VRef>> {
+    slots.iter().map(|s| parse(s)).collect()
+}
+
+fn bad_key(key: &str) -> bool {
+    key.is_empty() || key.len() > MAX_KEY_LEN
+}
+
+/// Predict `call` against the model, updating it as the kernel would.
+fn predict(m: &mut VatModel, call: &RawSyscall) -> Expect {
+    match call {
+        RawSyscall::Send { target, args, result, .. } => {
+            let (Some(t), Some(slots)) = (parse(target), parse_all(&args.slots)) else { return Expect::Illegal };
+            let r = match result.as_deref().map(parse) {
+                Some(None) => return Expect::Illegal,
+                Some(Some(r)) => Some(r),
+                None => None,
+            };
+            if !m.export(t) || !slots.into_iter().all(|s| m.export(s)) {
+                return Expect::Illegal;
+            }
+            if let Some(r) = r {
+                if !r.is_promise() || !m.export(r) || !m.decides(r) {
+                    return Expect::Illegal;
+                }
+                m.known.insert(r, false); // the kernel decides it now, then the receiver
+            }
+            Expect::Ok(None)
+        }
+        RawSyscall::Subscribe { promise } => match parse(promise) {
+            Some(p) if p.is_promise() && m.export(p) => Expect::Ok(None),
+            _ => Expect::Illegal,
+        },
+        RawSyscall::Resolve { resolutions } => {
+            let mut parsed = Vec::new();
+            for (p, _, data) in resolutions {
+                let (Some(p), Some(slots)) = (parse(p), parse_all(&data.slots)) else { return Expect::Illegal };
+                parsed.push((p, slots));
+            }
+            for (p, slots) in &parsed {
+                if !p.is_promise() || !m.export(*p) || !slots.iter().all(|s| m.export(*s)) {
+                    return Expect::Illegal;
+                }
+            }
+            for (i, (p, _)) in parsed.iter().enumerate() {
+                if parsed[..i].iter().any(|(q, _)| q == p) || !m.decides(*p) {
+                    return Expect::Illegal;
+                }
+            }
+            for (p, _) in parsed {
+                m.known.insert(p, false);
+            }
+            Expect::Ok(None)
+        }
+        RawSyscall::Exit { failure, info } => match parse_all(&info.slots) {
+            Some(slots) if slots.iter().all(|s| m.export(*s)) => Expect::Exit(*failure),
+            _ => Expect::Illegal,
+        },
+        RawSyscall::VatstoreGet { key } if !bad_key(key) => Expect::Ok(m.vatstore.get(key).cloned()),
+        RawSyscall::VatstoreSet { key, value } if !bad_key(key) && value.len() <= MAX_VALUE_LEN => {
+            m.vatstore.insert(key.clone(), value.clone());
+            Expect::Ok(None)
+        }
+        RawSyscall::VatstoreDelete { key } if !bad_key(key) => {
+            m.vatstore.remove(key);
+            Expect::Ok(None)
+        }
+        RawSyscall::VatstoreNextKey { after } if after.len() <= MAX_KEY_LEN => {
+            let next = if after.is_empty() {
+                m.vatstore.keys().next()
+            } else {
+                m.vatstore.range::<String, _>((Bound::Excluded(after), Bound::Unbounded)).next().map(|(k, _)| k)
+            };
+            Expect::Ok(next.cloned())
+        }
+        _ => Expect::Illegal,
+    }
+}
+
+fn matches(expect: &Expect, got: &Result<Option<String>, SyscallError>) -> bool {
+    match (expect, got) {
+        (Expect::Ok(v), Ok(g)) => v == g,
+        (Expect::Exit(_), Ok(None)) => true,
+        (Expect::Illegal, Err(SyscallError::Illegal(_))) => true,
+        (Expect::Refused, Err(SyscallError::Terminated)) => true,
+        _ => false,
+    }
+}
+
+// ---- the fuzz vat ----
+
+struct FuzzVat {
+    idx: usize,
+    world: Shared,
+}
+
+impl Delivery {
+    /// Check a vref the kernel hands the vat: held already, or a new import numbered next.
+    fn observe(&mut self, v: VRef, failures: &mut Vec<String>) {
+        if self.pending.known.contains_key(&v) {
+            return;
+        }
+        let ep = self.pending.ep;
+        if v.allocator == Allocator::Endpoint {
+            failures.push(format!("{ep} was delivered {v}, an export it does not hold"));
+            return;
+        }
+        let last = match v.kind {
+            RefKind::Object => &mut self.pending.last_import.0,
+            RefKind::Promise => &mut self.pending.last_import.1,
+        };
+        if v.index != *last + 1 {
+            failures.push(format!("{ep} got new import {v} out of order (the last was {})", *last));
+        }
+        *last = v.index;
+        self.pending.known.insert(v, false);
+    }
+}
+
+impl FuzzVat {
+    fn run(&mut self, mut d: Delivery, result: Option<VRef>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let mut w = self.world.borrow_mut();
+        if !d.pending.live {
+            let ep = d.pending.ep;
+            w.failures.push(format!("{ep} got a delivery after it was terminated"));
+        }
+        w.stats.deliveries += 1;
+        let n = if w.quiet { 0 } else { w.rng.below(17) };
+        for _ in 0..n {
+            let World { rng, vats, queue_len, stats, failures, .. } = &mut *w;
+            if d.verdict.is_some() && rng.chance(0.15) {
+                break; // a vat that ignores its error may carry on for a while, or not
+            }
+            let mut g = Gen { rng, me: &d.pending, vats, refs: 0, forged: 0 };
+            let call = g.syscall(result, *queue_len > BUSY_QUEUE);
+            stats.refs += g.refs;
+            stats.forged_refs += g.forged;
+            let expect = if d.verdict.is_some() { Expect::Refused } else { predict(&mut d.pending, &call) };
+            let got = sys.execute(&call);
+            stats.syscalls += 1;
+            if !matches(&expect, &got) {
+                failures.push(format!("{} made {call:?}: expected {expect:?}, got {got:?}", d.pending.ep));
+                continue;
+            }
+            match (expect, got) {
+                (Expect::Illegal, Err(SyscallError::Illegal(reason))) => {
+                    stats.judged_illegal += 1;
+                    d.verdict = Some(Verdict::Illegal(reason));
+                }
+                (Expect::Exit(failure), _) => {
+                    stats.judged_legal += 1;
+                    d.verdict = Some(Verdict::Exit(failure));
+                }
+                (Expect::Refused, _) => stats.refused_after_verdict += 1,
+                _ => {
+                    stats.judged_legal += 1;
+                    d.legal += 1;
+                }
+            }
+        }
+        let finished = sys.is_finished();
+        if finished != d.verdict.is_some() {
+            w.failures.push(format!("{}: is_finished() is {finished} with verdict {:?}", d.pending.ep, d.verdict));
+        }
+        if d.verdict.is_none() && !w.quiet {
+            if w.rng.chance(0.01) {
+                d.end = End::Failed(format!("fuzz vat error {}", w.rng.below(1000)));
+            } else if w.rng.chance(0.005) {
+                d.end = End::Panicked(format!("{PANIC_TAG} {}", w.rng.below(1000)));
+            }
+        }
+        let end = d.end.clone();
+        w.delivery = Some(d);
+        drop(w);
+        match end {
+            End::Returned => Ok(()),
+            End::Failed(why) => Err(VatError::new(why)),
+            End::Panicked(why) => panic!("{why}"),
+        }
+    }
+
+    fn start(&self) -> Delivery {
+        let w = self.world.borrow();
+        Delivery { vat: self.idx, pending: w.vats[self.idx].clone(), forget: Vec::new(), verdict: None, end: End::Returned, legal: 0 }
+    }
+}
+
+impl Vat for FuzzVat {
+    fn deliver(
+        &mut self,
+        target: VRef,
+        _method: &str,
+        args: VatData,
+        result: Option<VRef>,
+        sys: &mut Syscall<'_, '_>,
+    ) -> Result<(), VatError> {
+        let mut d = self.start();
+        {
+            let mut w = self.world.borrow_mut();
+            let ep = d.pending.ep;
+            if target.kind != RefKind::Object || target.allocator != Allocator::Endpoint || !d.pending.known.contains_key(&target) {
+                w.failures.push(format!("{ep} was delivered a message for {target}, not an object it exports"));
+            }
+            for s in &args.slots {
+                d.observe(*s, &mut w.failures);
+            }
+            if let Some(r) = result {
+                if !r.is_promise() {
+                    w.failures.push(format!("{ep} got result {r}, not a promise"));
+                }
+                d.observe(r, &mut w.failures);
+                d.pending.known.insert(r, true);
+            }
+        }
+        self.run(d, result, sys)
+    }
+
+    fn notify(&mut self, resolutions: Vec<Resolution>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let mut d = self.start();
+        {
+            let mut w = self.world.borrow_mut();
+            for r in &resolutions {
+                if !r.promise.is_promise() {
+                    let ep = d.pending.ep;
+                    w.failures.push(format!("{ep} was notified of {}, not a promise", r.promise));
+                }
+                d.observe(r.promise, &mut w.failures);
+                if d.pending.decides(r.promise) {
+                    let ep = d.pending.ep;
+                    w.failures.push(format!("{ep} was notified of {}, which it still decides", r.promise));
+                }
+                for s in &r.data.slots {
+                    d.observe(*s, &mut w.failures);
+                }
+                d.forget.push(r.promise);
+            }
+        }
+        self.run(d, None, sys)
+    }
+}
+
+// ---- the host ----
+
+fn add_vat(kernel: &mut Kernel<MemStore>, world: &Shared) -> Result<usize, String> {
+    let idx = world.borrow().vats.len();
+    let ep =
+        kernel.add_endpoint(&format!("v{idx}"), VatEndpoint::boxed(FuzzVat { idx, world: Rc::clone(world) })).map_err(|e| e.to_string())?;
+    let root = KRef::Object(kernel.root(ep).map_err(|e| e.to_string())?);
+    let mut w = world.borrow_mut();
+    let forge_rate = w.rng.pick(&[0.05, 0.6, 0.8, 0.95]).unwrap_or(0.6);
+    let known = BTreeMap::from([(VRef::ROOT, false)]);
+    w.vats.push(VatModel {
+        ep,
+        root,
+        live: true,
+        reason: None,
+        forge_rate,
+        known,
+        forgotten: Vec::new(),
+        vatstore: BTreeMap::new(),
+        last_import: (0, 0),
+    });
+    w.live.push(idx);
+    w.stats.vats += 1;
+    Ok(idx)
+}
+
+/// The host sends `vat` a message carrying some vats' roots (live or not).
+fn poke(kernel: &mut Kernel<MemStore>, world: &Shared, vat: usize) -> Result<(), String> {
+    let (target, slots) = {
+        let mut w = world.borrow_mut();
+        let n = w.rng.below(4);
+        let count = w.vats.len() as u64;
+        let slots: Vec<KRef> = (0..n)
+            .map(|_| {
+                let i = w.rng.below(count) as usize;
+                w.vats[i].root
+            })
+            .collect();
+        (w.vats[vat].root, slots)
+    };
+    kernel.queue_message(target, "poke", CapData { body: b"[]".to_vec(), slots }).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn status_of(kernel: &Kernel<MemStore>, ep: EndpointId) -> Result<EndpointStatus, String> {
+    kernel.endpoint(ep).map_err(|e| e.to_string())?.map(|r| r.status).ok_or_else(|| format!("{ep} has no record"))
+}
+
+fn model_status(v: &VatModel) -> EndpointStatus {
+    match &v.reason {
+        None => EndpointStatus::Live,
+        Some(reason) => EndpointStatus::Terminated { reason: reason.clone() },
+    }
+}
+
+/// Check one crank's report against what its vat did, and fold the delivery into the model.
+fn judge(kernel: &Kernel<MemStore>, world: &Shared, report: &CrankReport) -> Result<(), String> {
+    let mut w = world.borrow_mut();
+    w.stats.cranks += 1;
+    if !w.failures.is_empty() {
+        return Err(w.failures.join("\n"));
+    }
+    let delivered = match &report.input {
+        CrankInput::Send { delivered_to, .. } => *delivered_to,
+        CrankInput::Notify { endpoint, delivered: true, .. } => Some(*endpoint),
+        CrankInput::Notify { delivered: false, .. } => None,
+    };
+    let d = w.delivery.take();
+    let touched = match (delivered, d) {
+        (None, None) => {
+            if report.outcome != CrankOutcome::Committed {
+                return Err(format!("a crank without a delivery ended {:?}", report.outcome));
+            }
+            None
+        }
+        (Some(ep), Some(d)) => {
+            let vat = d.vat;
+            if w.vats[vat].ep != ep {
+                return Err(format!("the kernel delivered to {ep} but vat {} ran", w.vats[vat].ep));
+            }
+            let expected = match (&d.verdict, &d.end) {
+                (Some(Verdict::Illegal(reason)), _) => CrankOutcome::Aborted { endpoint: ep, fault: Fault::IllegalSyscall(reason.clone()) },
+                (Some(Verdict::Exit(failure)), End::Returned) => CrankOutcome::Exited { endpoint: ep, failure: *failure },
+                (_, End::Failed(why)) => CrankOutcome::Aborted { endpoint: ep, fault: Fault::VatError(why.clone()) },
+                (_, End::Panicked(why)) => CrankOutcome::Aborted { endpoint: ep, fault: Fault::Panic(why.clone()) },
+                (None, End::Returned) => CrankOutcome::Committed,
+            };
+            if report.outcome != expected {
+                return Err(format!("{ep}: expected {expected:?}, the kernel reported {:?}", report.outcome));
+            }
+            let m = &mut w.vats[vat];
+            match &report.outcome {
+                CrankOutcome::Committed => {
+                    let Delivery { mut pending, forget, legal, .. } = d;
+                    for p in forget {
+                        pending.known.remove(&p);
+                        if pending.forgotten.len() >= 64 {
+                            pending.forgotten.remove(0);
+                        }
+                        pending.forgotten.push(p);
+                    }
+                    *m = pending;
+                    if legal > 0 {
+                        w.stats.committed_with_legal_syscalls += 1;
+                    }
+                }
+                CrankOutcome::Exited { failure, .. } => {
+                    m.vatstore = d.pending.vatstore;
+                    m.live = false;
+                    m.reason = Some(if *failure { "exited with failure" } else { "exited" }.to_owned());
+                    w.stats.exited += 1;
+                }
+                CrankOutcome::Aborted { fault, .. } => {
+                    m.live = false;
+                    m.reason = Some(fault.to_string());
+                    if matches!(fault, Fault::IllegalSyscall(_)) {
+                        w.stats.aborted_illegal += 1;
+                    } else {
+                        w.stats.aborted_other += 1;
+                    }
+                }
+            }
+            Some(vat)
+        }
+        (Some(ep), None) => return Err(format!("the kernel reports a delivery to {ep} but no vat ran")),
+        (None, Some(d)) => return Err(format!("vat {} ran but the kernel reports no delivery", w.vats[d.vat].ep)),
+    };
+    if let Some(vat) = touched {
+        if !w.vats[vat].live {
+            w.live.retain(|i| *i != vat);
+        }
+    }
+    // Exactly the delivered vat may have changed: every vat the model holds live is live.
+    for v in w.live.iter().chain(touched.as_ref()).map(|i| &w.vats[*i]) {
+        let status = status_of(kernel, v.ep)?;
+        if status != model_status(v) {
+            return Err(format!("{} is {status:?}, expected {:?}", v.ep, model_status(v)));
+        }
+    }
+    if let Some(vat) = touched {
+        let m = &w.vats[vat];
+        let stored: BTreeMap<String, String> = kernel
+            .vatstore(m.ep)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+            .collect();
+        if stored != m.vatstore {
+            return Err(format!("{}'s vatstore is {stored:?}, expected {:?}", m.ep, m.vatstore));
+        }
+    }
+    Ok(())
+}
+
+/// Whole-kernel checks: every vat's status and c-list as modelled, and the tables consistent.
+fn check_all(kernel: &Kernel<MemStore>, world: &Shared) -> Result<(), String> {
+    let w = world.borrow();
+    for v in &w.vats {
+        let status = status_of(kernel, v.ep)?;
+        if status != model_status(v) {
+            return Err(format!("{} is {status:?}, expected {:?}", v.ep, model_status(v)));
+        }
+        let clist: Vec<VRef> = kernel.clist(v.ep).map_err(|e| e.to_string())?.into_iter().map(|(_, r)| r).collect();
+        let mut clist_sorted = clist.clone();
+        clist_sorted.sort();
+        let expected: Vec<VRef> = if v.live { v.known.keys().copied().collect() } else { Vec::new() };
+        if clist_sorted != expected {
+            return Err(format!("{}'s c-list holds {clist_sorted:?}, the vat expects {expected:?}", v.ep));
+        }
+    }
+    let problems = tests::check_tables(kernel);
+    if !problems.is_empty() {
+        return Err(format!("inconsistent tables:\n  {}", problems.join("\n  ")));
+    }
+    Ok(())
+}
+
+fn run_case(seed: u64, budget: u64) -> Result<Stats, String> {
+    let world: Shared = Rc::new(RefCell::new(World {
+        rng: Rng(seed),
+        vats: Vec::new(),
+        live: Vec::new(),
+        queue_len: 0,
+        delivery: None,
+        failures: Vec::new(),
+        stats: Stats::default(),
+        quiet: false,
+    }));
+    let mut kernel = Kernel::open(MemStore::new()).map_err(|e| e.to_string())?;
+    let mut cranks = 0u64;
+    while world.borrow().stats.syscalls < budget {
+        while world.borrow().live.len() < LIVE_VATS {
+            let idx = add_vat(&mut kernel, &world)?;
+            poke(&mut kernel, &world, idx)?;
+        }
+        let poke_now = { kernel.queue_len() == 0 || world.borrow_mut().rng.chance(0.03) };
+        if poke_now {
+            let target = {
+                let mut w = world.borrow_mut();
+                let live = w.live.clone();
+                w.rng.pick(&live)
+            };
+            if let Some(t) = target {
+                poke(&mut kernel, &world, t)?;
+            }
+        }
+        world.borrow_mut().queue_len = kernel.queue_len();
+        let report = match kernel.step() {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err("the run queue was empty after a poke".into()),
+            Err(e) => return Err(format!("step failed: {e}")),
+        };
+        judge(&kernel, &world, &report).map_err(|e| format!("crank {}: {e}", report.crank.0))?;
+        cranks += 1;
+        if cranks % CHECK_EVERY == 0 {
+            check_all(&kernel, &world).map_err(|e| format!("after crank {}: {e}", report.crank.0))?;
+        }
+        if cranks > budget * 4 {
+            return Err(format!("{cranks} cranks made only {} syscalls", world.borrow().stats.syscalls));
+        }
+    }
+    // Drain the queue (vats now quiet), still judging every crank, then check everything.
+    world.borrow_mut().quiet = true;
+    while let Some(report) = kernel.step().map_err(|e| format!("step failed while draining: {e}"))? {
+        judge(&kernel, &world, &report).map_err(|e| format!("crank {} (draining): {e}", report.crank.0))?;
+        cranks += 1;
+        if cranks > budget * 5 {
+            return Err("the run queue does not drain".into());
+        }
+    }
+    check_all(&kernel, &world).map_err(|e| format!("at the end: {e}"))?;
+    let stats = world.borrow().stats;
+    Ok(stats)
+}
+
+/// Keep the output readable: the vats' deliberate panics are expected.
+fn quiet_deliberate_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied()).unwrap_or("");
+        if !msg.starts_with(PANIC_TAG) {
+            default(info);
+        }
+    }));
+}
+
+#[test]
+fn random_syscalls_never_break_the_kernel_and_each_illegal_one_terminates_exactly_its_vat() {
+    quiet_deliberate_panics();
+    if let Some(seed) = std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse::<u64>().ok()) {
+        let stats = run_case(seed, TOTAL_SYSCALLS / u64::from(CASES)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        eprintln!("seed {seed}: {stats:?}");
+        return;
+    }
+    let totals = RefCell::new(Stats::default());
+    let mut runner = TestRunner::new(Config { cases: CASES, failure_persistence: None, max_shrink_iters: 0, ..Config::default() });
+    let outcome = runner.run(&any::<u64>(), |seed| {
+        let stats = run_case(seed, TOTAL_SYSCALLS / u64::from(CASES)).map_err(|e| TestCaseError::fail(format!("seed {seed}: {e}")))?;
+        totals.borrow_mut().add(&stats);
+        Ok(())
+    });
+    if let Err(e) = outcome {
+        panic!("{e}\nreplay with FUZZ_SEED=<seed>");
+    }
+    let t = totals.into_inner();
+    eprintln!("{t:?}");
+    assert!(t.syscalls >= TOTAL_SYSCALLS, "only {} syscalls were made", t.syscalls);
+    assert!(t.forged_refs * 2 > t.refs, "most vref strings should be forged: {} of {}", t.forged_refs, t.refs);
+    assert!(t.judged_illegal > 5_000 && t.aborted_illegal > 1_000, "too few illegal syscalls: {t:?}");
+    assert!(t.judged_legal > 20_000 && t.committed_with_legal_syscalls > 1_000, "too few legal syscalls: {t:?}");
+}
