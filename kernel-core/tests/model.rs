@@ -394,8 +394,9 @@ impl Feed {
     }
 }
 
+/// A vat under test. Its memory is shared with the test so a restarted kernel can re-attach it.
 struct ScriptedVat {
-    mind: VatMind,
+    mind: Rc<RefCell<VatMind>>,
     feed: Rc<RefCell<Feed>>,
 }
 
@@ -407,9 +408,10 @@ impl Endpoint for ScriptedVat {
             feed.take()
         };
         let vd = translate_delivery(&delivery, |k| ctx.import(k).expect("import at the start of a delivery"));
-        self.mind.observe(&vd);
-        let end = run_script(&mut self.mind, &script, &mut CtxSyscalls { ctx });
-        self.mind.after(&vd);
+        let mut mind = self.mind.borrow_mut();
+        mind.observe(&vd);
+        let end = run_script(&mut mind, &script, &mut CtxSyscalls { ctx });
+        mind.after(&vd);
         match end {
             End::Returned => Ok(()),
             End::Failed(why) => Err(Fault::VatError(why)),
@@ -481,6 +483,7 @@ enum Observed {
     Watched(Result<(), String>),
     Stepped(Option<CrankSummary>),
     Ran { cranks: u64, aborted: u64, quiescent: bool },
+    Restarted,
 }
 
 /// A crank report, with kernel wording normalised.
@@ -1227,6 +1230,7 @@ impl Model {
 struct Sut {
     kernel: Kernel<MemStore>,
     vats: Vec<EndpointId>,
+    minds: Vec<Rc<RefCell<VatMind>>>,
     feed: Rc<RefCell<Feed>>,
     watch_log: Rc<RefCell<Vec<(u32, KPromiseId, Settlement)>>>,
     commits: Rc<RefCell<Vec<u64>>>,
@@ -1284,6 +1288,9 @@ enum Transition {
     Step { script: Script },
     /// `run(Some(max))`; deliveries run `scripts` in turn.
     Run { max: u8, scripts: Vec<Script> },
+    /// Close the kernel and open a new one on its store, re-attaching the vats: everything but
+    /// the host's watchers (host memory) carries over.
+    Restart,
 }
 
 fn benign_action() -> impl Strategy<Value = Action> {
@@ -1368,6 +1375,7 @@ impl ReferenceStateMachine for KernelModel {
             1 => watched.prop_map(|kp| Transition::Watch { kp }),
             3 => script().prop_map(|script| Transition::Step { script }),
             3 => (1..24u8, prop::collection::vec(script(), 1..5)).prop_map(|(max, scripts)| Transition::Run { max, scripts }),
+            1 => Just(Transition::Restart),
         ]
         .boxed()
     }
@@ -1393,12 +1401,37 @@ impl ReferenceStateMachine for KernelModel {
                 state.delivered = feed.delivered;
                 ran
             }
+            Transition::Restart => {
+                state.watchers.clear();
+                Observed::Restarted
+            }
         };
         state
     }
 }
 
 struct KernelTest;
+
+/// Open a kernel on `store` and attach the vats (registering them if the store is new).
+fn boot(
+    store: MemStore,
+    minds: &[Rc<RefCell<VatMind>>],
+    feed: &Rc<RefCell<Feed>>,
+    commits: &Rc<RefCell<Vec<u64>>>,
+) -> (Kernel<MemStore>, Vec<EndpointId>) {
+    let mut kernel = Kernel::open(store).expect("open");
+    let vats = minds
+        .iter()
+        .enumerate()
+        .map(|(i, mind)| {
+            let vat = ScriptedVat { mind: mind.clone(), feed: feed.clone() };
+            kernel.add_endpoint(&format!("v{}", i + 1), Box::new(vat)).expect("attach a vat")
+        })
+        .collect();
+    let log = commits.clone();
+    kernel.add_commit_observer(move |e| log.borrow_mut().push(e.crank.0));
+    (kernel, vats)
+}
 
 /// Scripted panics are expected; keep them out of the test output.
 fn quiet_scripted_panics() {
@@ -1420,18 +1453,11 @@ impl StateMachineTest for KernelTest {
 
     fn init_test(model: &Model) -> Sut {
         quiet_scripted_panics();
-        let mut kernel = Kernel::open(MemStore::new()).expect("open");
-        let feed = Rc::new(RefCell::new(Feed::default()));
-        let vats = (0..model.vats.len())
-            .map(|i| {
-                let vat = ScriptedVat { mind: VatMind::new(), feed: feed.clone() };
-                kernel.add_endpoint(&format!("v{}", i + 1), Box::new(vat)).expect("add endpoint")
-            })
-            .collect();
-        let commits = Rc::new(RefCell::new(Vec::new()));
-        let log = commits.clone();
-        kernel.add_commit_observer(move |e| log.borrow_mut().push(e.crank.0));
-        let sut = Sut { kernel, vats, feed, watch_log: Rc::new(RefCell::new(Vec::new())), commits, next_watch: 0, last: Observed::Nothing };
+        let minds: Vec<_> = model.vats.iter().map(|_| Rc::new(RefCell::new(VatMind::new()))).collect();
+        let feed = Rc::default();
+        let commits = Rc::default();
+        let (kernel, vats) = boot(MemStore::new(), &minds, &feed, &commits);
+        let sut = Sut { kernel, vats, minds, feed, watch_log: Rc::default(), commits, next_watch: 0, last: Observed::Nothing };
         assert_same(&sut.snapshot(), &model.snapshot(), "the initial state");
         sut
     }
@@ -1459,6 +1485,14 @@ impl StateMachineTest for KernelTest {
                 sut.feed.borrow_mut().load(scripts);
                 let s = sut.kernel.run(Some(u64::from(max))).expect("run");
                 Observed::Ran { cranks: s.cranks, aborted: s.aborted, quiescent: s.quiescent }
+            }
+            Transition::Restart => {
+                let placeholder = Kernel::open(MemStore::new()).expect("open");
+                let store = std::mem::replace(&mut sut.kernel, placeholder).into_store();
+                let (kernel, vats) = boot(store, &sut.minds, &sut.feed, &sut.commits);
+                assert_eq!(vats, sut.vats, "the vats keep their ids across a restart");
+                sut.kernel = kernel;
+                Observed::Restarted
             }
         };
         assert_same(&sut.snapshot(), &model.snapshot(), &after);
