@@ -484,6 +484,7 @@ enum Observed {
     Stepped(Option<CrankSummary>),
     Ran { cranks: u64, aborted: u64, quiescent: bool },
     Restarted,
+    External(Result<(), String>),
 }
 
 /// A crank report, with kernel wording normalised.
@@ -832,6 +833,13 @@ impl Model {
     /// Commit: flush the buffer to the run queue in order, then run the watchers of the promises
     /// it settled, then the commit event.
     fn commit(&mut self, buf: Buffer, crank: u64, input: CrankInput, outcome: String) -> CrankSummary {
+        let flushed = self.flush(buf);
+        self.commits.push(crank);
+        CrankSummary { crank, input, outcome: normalise(&outcome), flushed }
+    }
+
+    /// The committed buffer reaches the run queue in order; then the settled promises' watchers.
+    fn flush(&mut self, buf: Buffer) -> usize {
         let flushed = buf.outputs.len();
         self.run_queue.extend(buf.outputs);
         for kp in buf.settled {
@@ -841,8 +849,36 @@ impl Model {
                 }
             }
         }
-        self.commits.push(crank);
-        CrankSummary { crank, input, outcome: normalise(&outcome), flushed }
+        flushed
+    }
+
+    /// Work arriving from outside a crank on behalf of `ep` (the immediate path): applied at
+    /// once if it is sound, otherwise not at all (and `ep` is not terminated). No crank, no
+    /// commit event. The vat's memory is host memory: it keeps what the script did to it.
+    fn external(&mut self, ep: EndpointId, script: &Script) -> Result<(), String> {
+        if self.vat(ep).status != Status::Live {
+            return Err(normalise(&format!("illegal syscall: {ep} is not live")));
+        }
+        let begin = self.clone();
+        let mut buf = Buffer::default();
+        let mut mind = self.vat(ep).mind.clone();
+        let mut sys = ModelSyscalls { model: self, ep, buf: &mut buf, verdict: None };
+        let end = run_script(&mut mind, script, &mut sys);
+        let fault = match (sys.verdict, end) {
+            (Some(Verdict::Illegal(why)), _) => Some(format!("illegal syscall: {why}")),
+            (Some(Verdict::Exit { .. }), _) => Some("illegal syscall: exit outside a delivery".to_owned()),
+            (None, End::Failed(why)) => Some(format!("vat error: {why}")),
+            (None, End::Panicked(why)) => Some(format!("vat panicked: {why}")),
+            (None, End::Returned) => None,
+        };
+        if let Some(fault) = fault {
+            *self = begin;
+            self.vat_mut(ep).mind = mind;
+            return Err(normalise(&fault));
+        }
+        self.vat_mut(ep).mind = mind;
+        self.flush(buf);
+        Ok(())
     }
 
     /// One crank. The crank's transaction is a clone of the whole model taken before it
@@ -1291,6 +1327,9 @@ enum Transition {
     /// Close the kernel and open a new one on its store, re-attaching the vats: everything but
     /// the host's watchers (host memory) carries over.
     Restart,
+    /// `apply_external(vat, ..)`: the vat's script runs outside any crank (as a remote's
+    /// inbound message would). Scripts here never panic: `apply_external` does not catch panics.
+    External { vat: u8, script: Script },
 }
 
 fn benign_action() -> impl Strategy<Value = Action> {
@@ -1376,6 +1415,14 @@ impl ReferenceStateMachine for KernelModel {
             3 => script().prop_map(|script| Transition::Step { script }),
             3 => (1..24u8, prop::collection::vec(script(), 1..5)).prop_map(|(max, scripts)| Transition::Run { max, scripts }),
             1 => Just(Transition::Restart),
+            1 => (any::<u8>(), script()).prop_map(|(vat, mut script)| {
+                for a in &mut script.actions {
+                    if matches!(a, Action::Panic) {
+                        *a = Action::Fail;
+                    }
+                }
+                Transition::External { vat, script }
+            }),
         ]
         .boxed()
     }
@@ -1404,6 +1451,10 @@ impl ReferenceStateMachine for KernelModel {
             Transition::Restart => {
                 state.watchers.clear();
                 Observed::Restarted
+            }
+            Transition::External { vat, script } => {
+                let ep = EndpointId((*vat as usize % state.vats.len()) as u32 + 1);
+                Observed::External(state.external(ep, script))
             }
         };
         state
@@ -1493,6 +1544,18 @@ impl StateMachineTest for KernelTest {
                 assert_eq!(vats, sut.vats, "the vats keep their ids across a restart");
                 sut.kernel = kernel;
                 Observed::Restarted
+            }
+            Transition::External { vat, script } => {
+                let i = vat as usize % sut.vats.len();
+                let mind = sut.minds[i].clone();
+                let r = sut.kernel.apply_external(sut.vats[i], |ctx| {
+                    match run_script(&mut mind.borrow_mut(), &script, &mut CtxSyscalls { ctx }) {
+                        End::Returned => Ok(()),
+                        End::Failed(why) => Err(Fault::VatError(why)),
+                        End::Panicked(why) => panic!("{why}"),
+                    }
+                });
+                Observed::External(r.expect("apply_external").map_err(|f| normalise(&f.to_string())))
             }
         };
         assert_same(&sut.snapshot(), &model.snapshot(), &after);
