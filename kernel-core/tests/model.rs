@@ -1,21 +1,24 @@
 //! Model-based property test of the crank (DESIGN §2–§5).
 //!
-//! Random host actions (queue a message, watch a promise, step, run) and scripted vat behaviour
-//! (sends with and without result promises, exports, subscribes, resolves, vatstore writes,
-//! forged and stale vrefs, double resolves, faults, panics, exits) run against
-//! `Kernel<MemStore>` and against [`Model`], a plain reference model that implements the design
-//! in the most obvious way: `BTreeMap`s and `Vec`s, and a crank that aborts is undone by
-//! restoring a clone of the whole model taken when the crank began. After every transition the
-//! observable state must match exactly: the run queue, every promise, every object, every
-//! c-list and vatstore, every endpoint's status, what the host was told, the host watchers
-//! that ran and the commit events.
+//! Random host actions (queue a message, watch a promise, step, run, restart the kernel on its
+//! store, apply work from outside a crank) and scripted vat behaviour (sends with and without
+//! result promises, exports, subscribes, resolves, vatstore writes, forged and stale vrefs,
+//! double and foreign resolves, faults, panics, exits) run against `Kernel<MemStore>` and
+//! against [`Model`], a plain reference model that implements the design in the most obvious
+//! way: `BTreeMap`s and `Vec`s, and a crank that aborts is undone by restoring a clone of the
+//! whole model taken when the crank began. After every transition the observable state must
+//! match exactly, krefs included: the run queue, every promise, every object, every c-list and
+//! vatstore, every endpoint's status, what each delivery handed its vat, what the host was
+//! told, the host watchers that ran and the commit events.
 //!
 //! This checks DESIGN §10.1 (an aborted crank leaves no trace: the model restores its clone),
 //! §10.2 (outputs reach the run queue in the order made: queues are compared item by item) and
-//! §10.6 (a forged or stale vref is an illegal syscall that terminates exactly its vat).
+//! §10.6 (a forged or stale vref is an illegal syscall that terminates exactly its vat). Each
+//! was seen to fail when broken on purpose (an abort keeping a vatstore write, a commit
+//! flushing its outputs in reverse, `export` accepting an unknown `o-N`).
 //!
 //! Kernel-made error texts are compared exactly, except the detail after `illegal syscall: `,
-//! which is the kernel's own wording ([`normalise`]).
+//! which is the kernel's own wording ([`normalise`]). `PROPTEST_CASES=N` searches deeper.
 
 use kernel_core::{
     Allocator, CapData, CrankContext, CrankInput, CrankOutcome, CrankReport, Endpoint, EndpointId, EndpointStatus, Fault, KObjectId,

@@ -362,6 +362,28 @@ fn terminating_a_vat_rejects_its_decided_promises_drops_its_clist_and_rejects_me
     assert!(rejected_with(&k, to_export, "vat terminated"), "{:?}", settlement(&k, to_export));
 }
 
+#[test]
+#[ignore = "known gap: terminate() rejects only the decided promises found in the endpoint's c-list"]
+fn terminating_an_endpoint_rejects_a_result_it_decides_but_never_imported() {
+    // DESIGN §4: "reject every promise it decides". An endpoint that never translates its
+    // result promise (kernel-syscall always does) leaves it decided by a dead endpoint.
+    let mut k = new_kernel();
+    let (a, root) = add(
+        &mut k,
+        "a",
+        vat(|d, _| match d {
+            KernelDelivery::Message { message, .. } if message.method == "die" => Err(Fault::VatError("dying".into())),
+            _ => Ok(()),
+        }),
+    );
+    let kept = k.queue_message(root.into(), "keep", plain("")).expect("queue");
+    step(&mut k);
+    assert_eq!(k.promise(kept).expect("promise").and_then(|p| p.decider()), Some(a));
+    k.queue_message(root.into(), "die", plain("")).expect("queue");
+    step(&mut k);
+    assert!(rejected_with(&k, kept, "vat terminated"), "{:?}", k.promise(kept).expect("promise"));
+}
+
 // ---- deferred host callbacks and commit events (DESIGN §4 commit) ----
 
 /// A store shared with the test, so a callback can look at what is committed.
