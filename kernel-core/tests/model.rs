@@ -94,6 +94,12 @@ enum Action {
     VatstoreDelete {
         key: u8,
     },
+    /// Read a key (reads must see this crank's own writes).
+    VatstoreGet {
+        key: u8,
+    },
+    /// List the keys with `next-key`.
+    VatstoreScan,
     /// Resolve a promise the vat holds but does not decide.
     ResolveUndecided {
         promise: u8,
@@ -253,6 +259,10 @@ trait Syscalls {
     fn exit(&mut self, failure: bool) -> Result<(), Refused>;
     fn vatstore_set(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), Refused>;
     fn vatstore_delete(&mut self, key: Vec<u8>) -> Result<(), Refused>;
+    fn vatstore_get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, Refused>;
+    fn vatstore_next_key(&mut self, after: Option<Vec<u8>>) -> Result<Option<Vec<u8>>, Refused>;
+    /// Record what the vat read, for the comparison.
+    fn note(&mut self, line: String);
 }
 
 /// How a script's delivery ended.
@@ -304,6 +314,23 @@ fn run_script(mind: &mut VatMind, script: &Script, sys: &mut dyn Syscalls) -> En
             }
             Action::VatstoreSet { key, value } => sys.vatstore_set(vatstore_key(*key), vec![*value]),
             Action::VatstoreDelete { key } => sys.vatstore_delete(vatstore_key(*key)),
+            Action::VatstoreGet { key } => sys.vatstore_get(vatstore_key(*key)).map(|v| sys.note(format!("get k{key} = {v:?}"))),
+            Action::VatstoreScan => {
+                let mut keys = Vec::new();
+                let mut after = None;
+                let r = loop {
+                    match sys.vatstore_next_key(after.clone()) {
+                        Ok(Some(k)) if keys.len() < 8 => {
+                            keys.push(String::from_utf8_lossy(&k).into_owned());
+                            after = Some(k);
+                        }
+                        Ok(_) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                };
+                sys.note(format!("scan {keys:?}"));
+                r
+            }
             Action::ResolveUndecided { promise } => match mind.undecided_promise(*promise) {
                 Some(p) => sys.resolve(vec![(p, VSettlement::data("undecided".into()))]),
                 None => Ok(()),
@@ -413,7 +440,9 @@ impl Endpoint for ScriptedVat {
         let vd = translate_delivery(&delivery, |k| ctx.import(k).expect("import at the start of a delivery"));
         let mut mind = self.mind.borrow_mut();
         mind.observe(&vd);
-        let end = run_script(&mut mind, &script, &mut CtxSyscalls { ctx });
+        let mut sys = CtxSyscalls { ctx, notes: Vec::new() };
+        let end = run_script(&mut mind, &script, &mut sys);
+        self.feed.borrow_mut().delivered.append(&mut sys.notes);
         mind.after(&vd);
         match end {
             End::Returned => Ok(()),
@@ -425,6 +454,7 @@ impl Endpoint for ScriptedVat {
 
 struct CtxSyscalls<'a, 's> {
     ctx: &'a mut CrankContext<'s>,
+    notes: Vec<String>,
 }
 
 impl CtxSyscalls<'_, '_> {
@@ -471,6 +501,18 @@ impl Syscalls for CtxSyscalls<'_, '_> {
 
     fn vatstore_delete(&mut self, key: Vec<u8>) -> Result<(), Refused> {
         self.ctx.vatstore_delete(&key).map_err(|_| Refused)
+    }
+
+    fn vatstore_get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, Refused> {
+        self.ctx.vatstore_get(&key).map_err(|_| Refused)
+    }
+
+    fn vatstore_next_key(&mut self, after: Option<Vec<u8>>) -> Result<Option<Vec<u8>>, Refused> {
+        self.ctx.vatstore_next_key(after.as_deref()).map_err(|_| Refused)
+    }
+
+    fn note(&mut self, line: String) {
+        self.notes.push(line);
     }
 }
 
@@ -858,15 +900,16 @@ impl Model {
     /// Work arriving from outside a crank on behalf of `ep` (the immediate path): applied at
     /// once if it is sound, otherwise not at all (and `ep` is not terminated). No crank, no
     /// commit event. The vat's memory is host memory: it keeps what the script did to it.
-    fn external(&mut self, ep: EndpointId, script: &Script) -> Result<(), String> {
+    fn external(&mut self, ep: EndpointId, script: &Script, notes: &mut Vec<String>) -> Result<(), String> {
         if self.vat(ep).status != Status::Live {
             return Err(normalise(&format!("illegal syscall: {ep} is not live")));
         }
         let begin = self.clone();
         let mut buf = Buffer::default();
         let mut mind = self.vat(ep).mind.clone();
-        let mut sys = ModelSyscalls { model: self, ep, buf: &mut buf, verdict: None };
+        let mut sys = ModelSyscalls { model: self, ep, buf: &mut buf, verdict: None, notes: Vec::new() };
         let end = run_script(&mut mind, script, &mut sys);
+        notes.append(&mut sys.notes);
         let fault = match (sys.verdict, end) {
             (Some(Verdict::Illegal(why)), _) => Some(format!("illegal syscall: {why}")),
             (Some(Verdict::Exit { .. }), _) => Some("illegal syscall: exit outside a delivery".to_owned()),
@@ -930,8 +973,9 @@ impl Model {
         let vd = translate_delivery(&delivery, |k| self.import(ep, k));
         let mut mind = self.vat(ep).mind.clone();
         mind.observe(&vd);
-        let mut sys = ModelSyscalls { model: self, ep, buf: &mut buf, verdict: None };
+        let mut sys = ModelSyscalls { model: self, ep, buf: &mut buf, verdict: None, notes: Vec::new() };
         let end = run_script(&mut mind, &script, &mut sys);
+        feed.delivered.append(&mut sys.notes);
         let verdict = sys.verdict;
         mind.after(&vd);
         self.vat_mut(ep).mind = mind;
@@ -991,6 +1035,7 @@ struct ModelSyscalls<'a> {
     ep: EndpointId,
     buf: &'a mut Buffer,
     verdict: Option<Verdict>,
+    notes: Vec<String>,
 }
 
 impl ModelSyscalls<'_> {
@@ -1089,6 +1134,21 @@ impl Syscalls for ModelSyscalls<'_> {
         self.guard()?;
         self.model.vat_mut(self.ep).vatstore.remove(&key);
         Ok(())
+    }
+
+    fn vatstore_get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, Refused> {
+        self.guard()?;
+        Ok(self.model.vat(self.ep).vatstore.get(&key).cloned())
+    }
+
+    fn vatstore_next_key(&mut self, after: Option<Vec<u8>>) -> Result<Option<Vec<u8>>, Refused> {
+        self.guard()?;
+        let store = &self.model.vat(self.ep).vatstore;
+        Ok(store.keys().find(|k| after.as_ref().is_none_or(|a| *k > a)).cloned())
+    }
+
+    fn note(&mut self, line: String) {
+        self.notes.push(line);
     }
 }
 
@@ -1350,6 +1410,8 @@ fn benign_action() -> impl Strategy<Value = Action> {
         10 => (any::<u8>(), how).prop_map(|(promise, how)| Action::Resolve { promise, how }),
         4 => (any::<u8>(), any::<u8>()).prop_map(|(key, value)| Action::VatstoreSet { key, value }),
         2 => any::<u8>().prop_map(|key| Action::VatstoreDelete { key }),
+        2 => any::<u8>().prop_map(|key| Action::VatstoreGet { key }),
+        1 => Just(Action::VatstoreScan),
     ]
 }
 
@@ -1457,7 +1519,10 @@ impl ReferenceStateMachine for KernelModel {
             }
             Transition::External { vat, script } => {
                 let ep = EndpointId((*vat as usize % state.vats.len()) as u32 + 1);
-                Observed::External(state.external(ep, script))
+                let mut notes = Vec::new();
+                let r = state.external(ep, script, &mut notes);
+                state.delivered = notes;
+                Observed::External(r)
             }
         };
         state
@@ -1551,13 +1616,18 @@ impl StateMachineTest for KernelTest {
             Transition::External { vat, script } => {
                 let i = vat as usize % sut.vats.len();
                 let mind = sut.minds[i].clone();
+                let mut notes = Vec::new();
                 let r = sut.kernel.apply_external(sut.vats[i], |ctx| {
-                    match run_script(&mut mind.borrow_mut(), &script, &mut CtxSyscalls { ctx }) {
+                    let mut sys = CtxSyscalls { ctx, notes: Vec::new() };
+                    let end = run_script(&mut mind.borrow_mut(), &script, &mut sys);
+                    notes = sys.notes;
+                    match end {
                         End::Returned => Ok(()),
                         End::Failed(why) => Err(Fault::VatError(why)),
                         End::Panicked(why) => panic!("{why}"),
                     }
                 });
+                sut.feed.borrow_mut().delivered = notes;
                 Observed::External(r.expect("apply_external").map_err(|f| normalise(&f.to_string())))
             }
         };
