@@ -71,7 +71,7 @@ fn a_second_export_of_the_same_vref_reuses_its_kernel_ref() {
 
 #[test]
 fn imports_are_numbered_in_order_per_kind() {
-    let (k, _, bob, seen) = alice_sends_to_bob(&["o+7", "p+2", "o+3", "o+9", "p+8"], Some("p+4"));
+    let (k, _, bob, seen) = alice_sends_to_bob(&["o+3", "p+2", "o+7", "o+9", "p+4"], Some("p+8"));
     let seen = seen.borrow();
     let Incoming::Message { target, args, result, .. } = &seen[0] else { panic!("expected a message") };
     assert_eq!(*target, VRef::ROOT);
