@@ -3,6 +3,7 @@
 //! endpoint's syscalls use during its delivery.
 
 use crate::error::{KernelError, SyscallError};
+use crate::gc::{self, GcAction};
 use crate::ids::{Allocator, EndpointId, KObjectId, KPromiseId, KRef, RefKind, VRef};
 use crate::message::{CapData, Message, RunQueueItem, Settlement};
 use crate::promise;
@@ -65,6 +66,14 @@ impl KernelDelivery {
 pub trait Endpoint {
     /// Handle one delivery.
     fn deliver(&mut self, delivery: KernelDelivery, ctx: &mut CrankContext<'_>) -> Result<(), crate::Fault>;
+
+    /// Handle a garbage-collection delivery (DESIGN §6). The kernel keeps its own tables right
+    /// whatever the endpoint does, so ignoring these (the default) is always safe; an endpoint
+    /// that holds state for its exports, or imports it no longer uses, should act on them.
+    fn collect(&mut self, action: GcAction, ctx: &mut CrankContext<'_>) -> Result<(), crate::Fault> {
+        let _ = (action, ctx);
+        Ok(())
+    }
 }
 
 /// Why an endpoint stops receiving deliveries after this crank.
@@ -147,31 +156,74 @@ impl<'s> CrankContext<'s> {
         self.guard()?;
         let ep = self.endpoint;
         if let Some(k) = self.check(self.work.db.clist_kref(ep, vref))? {
+            if let KRef::Object(_) = k {
+                // Sending an export again makes it reachable again, should it have been dropped.
+                let r = self.work.db.clist_set_reachable(ep, k, true);
+                self.check(r)?;
+            }
             return Ok(k);
         }
         if vref.allocator == Allocator::Kernel {
             return Err(self.illegal(format!("{vref} is not in the c-list of {ep}")));
         }
+        let r = self.work.db.clist_counters(ep);
+        let mut counters = self.check(r)?;
+        let watermark = match vref.kind {
+            RefKind::Object => &mut counters.export_object,
+            RefKind::Promise => &mut counters.export_promise,
+        };
+        if vref.index <= *watermark {
+            return Err(self.illegal(format!("{vref} is stale: {ep} allocated it before and it has been retired or resolved")));
+        }
+        *watermark = vref.index;
+        self.work.db.set_clist_counters(ep, &counters);
         let kref = match vref.kind {
             RefKind::Object => KRef::Object(self.work.db.new_object(ep, false)),
             RefKind::Promise => KRef::Promise(self.work.db.new_promise(Some(ep))),
         };
-        self.work.db.clist_insert(ep, kref, vref);
+        let r = self.work.db.clist_insert(ep, kref, vref);
+        self.check(r)?;
         Ok(kref)
     }
 
+    /// The kref for `vref` if the endpoint's c-list has it; allocates nothing.
+    pub fn lookup(&mut self, vref: VRef) -> Result<Option<KRef>, SyscallError> {
+        self.guard()?;
+        let r = self.work.db.clist_kref(self.endpoint, vref);
+        self.check(r)
+    }
+
     /// The endpoint's vref for `kref`, allocating an import (`o-N`, `p-N`) the first time the
-    /// endpoint sees it.
+    /// endpoint sees it. An import the endpoint had dropped becomes reachable again.
     pub fn import(&mut self, kref: KRef) -> Result<VRef, SyscallError> {
         self.guard()?;
-        let ep = self.endpoint;
-        if let Some(v) = self.check(self.work.db.clist_vref(ep, kref))? {
-            return Ok(v);
+        let r = self.work.db.import(self.endpoint, kref);
+        self.check(r)
+    }
+
+    /// What the endpoint may drop at `bringOutYourDead`: the objects it imports and can still
+    /// reach, and the promises it holds without deciding them; in c-list order.
+    pub fn held_imports(&mut self) -> Result<Vec<VRef>, SyscallError> {
+        self.guard()?;
+        let r = self.work.db.clist_entries(self.endpoint);
+        let entries = self.check(r)?;
+        let mut out = Vec::new();
+        for (kref, vref) in entries {
+            let keep = match kref {
+                KRef::Object(_) => {
+                    let r = self.work.db.clist_entry(self.endpoint, kref);
+                    vref.allocator == Allocator::Kernel && self.check(r)?.is_some_and(|e| e.reachable)
+                }
+                KRef::Promise(p) => {
+                    let r = self.work.db.promise(p);
+                    self.check(r)?.and_then(|s| s.decider()) != Some(self.endpoint)
+                }
+            };
+            if keep {
+                out.push(vref);
+            }
         }
-        let r = self.work.db.next_import(ep, kref.as_promise().is_some());
-        let vref = self.check(r)?;
-        self.work.db.clist_insert(ep, kref, vref);
-        Ok(vref)
+        Ok(out)
     }
 
     // ---- syscalls ----
@@ -184,12 +236,16 @@ impl<'s> CrankContext<'s> {
         if let Some(kp) = result {
             match self.check(self.work.db.promise(kp))? {
                 Some(PromiseState::Unresolved { decider: Some(d), subscribers, queue }) if d == self.endpoint => {
-                    self.work.db.set_promise(kp, &PromiseState::Unresolved { decider: None, subscribers, queue });
+                    let r = self.work.db.set_promise(kp, &PromiseState::Unresolved { decider: None, subscribers, queue });
+                    self.check(r)?;
                 }
                 _ => return Err(self.illegal(format!("result {kp} is not an unresolved promise decided by {}", self.endpoint))),
             }
         }
-        self.work.buf.outputs.push(RunQueueItem::Send { target, message: Message { method, args, result } });
+        let message = Message { method, args, result };
+        let r = gc::add_message_refs(&mut self.work.db, target, &message);
+        self.check(r)?;
+        self.work.buf.outputs.push(RunQueueItem::Send { target, message });
         Ok(())
     }
 
@@ -203,7 +259,8 @@ impl<'s> CrankContext<'s> {
 
     /// `resolve([(kp, settlement)])`: every promise must be unresolved, decided by this endpoint,
     /// and named once; otherwise nothing is resolved and the syscall is illegal. The resolver's
-    /// c-list keeps the entry, so resolving it again is caught as a double resolve.
+    /// c-list forgets each promise it resolves (at its own notify, if it subscribed to it);
+    /// naming it afterwards is a stale or unknown ref.
     pub fn resolve(&mut self, resolutions: Vec<(KPromiseId, Settlement)>) -> Result<(), SyscallError> {
         self.guard()?;
         let ep = self.endpoint;
@@ -218,8 +275,15 @@ impl<'s> CrankContext<'s> {
             }
         }
         for (kp, settlement) in resolutions {
+            // The resolver is done with the promise, unless it also awaits its own notify,
+            // which will make it forget the promise then.
+            let subscribed = matches!(self.check(self.work.db.promise(kp))?, Some(PromiseState::Unresolved { subscribers, .. }) if subscribers.contains(&ep));
             let r = promise::resolve(&mut self.work, kp, settlement);
             self.check(r)?;
+            if !subscribed {
+                let r = self.work.db.clist_remove(ep, KRef::Promise(kp));
+                self.check(r)?;
+            }
         }
         Ok(())
     }
@@ -229,6 +293,93 @@ impl<'s> CrankContext<'s> {
     pub fn exit(&mut self, failure: bool, info: CapData) -> Result<(), SyscallError> {
         self.guard()?;
         self.verdict = Some(Verdict::Exit { failure, info });
+        Ok(())
+    }
+
+    /// `dropImports`: the endpoint can no longer reach these imports (objects it holds as
+    /// `o-N`, or promises it holds but does not decide, which it forgets at once).
+    pub fn drop_imports(&mut self, krefs: &[KRef]) -> Result<(), SyscallError> {
+        self.guard()?;
+        let ep = self.endpoint;
+        for &k in krefs {
+            let entry = self.check(self.work.db.clist_entry(ep, k))?;
+            let legal = match (k, entry) {
+                (KRef::Object(_), Some(e)) => e.vref.allocator == Allocator::Kernel && e.reachable,
+                (KRef::Promise(p), Some(_)) => self.check(self.work.db.promise(p))?.and_then(|s| s.decider()) != Some(ep),
+                (_, None) => false,
+            };
+            if !legal {
+                return Err(self.illegal(format!("dropImports of {k}, which {ep} does not hold as a reachable import")));
+            }
+            let r = match k {
+                KRef::Object(_) => self.work.db.clist_set_reachable(ep, k, false),
+                KRef::Promise(_) => self.work.db.clist_remove(ep, k),
+            };
+            self.check(r)?;
+        }
+        Ok(())
+    }
+
+    /// `retireImports`: the endpoint can no longer even recognise these dropped imports.
+    pub fn retire_imports(&mut self, krefs: &[KRef]) -> Result<(), SyscallError> {
+        self.guard()?;
+        let ep = self.endpoint;
+        for &k in krefs {
+            let entry = self.check(self.work.db.clist_entry(ep, k))?;
+            if !matches!((k, entry), (KRef::Object(_), Some(e)) if e.vref.allocator == Allocator::Kernel && !e.reachable) {
+                return Err(self.illegal(format!("retireImports of {k}, which {ep} does not hold as a dropped import")));
+            }
+            let r = self.work.db.clist_remove(ep, k);
+            self.check(r)?;
+        }
+        Ok(())
+    }
+
+    /// `retireExports`: the endpoint has deleted these exports, which no one can reach any more
+    /// (it was told `dropExports`). Endpoints that still recognise them are told `retireImports`.
+    pub fn retire_exports(&mut self, krefs: &[KRef]) -> Result<(), SyscallError> {
+        self.guard()?;
+        let ep = self.endpoint;
+        for &k in krefs {
+            let KRef::Object(o) = k else { return Err(self.illegal(format!("retireExports of promise {k}"))) };
+            let rec = self.check(self.work.db.object(o))?;
+            let ok = matches!(&rec, Some(r) if r.owner == ep && r.reachable == 0 && !r.pinned && !r.abandoned);
+            if !ok {
+                return Err(self.illegal(format!("retireExports of {k}, which is not an unreachable export of {ep}")));
+            }
+            let r = self.retire_export(ep, o);
+            self.check(r)?;
+        }
+        Ok(())
+    }
+
+    fn retire_export(&mut self, ep: EndpointId, o: KObjectId) -> Result<(), KernelError> {
+        self.work.db.clist_remove(ep, KRef::Object(o))?;
+        self.work.db.delete_object(o);
+        for importer in gc::recognizers(&self.work.db, o, ep)? {
+            self.work.buf.outputs.push(RunQueueItem::Gc { endpoint: importer, action: GcAction::RetireImports(vec![o]) });
+        }
+        Ok(())
+    }
+
+    /// `abandonExports`: the endpoint stops serving these exports. Messages to them are
+    /// rejected from now on; importers keep them until they drop them.
+    pub fn abandon_exports(&mut self, krefs: &[KRef]) -> Result<(), SyscallError> {
+        self.guard()?;
+        let ep = self.endpoint;
+        for &k in krefs {
+            let KRef::Object(o) = k else { return Err(self.illegal(format!("abandonExports of promise {k}"))) };
+            match self.check(self.work.db.object(o))? {
+                Some(mut rec) if rec.owner == ep && !rec.abandoned && !rec.pinned => {
+                    rec.abandoned = true;
+                    self.work.db.set_object(o, &rec);
+                    let r = self.work.db.clist_remove(ep, k);
+                    self.check(r)?;
+                    self.work.db.maybe_free.push(k);
+                }
+                _ => return Err(self.illegal(format!("abandonExports of {k}, which is not an export of {ep}"))),
+            }
+        }
         Ok(())
     }
 

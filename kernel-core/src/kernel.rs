@@ -3,13 +3,15 @@
 
 use crate::crank::{CrankBuffer, CrankContext, Endpoint, KernelDelivery, Verdict, Work};
 use crate::error::{Fault, KernelError};
+use crate::gc::{self, GcAction};
 use crate::ids::{CrankNumber, EndpointId, KObjectId, KPromiseId, KRef, VRef};
 use crate::message::{CapData, Message, RunQueueItem, Settlement};
 use crate::promise;
 use crate::routing::{self, Route};
 use crate::store::{Entry, Store, WriteBatch};
 use crate::tables::{
-    self, Counters, EndpointRecord, EndpointStatus, KernelTxn, ObjectRecord, PromiseState, COUNTERS_KEY, FORMAT_KEY, FORMAT_VERSION,
+    self, Counters, EndpointRecord, EndpointStatus, KernelTxn, ObjectRecord, PromiseRecord, PromiseState, COUNTERS_KEY, FORMAT_KEY,
+    FORMAT_VERSION,
 };
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -44,6 +46,28 @@ pub enum CrankInput {
         /// Whether a delivery happened.
         delivered: bool,
     },
+    /// A garbage-collection delivery (`delivered` is false if it no longer applied).
+    Gc {
+        /// Who is told.
+        endpoint: EndpointId,
+        /// `dropExports`, `retireExports`, `retireImports` or `bringOutYourDead`.
+        action: &'static str,
+        /// Whether a delivery happened.
+        delivered: bool,
+    },
+}
+
+impl std::fmt::Display for CrankInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CrankInput::Send { target, method, delivered_to: Some(ep) } => write!(f, "{ep} <- {target}.{method}"),
+            CrankInput::Send { target, method, delivered_to: None } => write!(f, "kernel routed {target}.{method}"),
+            CrankInput::Notify { endpoint, promise, delivered: true } => write!(f, "{endpoint} <- notify {promise}"),
+            CrankInput::Notify { endpoint, promise, delivered: false } => write!(f, "dropped notify {promise} for {endpoint}"),
+            CrankInput::Gc { endpoint, action, delivered: true } => write!(f, "{endpoint} <- {action}"),
+            CrankInput::Gc { endpoint, action, delivered: false } => write!(f, "skipped {action} for {endpoint}"),
+        }
+    }
 }
 
 /// How a crank ended.
@@ -216,10 +240,40 @@ impl<S: Store> Kernel<S> {
             }
         }
         let kp = db.new_promise(None);
-        db.push_run_queue(&RunQueueItem::Send { target, message: Message { method: method.to_owned(), args, result: Some(kp) } });
+        db.pin(KRef::Promise(kp), true)?;
+        let message = Message { method: method.to_owned(), args, result: Some(kp) };
+        gc::add_message_refs(&mut db, target, &message)?;
+        db.push_run_queue(&RunQueueItem::Send { target, message });
         let finished = db.finish();
         self.apply_immediate(finished)?;
         Ok(kp)
+    }
+
+    /// Pin `kref` so it is never collected (the host holds it), or unpin it. The results of
+    /// `queue_message` start pinned; unpin them when their settlement has been read. Immediate
+    /// path; unpinning may queue GC deliveries.
+    pub fn set_pinned(&mut self, kref: KRef, pinned: bool) -> Result<(), KernelError> {
+        let mut work = Work { db: self.read(), buf: CrankBuffer::default() };
+        if !work.db.exists(kref)? {
+            return Err(KernelError::UnknownRef(kref));
+        }
+        work.db.pin(kref, pinned)?;
+        gc::collect(&mut work)?;
+        let done = finish(work);
+        self.apply_finished(done)?;
+        Ok(())
+    }
+
+    /// Queue a `bringOutYourDead` delivery for `ep`, asking it to drop the imports it no longer
+    /// uses (immediate path).
+    pub fn reap(&mut self, ep: EndpointId) -> Result<(), KernelError> {
+        let mut db = self.read();
+        if db.endpoint_status(ep)?.is_none() {
+            return Err(KernelError::UnknownEndpoint(ep));
+        }
+        db.push_run_queue(&RunQueueItem::Gc { endpoint: ep, action: GcAction::BringOutYourDead });
+        let finished = db.finish();
+        self.apply_immediate(finished)
     }
 
     /// Run `callback` once `kp` settles, after the crank that settles it commits (at once if it
@@ -264,7 +318,12 @@ impl<S: Store> Kernel<S> {
 
     /// Every promise, by number.
     pub fn promises(&self) -> Result<Vec<(KPromiseId, PromiseState)>, KernelError> {
-        Ok(self.read().numbered("promise", tables::PROMISE_PREFIX)?.into_iter().map(|(n, s)| (KPromiseId(n), s)).collect())
+        Ok(self.promise_records()?.into_iter().map(|(kp, r)| (kp, r.state)).collect())
+    }
+
+    /// Every promise with its reference count and pin, by number.
+    pub fn promise_records(&self) -> Result<Vec<(KPromiseId, PromiseRecord)>, KernelError> {
+        Ok(self.read().numbered("promise", tables::PROMISE_PREFIX)?.into_iter().map(|(n, r)| (KPromiseId(n), r)).collect())
     }
 
     /// Every object, by number.
@@ -353,77 +412,130 @@ impl<S: Store> Kernel<S> {
                         if let Some(kp) = message.result {
                             set_decider(&mut work, kp, endpoint)?;
                         }
-                        let result = message.result;
-                        let d = KernelDelivery::Message { target: obj, message };
-                        (CrankInput::Send { target, method, delivered_to: Some(endpoint) }, Some((endpoint, d, result)))
+                        // The message's references pass to the receiver's c-list as it imports
+                        // them; counts that touch zero meanwhile are checked again at the end.
+                        gc::remove_message_refs(&mut work.db, KRef::Object(obj), &message)?;
+                        let d = Delivery::Kernel(KernelDelivery::Message { target: obj, message });
+                        (CrankInput::Send { target, method, delivered_to: Some(endpoint) }, Some((endpoint, d)))
                     }
                 }
             }
             RunQueueItem::Notify { endpoint, promise: kp } => {
+                work.db.decref(KRef::Promise(kp), true)?;
                 if work.db.is_live(endpoint)? {
                     let resolutions = promise::resolutions_for_notify(&work, kp)?;
-                    let d = KernelDelivery::Notify { resolutions };
-                    (CrankInput::Notify { endpoint, promise: kp, delivered: true }, Some((endpoint, d, None)))
+                    let d = Delivery::Kernel(KernelDelivery::Notify { resolutions });
+                    (CrankInput::Notify { endpoint, promise: kp, delivered: true }, Some((endpoint, d)))
                 } else {
                     (CrankInput::Notify { endpoint, promise: kp, delivered: false }, None)
                 }
             }
+            RunQueueItem::Gc { endpoint, action } => {
+                let name = action.name();
+                let applies = if work.db.is_live(endpoint)? { gc::still_applies(&work.db, endpoint, action)? } else { None };
+                match applies {
+                    Some(action) => (CrankInput::Gc { endpoint, action: name, delivered: true }, Some((endpoint, Delivery::Gc(action)))),
+                    None => (CrankInput::Gc { endpoint, action: name, delivered: false }, None),
+                }
+            }
         };
-        let Some((endpoint, delivery, result)) = delivery else {
+        let Some((endpoint, delivery)) = delivery else {
+            gc::collect(&mut work)?;
             let flushed = self.commit(finish(work), crank)?;
             return Ok(Some(CrankReport { crank, input, outcome: CrankOutcome::Committed, flushed, commit: CommitEvent { crank } }));
         };
         let notified: Vec<KPromiseId> = match &delivery {
-            KernelDelivery::Notify { resolutions } => resolutions.iter().map(|(kp, _)| *kp).collect(),
-            KernelDelivery::Message { .. } => Vec::new(),
+            Delivery::Kernel(KernelDelivery::Notify { resolutions }) => resolutions.iter().map(|(kp, _)| *kp).collect(),
+            _ => Vec::new(),
+        };
+        let gc_action = match &delivery {
+            Delivery::Gc(a) => Some(a.clone()),
+            Delivery::Kernel(_) => None,
+        };
+        let result = match &delivery {
+            Delivery::Kernel(KernelDelivery::Message { message, .. }) => message.result,
+            _ => None,
         };
         let Some(Some(imp)) = self.endpoints.get_mut(endpoint.0 as usize) else {
             let name = work.db.endpoint(endpoint)?.map(|r| r.name).unwrap_or_default();
             return Err(KernelError::NotAttached(endpoint, name));
         };
         let mut ctx = CrankContext::new(work, endpoint);
-        let returned = catch_unwind(AssertUnwindSafe(|| imp.deliver(delivery, &mut ctx)));
+        let returned = catch_unwind(AssertUnwindSafe(|| match delivery {
+            Delivery::Kernel(d) => imp.deliver(d, &mut ctx),
+            Delivery::Gc(a) => imp.collect(a, &mut ctx),
+        }));
         let (mut work, verdict, kernel_error) = ctx.into_parts();
         if let Some(e) = kernel_error {
             return Err(e); // the transaction is dropped; the item stays queued
         }
-        let fault = match (verdict, returned) {
-            (Some(Verdict::Illegal(reason)), _) => Some(Fault::IllegalSyscall(reason)),
+        let exit = match (verdict, returned) {
+            (Some(Verdict::Illegal(reason)), _) => Err(Fault::IllegalSyscall(reason)),
             // The exit verdict is sticky too: an error or panic after asking to exit (e.g. the
             // endpoint not catching a refused later syscall) cannot turn it into an abort.
-            (Some(Verdict::Exit { failure, info }), _) => {
+            (Some(Verdict::Exit { failure, info }), _) => Ok(Some((failure, info))),
+            (None, Ok(Err(fault))) => Err(fault),
+            (None, Err(panic)) => Err(Fault::Panic(panic_message(&panic))),
+            (None, Ok(Ok(()))) => Ok(None),
+        };
+        match exit {
+            Ok(exit) => {
+                if let Some(kp) = result {
+                    // A decider always holds its promise in its c-list (an endpoint that never
+                    // translated its result gets it now), so its termination finds it and
+                    // collection never takes it while it is undecided.
+                    if work.db.promise(kp)?.and_then(|s| s.decider()) == Some(endpoint) {
+                        work.db.import(endpoint, KRef::Promise(kp))?;
+                    }
+                }
                 for kp in &notified {
                     work.db.clist_remove(endpoint, KRef::Promise(*kp))?;
                 }
-                let why = if failure { "exited with failure" } else { "exited" };
-                terminate(&mut work, endpoint, why, info)?;
+                if let Some(action) = &gc_action {
+                    gc::after_delivery(&mut work.db, endpoint, action)?;
+                }
+                let outcome = match exit {
+                    Some((failure, info)) => {
+                        let why = if failure { "exited with failure" } else { "exited" };
+                        terminate(&mut work, endpoint, why, info)?;
+                        CrankOutcome::Exited { endpoint, failure }
+                    }
+                    None => CrankOutcome::Committed,
+                };
+                gc::collect(&mut work)?;
                 let flushed = self.commit(finish(work), crank)?;
-                let outcome = CrankOutcome::Exited { endpoint, failure };
-                return Ok(Some(CrankReport { crank, input, outcome, flushed, commit: CommitEvent { crank } }));
+                Ok(Some(CrankReport { crank, input, outcome, flushed, commit: CommitEvent { crank } }))
             }
-            (None, Ok(Err(fault))) => Some(fault),
-            (None, Err(panic)) => Some(Fault::Panic(panic_message(&panic))),
-            (None, Ok(Ok(()))) => None,
-        };
-        let Some(fault) = fault else {
-            for kp in &notified {
-                work.db.clist_remove(endpoint, KRef::Promise(*kp))?;
+            Err(fault) => {
+                // Abort: drop the delivery's transaction and buffer, then commit the consequence
+                // alone: the item is consumed, the endpoint terminated, the result rejected.
+                drop(work);
+                let mut work = Work { db: KernelTxn::begin(&self.store, self.counters), buf: CrankBuffer::default() };
+                let consumed = work.db.pop_run_queue()?;
+                work.db.counters.cranks += 1;
+                let reason = fault.to_string();
+                terminate(&mut work, endpoint, &reason, CapData::error(&format!("vat terminated: {reason}")))?;
+                match consumed {
+                    Some(RunQueueItem::Send { target, message }) => {
+                        if let Some(kp) = message.result {
+                            promise::reject(&mut work, kp, CapData::error(&format!("delivery failed: {reason}")))?;
+                        }
+                        gc::remove_message_refs(&mut work.db, target, &message)?;
+                    }
+                    Some(RunQueueItem::Notify { promise: kp, .. }) => work.db.decref(KRef::Promise(kp), true)?,
+                    Some(RunQueueItem::Gc { .. }) | None => {}
+                }
+                gc::collect(&mut work)?;
+                let flushed = self.commit(finish(work), crank)?;
+                Ok(Some(CrankReport {
+                    crank,
+                    input,
+                    outcome: CrankOutcome::Aborted { endpoint, fault },
+                    flushed,
+                    commit: CommitEvent { crank },
+                }))
             }
-            let flushed = self.commit(finish(work), crank)?;
-            return Ok(Some(CrankReport { crank, input, outcome: CrankOutcome::Committed, flushed, commit: CommitEvent { crank } }));
-        };
-        // Abort: drop the delivery's transaction and buffer, then commit the consequence alone.
-        drop(work);
-        let mut work = Work { db: KernelTxn::begin(&self.store, self.counters), buf: CrankBuffer::default() };
-        work.db.pop_run_queue()?;
-        work.db.counters.cranks += 1;
-        let reason = fault.to_string();
-        terminate(&mut work, endpoint, &reason, CapData::error(&format!("vat terminated: {reason}")))?;
-        if let Some(kp) = result {
-            promise::reject(&mut work, kp, CapData::error(&format!("delivery failed: {reason}")))?;
         }
-        let flushed = self.commit(finish(work), crank)?;
-        Ok(Some(CrankReport { crank, input, outcome: CrankOutcome::Aborted { endpoint, fault }, flushed, commit: CommitEvent { crank } }))
     }
 
     /// Commit: the transaction and the flushed buffer as one atomic batch, then deferred host
@@ -483,12 +595,20 @@ impl<S: Store> Kernel<S> {
             (Some(Verdict::Exit { .. }), _) => Ok(Err(Fault::IllegalSyscall("exit outside a delivery".into()))),
             (None, Err(fault)) => Ok(Err(fault)),
             (None, Ok(value)) => {
+                let mut work = work;
+                gc::collect(&mut work)?;
                 let done = finish(work);
                 self.apply_finished(done)?;
                 Ok(Ok(value))
             }
         }
     }
+}
+
+/// What a crank hands its endpoint.
+enum Delivery {
+    Kernel(KernelDelivery),
+    Gc(GcAction),
 }
 
 /// A crank's transaction closed, with its buffer flushed into the same batch.
@@ -513,28 +633,41 @@ fn finish(work: Work<'_>) -> Finished {
 
 fn set_decider(work: &mut Work<'_>, kp: KPromiseId, endpoint: EndpointId) -> Result<(), KernelError> {
     if let Some(PromiseState::Unresolved { subscribers, queue, .. }) = work.db.promise(kp)? {
-        work.db.set_promise(kp, &PromiseState::Unresolved { decider: Some(endpoint), subscribers, queue });
+        work.db.set_promise(kp, &PromiseState::Unresolved { decider: Some(endpoint), subscribers, queue })?;
     }
     Ok(())
 }
 
 /// Terminate `ep` inside `work` (DESIGN §4): mark it, reject every promise it decides with
-/// `data`, drop its c-list. Messages to its objects are rejected as they are routed. Its
-/// vatstore is kept, read-only, for post-mortem inspection.
+/// `data`, drop its c-list (releasing its imports, abandoning its exports). Messages to its
+/// objects are rejected as they are routed. Its vatstore is kept, read-only, for post-mortem
+/// inspection.
 fn terminate(work: &mut Work<'_>, ep: EndpointId, reason: &str, data: CapData) -> Result<(), KernelError> {
     let Some(mut rec) = work.db.endpoint(ep)? else {
         return Err(KernelError::UnknownEndpoint(ep));
     };
     rec.status = EndpointStatus::Terminated { reason: reason.to_owned() };
     work.db.set_endpoint(ep, &rec);
-    for (kref, _) in work.db.clist_entries(ep)? {
+    let entries = work.db.clist_entries(ep)?;
+    for (kref, _) in &entries {
         if let KRef::Promise(kp) = kref {
-            if work.db.promise(kp)?.and_then(|p| p.decider()) == Some(ep) {
-                promise::reject(work, kp, data.clone())?;
+            if work.db.promise(*kp)?.and_then(|p| p.decider()) == Some(ep) {
+                promise::reject(work, *kp, data.clone())?;
             }
         }
     }
-    work.db.clist_clear(ep)?;
+    for (kref, _) in entries {
+        if let KRef::Object(o) = kref {
+            if let Some(mut obj) = work.db.object(o)? {
+                if obj.owner == ep {
+                    obj.abandoned = true;
+                    work.db.set_object(o, &obj);
+                    work.db.maybe_free.push(kref);
+                }
+            }
+        }
+        work.db.clist_remove(ep, kref)?;
+    }
     Ok(())
 }
 

@@ -37,6 +37,7 @@
 
 mod crank;
 mod error;
+mod gc;
 mod ids;
 mod kernel;
 mod message;
@@ -47,8 +48,9 @@ mod tables;
 
 pub use crank::{CrankBuffer, CrankContext, Endpoint, KernelDelivery};
 pub use error::{Fault, KernelError, SyscallError};
+pub use gc::GcAction;
 pub use ids::{Allocator, CrankNumber, EndpointId, KObjectId, KPromiseId, KRef, ParseRefError, RefKind, VRef};
 pub use kernel::{CommitEvent, CrankInput, CrankOutcome, CrankReport, Kernel, RunSummary};
 pub use message::{CapData, Message, RunQueueItem, Settlement};
 pub use store::{Entry, MemStore, Store, StoreError, WriteBatch};
-pub use tables::{EndpointRecord, EndpointStatus, ObjectRecord, PromiseState, FORMAT_VERSION};
+pub use tables::{ClistEntry, EndpointRecord, EndpointStatus, ObjectRecord, PromiseRecord, PromiseState, FORMAT_VERSION};

@@ -1,6 +1,7 @@
 //! Values that travel through the kernel: [`CapData`], [`Message`], [`Settlement`] and the
 //! run-queue items ([`RunQueueItem`]).
 
+use crate::gc::GcAction;
 use crate::ids::{EndpointId, KPromiseId, KRef};
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +119,13 @@ pub enum RunQueueItem {
         endpoint: EndpointId,
         /// The settled promise.
         promise: KPromiseId,
+    },
+    /// A garbage-collection delivery (DESIGN §6) to `endpoint`.
+    Gc {
+        /// Who is told.
+        endpoint: EndpointId,
+        /// What about.
+        action: GcAction,
     },
 }
 

@@ -3,6 +3,7 @@
 
 use crate::crank::Work;
 use crate::error::KernelError;
+use crate::gc;
 use crate::ids::{EndpointId, KPromiseId, KRef};
 use crate::message::{CapData, RunQueueItem, Settlement};
 use crate::tables::PromiseState;
@@ -39,7 +40,7 @@ pub(crate) fn resolve(w: &mut Work<'_>, kp: KPromiseId, mut settlement: Settleme
                 }
             }
             if changed {
-                w.db.set_promise(end, &PromiseState::Unresolved { decider, subscribers: subs, queue: q });
+                w.db.set_promise(end, &PromiseState::Unresolved { decider, subscribers: subs, queue: q })?;
             }
         }
     }
@@ -47,11 +48,18 @@ pub(crate) fn resolve(w: &mut Work<'_>, kp: KPromiseId, mut settlement: Settleme
         Some(r) if !settlement.is_rejected() => r,
         _ => KRef::Promise(kp),
     };
-    w.db.set_promise(kp, &PromiseState::Settled(settlement));
+    gc::add_data_refs(&mut w.db, settlement.data())?;
+    w.db.set_promise(kp, &PromiseState::Settled(settlement))?;
     for endpoint in subscribers {
+        w.db.incref(KRef::Promise(kp), true)?;
         w.buf.outputs.push(RunQueueItem::Notify { endpoint, promise: kp });
     }
     for message in queue {
+        // Each queued message counted `kp` as its target; it now counts what `kp` resolved to.
+        if new_target != KRef::Promise(kp) {
+            w.db.incref(new_target, true)?;
+            w.db.decref(KRef::Promise(kp), true)?;
+        }
         w.buf.outputs.push(RunQueueItem::Send { target: new_target, message });
     }
     w.buf.settled.push(kp);
@@ -89,10 +97,13 @@ pub(crate) fn subscribe(w: &mut Work<'_>, ep: EndpointId, kp: KPromiseId) -> Res
         Some(PromiseState::Unresolved { decider, mut subscribers, queue }) => {
             if !subscribers.contains(&ep) {
                 subscribers.push(ep);
-                w.db.set_promise(kp, &PromiseState::Unresolved { decider, subscribers, queue });
+                w.db.set_promise(kp, &PromiseState::Unresolved { decider, subscribers, queue })?;
             }
         }
-        Some(PromiseState::Settled(_)) => w.buf.outputs.push(RunQueueItem::Notify { endpoint: ep, promise: kp }),
+        Some(PromiseState::Settled(_)) => {
+            w.db.incref(KRef::Promise(kp), true)?;
+            w.buf.outputs.push(RunQueueItem::Notify { endpoint: ep, promise: kp });
+        }
         None => return Err(KernelError::UnknownRef(KRef::Promise(kp))),
     }
     Ok(())

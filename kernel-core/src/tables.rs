@@ -6,10 +6,10 @@
 //! - `k/counters` -> [`Counters`]
 //! - `q/<seq u64>` -> [`RunQueueItem`]
 //! - `o/<ko u64>` -> [`ObjectRecord`]
-//! - `p/<kp u64>` -> [`PromiseState`]
-//! - `e/<ep u32>/r` -> name; `e/<ep u32>/s` -> [`EndpointStatus`]; `e/<ep u32>/c` -> [`ImportCounters`]
+//! - `p/<kp u64>` -> [`PromiseRecord`] (state, reference count, pin)
+//! - `e/<ep u32>/r` -> name; `e/<ep u32>/s` -> [`EndpointStatus`]; `e/<ep u32>/c` -> [`ClistCounters`]
 //! - `n/<name>` -> [`EndpointId`]
-//! - `l/<ep u32>/k<kref 9 bytes>` -> [`VRef`]; `l/<ep u32>/v<vref 10 bytes>` -> [`KRef`]
+//! - `l/<ep u32>/k<kref 9 bytes>` -> [`ClistEntry`]; `l/<ep u32>/v<vref 10 bytes>` -> [`KRef`]
 //! - `s/<ep u32>/<key bytes>` -> vatstore value
 
 use crate::error::KernelError;
@@ -48,13 +48,28 @@ pub struct Counters {
     pub queue_tail: u64,
 }
 
-/// A kernel object: who exports it.
+/// A kernel object: who exports it, and how many references keep it alive (DESIGN §6).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRecord {
     /// The exporting endpoint.
     pub owner: EndpointId,
-    /// Pinned roots (vat roots) are never collected.
+    /// Pinned roots (vat roots, objects the host holds) are never collected.
     pub pinned: bool,
+    /// The exporter gave it up (`abandonExports`, or termination): messages to it are rejected.
+    pub abandoned: bool,
+    /// References that can reach it: importers' c-list entries still flagged reachable, and
+    /// every occurrence in a queued message or in a settled promise's data.
+    pub reachable: u32,
+    /// References that can recognise it: all importers' c-list entries, and the same message
+    /// and settlement occurrences. Always >= `reachable`.
+    pub recognizable: u32,
+}
+
+impl ObjectRecord {
+    /// A new live object with no references yet.
+    pub fn new(owner: EndpointId, pinned: bool) -> Self {
+        ObjectRecord { owner, pinned, abandoned: false, reachable: 0, recognizable: 0 }
+    }
 }
 
 /// A promise's state.
@@ -88,6 +103,30 @@ impl PromiseState {
     }
 }
 
+/// A promise as stored: its state, how many references keep it alive (c-list entries, queued
+/// messages naming it as target, argument or result, pending notifies, settled data naming it),
+/// and whether the host pins it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromiseRecord {
+    /// The state.
+    pub state: PromiseState,
+    /// References to it.
+    pub refs: u32,
+    /// Pinned by the host (the result of `queue_message` until `unpin`).
+    pub pinned: bool,
+}
+
+/// One c-list entry, kref side: the endpoint's ref and, for imported objects, whether the
+/// endpoint can still reach it (`dropImports` clears it; for an exporter, whether the kernel
+/// has yet to say `dropExports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClistEntry {
+    /// The endpoint's ref.
+    pub vref: VRef,
+    /// Reachable flag.
+    pub reachable: bool,
+}
+
 /// Whether an endpoint still runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EndpointStatus {
@@ -109,13 +148,20 @@ pub struct EndpointRecord {
     pub status: EndpointStatus,
 }
 
-/// Counters for the refs the kernel allocates in one endpoint's c-list (`o-N`, `p-N`).
+/// Per-endpoint c-list counters: the last ref the kernel allocated of each kind (`o-N`, `p-N`)
+/// and the highest ref the endpoint allocated of each kind (`o+N`, `p+N`). Endpoints allocate
+/// their own refs in increasing order, so an unknown `o+N`/`p+N` at or below the watermark is
+/// a stale ref (retired or resolved), not a new one: an illegal syscall.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct ImportCounters {
-    /// Next `o-N`.
-    pub next_object: u64,
-    /// Next `p-N`.
-    pub next_promise: u64,
+pub struct ClistCounters {
+    /// Last `o-N` allocated.
+    pub import_object: u64,
+    /// Last `p-N` allocated.
+    pub import_promise: u64,
+    /// Highest `o+N` seen.
+    pub export_object: u64,
+    /// Highest `p+N` seen.
+    pub export_promise: u64,
 }
 
 pub(crate) fn u64_key(prefix: &[u8], n: u64) -> Vec<u8> {
@@ -180,7 +226,10 @@ pub struct KernelTxn<'s> {
     /// Promises written by this transaction, decoded; encoded once each at `finish`. A crank
     /// reads and rewrites the same few promises several times, so this saves most of the
     /// encoding and decoding.
-    promises: BTreeMap<KPromiseId, PromiseState>,
+    promises: BTreeMap<KPromiseId, Option<PromiseRecord>>,
+    /// Krefs whose reference counts fell to zero in this transaction; `gc::collect` looks at
+    /// each before the transaction ends.
+    pub(crate) maybe_free: Vec<KRef>,
     /// The counters as this transaction sees them; written back at commit if changed.
     pub counters: Counters,
     counters_dirty: bool,
@@ -189,13 +238,16 @@ pub struct KernelTxn<'s> {
 impl<'s> KernelTxn<'s> {
     /// Begin a transaction over `store` whose committed counters are `counters`.
     pub fn begin(store: &'s (dyn Store + 's), counters: Counters) -> Self {
-        KernelTxn { txn: Txn::begin(store), promises: BTreeMap::new(), counters, counters_dirty: false }
+        KernelTxn { txn: Txn::begin(store), promises: BTreeMap::new(), maybe_free: Vec::new(), counters, counters_dirty: false }
     }
 
     /// End the transaction: its batch (counters included) and the counters after it.
     pub fn finish(mut self) -> (crate::store::WriteBatch, Counters) {
-        for (id, state) in std::mem::take(&mut self.promises) {
-            self.txn.set(u64_key(PROMISE_PREFIX, id.0), encode(&state));
+        for (id, rec) in std::mem::take(&mut self.promises) {
+            match rec {
+                Some(rec) => self.txn.set(u64_key(PROMISE_PREFIX, id.0), encode(&rec)),
+                None => self.txn.delete(u64_key(PROMISE_PREFIX, id.0)),
+            }
         }
         if self.counters_dirty {
             self.txn.set(COUNTERS_KEY.to_vec(), encode(&self.counters));
@@ -257,13 +309,23 @@ impl<'s> KernelTxn<'s> {
         let c = self.counters_mut();
         let id = KObjectId(c.next_object);
         c.next_object += 1;
-        self.put(u64_key(OBJECT_PREFIX, id.0), &ObjectRecord { owner, pinned });
+        self.put(u64_key(OBJECT_PREFIX, id.0), &ObjectRecord::new(owner, pinned));
         id
     }
 
     /// An object's record.
     pub fn object(&self, id: KObjectId) -> Result<Option<ObjectRecord>, KernelError> {
         self.get("object", &u64_key(OBJECT_PREFIX, id.0))
+    }
+
+    /// Overwrite an object's record.
+    pub fn set_object(&mut self, id: KObjectId, rec: &ObjectRecord) {
+        self.put(u64_key(OBJECT_PREFIX, id.0), rec);
+    }
+
+    /// Delete an object's record.
+    pub fn delete_object(&mut self, id: KObjectId) {
+        self.txn.delete(u64_key(OBJECT_PREFIX, id.0));
     }
 
     // ---- promises ----
@@ -273,28 +335,46 @@ impl<'s> KernelTxn<'s> {
         let c = self.counters_mut();
         let id = KPromiseId(c.next_promise);
         c.next_promise += 1;
-        self.promises.insert(id, PromiseState::new(decider));
+        self.promises.insert(id, Some(PromiseRecord { state: PromiseState::new(decider), refs: 0, pinned: false }));
         id
     }
 
-    /// A promise's state.
-    pub fn promise(&self, id: KPromiseId) -> Result<Option<PromiseState>, KernelError> {
+    /// A promise's full record.
+    pub fn promise_record(&self, id: KPromiseId) -> Result<Option<PromiseRecord>, KernelError> {
         match self.promises.get(&id) {
-            Some(p) => Ok(Some(p.clone())),
+            Some(p) => Ok(p.clone()),
             None => self.get("promise", &u64_key(PROMISE_PREFIX, id.0)),
         }
     }
 
-    /// Overwrite a promise's state.
-    pub fn set_promise(&mut self, id: KPromiseId, state: &PromiseState) {
-        self.promises.insert(id, state.clone());
+    /// Overwrite a promise's full record.
+    pub fn set_promise_record(&mut self, id: KPromiseId, rec: PromiseRecord) {
+        self.promises.insert(id, Some(rec));
+    }
+
+    /// Delete a promise.
+    pub fn delete_promise(&mut self, id: KPromiseId) {
+        self.promises.insert(id, None);
+    }
+
+    /// A promise's state.
+    pub fn promise(&self, id: KPromiseId) -> Result<Option<PromiseState>, KernelError> {
+        Ok(self.promise_record(id)?.map(|r| r.state))
+    }
+
+    /// Overwrite a promise's state, keeping its count and pin.
+    pub fn set_promise(&mut self, id: KPromiseId, state: &PromiseState) -> Result<(), KernelError> {
+        let mut rec = self.promise_record(id)?.ok_or(KernelError::UnknownRef(KRef::Promise(id)))?;
+        rec.state = state.clone();
+        self.set_promise_record(id, rec);
+        Ok(())
     }
 
     /// True if the kernel has a record of `r`.
     pub fn exists(&self, r: KRef) -> Result<bool, KernelError> {
         Ok(match r {
             KRef::Object(o) => self.txn.get(&u64_key(OBJECT_PREFIX, o.0))?.is_some(),
-            KRef::Promise(p) => self.promises.contains_key(&p) || self.txn.get(&u64_key(PROMISE_PREFIX, p.0))?.is_some(),
+            KRef::Promise(p) => self.promise_record(p)?.is_some(),
         })
     }
 
@@ -308,7 +388,9 @@ impl<'s> KernelTxn<'s> {
         self.set_endpoint(ep, &EndpointRecord { name: name.to_owned(), status: EndpointStatus::Live });
         self.put(name_key(name), &ep);
         let root = self.new_object(ep, true);
-        self.clist_insert(ep, KRef::Object(root), VRef::ROOT);
+        // The exporter's own entry: no reference is counted, so this cannot fail.
+        self.put(clist_kref_key(ep, KRef::Object(root)), &ClistEntry { vref: VRef::ROOT, reachable: true });
+        self.put(clist_vref_key(ep, VRef::ROOT), &KRef::Object(root));
         (ep, root)
     }
 
@@ -346,8 +428,8 @@ impl<'s> KernelTxn<'s> {
 
     // ---- c-lists ----
 
-    /// The local ref `ep` knows `kref` by.
-    pub fn clist_vref(&self, ep: EndpointId, kref: KRef) -> Result<Option<VRef>, KernelError> {
+    /// `ep`'s c-list entry for `kref`.
+    pub fn clist_entry(&self, ep: EndpointId, kref: KRef) -> Result<Option<ClistEntry>, KernelError> {
         self.get("c-list", &clist_kref_key(ep, kref))
     }
 
@@ -356,17 +438,145 @@ impl<'s> KernelTxn<'s> {
         self.get("c-list", &clist_vref_key(ep, vref))
     }
 
-    /// Record `kref <-> vref` in `ep`'s c-list.
-    pub fn clist_insert(&mut self, ep: EndpointId, kref: KRef, vref: VRef) {
-        self.put(clist_kref_key(ep, kref), &vref);
+    /// Record `kref <-> vref` in `ep`'s c-list, reachable, counting the new reference (an
+    /// exporter's own entry for its object does not count).
+    pub fn clist_insert(&mut self, ep: EndpointId, kref: KRef, vref: VRef) -> Result<(), KernelError> {
+        self.put(clist_kref_key(ep, kref), &ClistEntry { vref, reachable: true });
         self.put(clist_vref_key(ep, vref), &kref);
+        if !self.is_exporter(ep, kref)? {
+            self.incref(kref, true)?;
+        }
+        Ok(())
     }
 
-    /// Forget `kref` in `ep`'s c-list (both directions), if present.
+    /// Change the reachable flag of `ep`'s entry for `kref`, counting the change.
+    pub fn clist_set_reachable(&mut self, ep: EndpointId, kref: KRef, reachable: bool) -> Result<(), KernelError> {
+        let Some(mut entry) = self.clist_entry(ep, kref)? else { return Ok(()) };
+        if entry.reachable == reachable {
+            return Ok(());
+        }
+        entry.reachable = reachable;
+        self.put(clist_kref_key(ep, kref), &entry);
+        if let (KRef::Object(o), false) = (kref, self.is_exporter(ep, kref)?) {
+            if let Some(mut rec) = self.object(o)? {
+                if reachable {
+                    rec.reachable += 1;
+                } else {
+                    rec.reachable = rec.reachable.saturating_sub(1);
+                    if rec.reachable == 0 {
+                        self.maybe_free.push(kref);
+                    }
+                }
+                self.set_object(o, &rec);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget `kref` in `ep`'s c-list (both directions), if present, releasing its reference.
     pub fn clist_remove(&mut self, ep: EndpointId, kref: KRef) -> Result<(), KernelError> {
-        if let Some(vref) = self.clist_vref(ep, kref)? {
+        if let Some(entry) = self.clist_entry(ep, kref)? {
             self.txn.delete(clist_kref_key(ep, kref));
-            self.txn.delete(clist_vref_key(ep, vref));
+            self.txn.delete(clist_vref_key(ep, entry.vref));
+            if !self.is_exporter(ep, kref)? {
+                self.decref(kref, entry.reachable)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `ep`'s ref for `kref`, importing it (`o-N`/`p-N`) if `ep` has not seen it; an import it
+    /// had dropped becomes reachable again.
+    pub fn import(&mut self, ep: EndpointId, kref: KRef) -> Result<VRef, KernelError> {
+        if let Some(entry) = self.clist_entry(ep, kref)? {
+            if !entry.reachable {
+                self.clist_set_reachable(ep, kref, true)?;
+            }
+            return Ok(entry.vref);
+        }
+        let vref = self.next_import(ep, kref.as_promise().is_some())?;
+        self.clist_insert(ep, kref, vref)?;
+        Ok(vref)
+    }
+
+    /// True if `ep` exports `kref` (owns the object); promises have no exporter.
+    fn is_exporter(&self, ep: EndpointId, kref: KRef) -> Result<bool, KernelError> {
+        Ok(match kref {
+            KRef::Object(o) => self.object(o)?.is_some_and(|r| r.owner == ep),
+            KRef::Promise(_) => false,
+        })
+    }
+
+    // ---- reference counts ----
+
+    /// Pin or unpin `kref`; unpinning marks it for collection.
+    pub fn pin(&mut self, kref: KRef, pinned: bool) -> Result<(), KernelError> {
+        match kref {
+            KRef::Object(o) => {
+                if let Some(mut rec) = self.object(o)? {
+                    rec.pinned = pinned;
+                    self.set_object(o, &rec);
+                }
+            }
+            KRef::Promise(p) => {
+                if let Some(mut rec) = self.promise_record(p)? {
+                    rec.pinned = pinned;
+                    self.set_promise_record(p, rec);
+                }
+            }
+        }
+        if !pinned {
+            self.maybe_free.push(kref);
+        }
+        Ok(())
+    }
+
+    /// Count one more reference to `kref` (for objects: recognizable, and reachable if `reachable`).
+    pub fn incref(&mut self, kref: KRef, reachable: bool) -> Result<(), KernelError> {
+        match kref {
+            KRef::Object(o) => {
+                if let Some(mut rec) = self.object(o)? {
+                    rec.recognizable += 1;
+                    if reachable {
+                        rec.reachable += 1;
+                    }
+                    self.set_object(o, &rec);
+                }
+            }
+            KRef::Promise(p) => {
+                if let Some(mut rec) = self.promise_record(p)? {
+                    rec.refs += 1;
+                    self.set_promise_record(p, rec);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Count one reference fewer to `kref`; a count reaching zero marks it for collection.
+    pub fn decref(&mut self, kref: KRef, reachable: bool) -> Result<(), KernelError> {
+        match kref {
+            KRef::Object(o) => {
+                if let Some(mut rec) = self.object(o)? {
+                    rec.recognizable = rec.recognizable.saturating_sub(1);
+                    if reachable {
+                        rec.reachable = rec.reachable.saturating_sub(1);
+                    }
+                    if rec.reachable == 0 {
+                        self.maybe_free.push(kref);
+                    }
+                    self.set_object(o, &rec);
+                }
+            }
+            KRef::Promise(p) => {
+                if let Some(mut rec) = self.promise_record(p)? {
+                    rec.refs = rec.refs.saturating_sub(1);
+                    if rec.refs == 0 {
+                        self.maybe_free.push(kref);
+                    }
+                    self.set_promise_record(p, rec);
+                }
+            }
         }
         Ok(())
     }
@@ -377,7 +587,7 @@ impl<'s> KernelTxn<'s> {
         prefix.push(b'k');
         let mut out = Vec::new();
         for (k, v) in self.txn.scan_prefix(&prefix)? {
-            let vref: VRef = decode("c-list", &k, &v)?;
+            let vref = decode::<ClistEntry>("c-list", &k, &v)?.vref;
             let kref = kref_from_key_bytes(&k[prefix.len()..]).ok_or_else(|| KernelError::Corrupt {
                 table: "c-list",
                 key: k.escape_ascii().to_string(),
@@ -388,26 +598,27 @@ impl<'s> KernelTxn<'s> {
         Ok(out)
     }
 
-    /// Delete `ep`'s whole c-list.
-    pub fn clist_clear(&mut self, ep: EndpointId) -> Result<(), KernelError> {
-        for (k, _) in self.txn.scan_prefix(&clist_prefix(ep))? {
-            self.txn.delete(k);
-        }
-        Ok(())
+    /// `ep`'s c-list counters.
+    pub fn clist_counters(&self, ep: EndpointId) -> Result<ClistCounters, KernelError> {
+        Ok(self.get("endpoint-counters", &endpoint_key(ep, b"c"))?.unwrap_or_default())
+    }
+
+    /// Overwrite `ep`'s c-list counters.
+    pub fn set_clist_counters(&mut self, ep: EndpointId, c: &ClistCounters) {
+        self.put(endpoint_key(ep, b"c"), c);
     }
 
     /// Allocate the next kernel-side ref of `kind` in `ep`'s c-list.
     pub fn next_import(&mut self, ep: EndpointId, promise: bool) -> Result<VRef, KernelError> {
-        let key = endpoint_key(ep, b"c");
-        let mut c: ImportCounters = self.get("endpoint-counters", &key)?.unwrap_or_default();
+        let mut c = self.clist_counters(ep)?;
         let vref = if promise {
-            c.next_promise += 1;
-            VRef::imported_promise(c.next_promise)
+            c.import_promise += 1;
+            VRef::imported_promise(c.import_promise)
         } else {
-            c.next_object += 1;
-            VRef::import(c.next_object)
+            c.import_object += 1;
+            VRef::import(c.import_object)
         };
-        self.put(key, &c);
+        self.set_clist_counters(ep, &c);
         Ok(vref)
     }
 
@@ -443,7 +654,6 @@ impl<'s> KernelTxn<'s> {
 
     /// Every record under `prefix`, decoded, with the number that ends its key.
     pub(crate) fn numbered<T: DeserializeOwned>(&self, table: &'static str, prefix: &[u8]) -> Result<Vec<(u64, T)>, KernelError> {
-        debug_assert!(self.promises.is_empty(), "scans run on read-only transactions");
         let mut out = Vec::new();
         for (k, v) in self.txn.scan_prefix(prefix)? {
             let n = k[prefix.len()..].try_into().map(u64::from_be_bytes).map_err(|_| KernelError::Corrupt {

@@ -3,7 +3,7 @@
 //!
 //! `cargo run -p kernel-syscall --example ping_pong [rally]` prints every crank.
 
-use kernel_core::{CapData, CrankInput, CrankOutcome, Kernel, KernelError, MemStore, VRef};
+use kernel_core::{CapData, CrankOutcome, Kernel, KernelError, MemStore, VRef};
 use kernel_syscall::{Answer, Behavior, Cx, HelperVat, VatData, VatEndpoint, VatError};
 
 /// Bob answers `ping(n)` with `n`.
@@ -64,11 +64,7 @@ fn main() -> Result<(), KernelError> {
     let (alice_root, bob_root) = (kernel.root(alice)?, kernel.root(bob)?);
     kernel.queue_message(alice_root.into(), "start", CapData::reference(bob_root.into()))?;
     while let Some(report) = kernel.step()? {
-        let what = match &report.input {
-            CrankInput::Send { target, method, delivered_to: Some(ep) } => format!("{ep} <- {target}.{method}"),
-            CrankInput::Send { target, method, delivered_to: None } => format!("kernel routed {target}.{method}"),
-            CrankInput::Notify { endpoint, promise, .. } => format!("{endpoint} <- notify {promise}"),
-        };
+        let what = report.input.to_string();
         let outcome = match &report.outcome {
             CrankOutcome::Committed => "committed".to_owned(),
             other => format!("{other:?}"),

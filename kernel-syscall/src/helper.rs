@@ -33,6 +33,20 @@ pub trait Behavior {
         let _ = (cx, watch, outcome);
         Ok(())
     }
+
+    /// At `bringOutYourDead`: the imports (and promises) this vat still uses, out of `held`;
+    /// the helper drops and retires the rest. `None` (the default) keeps everything. A vat that
+    /// keeps references in its vatstore answers with the vrefs found there.
+    fn live_imports(&mut self, cx: &mut Cx<'_, '_, '_>, held: &[VRef]) -> Result<Option<Vec<VRef>>, VatError> {
+        let _ = (cx, held);
+        Ok(None)
+    }
+
+    /// No one can recognise this export any more: drop whatever state it has.
+    fn forget(&mut self, cx: &mut Cx<'_, '_, '_>, export: VRef) -> Result<(), VatError> {
+        let _ = (cx, export);
+        Ok(())
+    }
 }
 
 /// The helper's view of one delivery.
@@ -172,6 +186,30 @@ impl<B: Behavior> Vat for HelperVat<B> {
             (Answer::Reject(v), Some(r)) => cx.reject(r, v),
             _ => Ok(()),
         }
+    }
+
+    fn retire_exports(&mut self, exports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let mut cx = Cx { sys, counters: &mut self.counters, result: None };
+        for &e in exports {
+            self.behavior.forget(&mut cx, e)?;
+        }
+        Ok(())
+    }
+
+    fn bring_out_your_dead(&mut self, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let held = sys.held_imports()?;
+        let mut cx = Cx { sys, counters: &mut self.counters, result: None };
+        let Some(live) = self.behavior.live_imports(&mut cx, &held)? else { return Ok(()) };
+        let dead: Vec<VRef> = held.into_iter().filter(|v| !live.contains(v)).collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        cx.sys.drop_imports(&dead)?;
+        let objects: Vec<VRef> = dead.into_iter().filter(|v| !v.is_promise()).collect();
+        if !objects.is_empty() {
+            cx.sys.retire_imports(&objects)?;
+        }
+        Ok(())
     }
 
     fn notify(&mut self, resolutions: Vec<Resolution>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {

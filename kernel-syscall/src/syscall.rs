@@ -91,6 +91,52 @@ impl<'a, 's> Syscall<'a, 's> {
         self.ctx.exit(failure, info)
     }
 
+    fn known(&mut self, v: VRef, what: &str) -> Result<KRef, SyscallError> {
+        match self.ctx.lookup(v)? {
+            Some(k) => Ok(k),
+            None => Err(self.ctx.illegal(format!("{what} of {v}, which is not in the vat's c-list"))),
+        }
+    }
+
+    fn known_all(&mut self, vrefs: &[VRef], what: &str) -> Result<Vec<KRef>, SyscallError> {
+        let mut out = Vec::with_capacity(vrefs.len());
+        for v in vrefs {
+            out.push(self.known(*v, what)?);
+        }
+        Ok(out)
+    }
+
+    /// `dropImports`: the vat no longer reaches these imports (`o-N`; or promises it holds but
+    /// does not decide, which it forgets at once).
+    pub fn drop_imports(&mut self, vrefs: &[VRef]) -> Result<(), SyscallError> {
+        let krefs = self.known_all(vrefs, "dropImports")?;
+        self.ctx.drop_imports(&krefs)
+    }
+
+    /// `retireImports`: the vat can no longer even recognise these dropped imports.
+    pub fn retire_imports(&mut self, vrefs: &[VRef]) -> Result<(), SyscallError> {
+        let krefs = self.known_all(vrefs, "retireImports")?;
+        self.ctx.retire_imports(&krefs)
+    }
+
+    /// `retireExports`: the vat deleted these exports after being told `dropExports`.
+    pub fn retire_exports(&mut self, vrefs: &[VRef]) -> Result<(), SyscallError> {
+        let krefs = self.known_all(vrefs, "retireExports")?;
+        self.ctx.retire_exports(&krefs)
+    }
+
+    /// `abandonExports`: the vat stops serving these exports.
+    pub fn abandon_exports(&mut self, vrefs: &[VRef]) -> Result<(), SyscallError> {
+        let krefs = self.known_all(vrefs, "abandonExports")?;
+        self.ctx.abandon_exports(&krefs)
+    }
+
+    /// The imports the vat can still reach, and promises it holds without deciding them: what
+    /// it may drop at `bringOutYourDead`.
+    pub fn held_imports(&mut self) -> Result<Vec<VRef>, SyscallError> {
+        self.ctx.held_imports()
+    }
+
     /// `vatstore get`.
     pub fn vatstore_get(&mut self, key: &str) -> Result<Option<Vec<u8>>, SyscallError> {
         self.key(key)?;
@@ -153,6 +199,22 @@ impl<'a, 's> Syscall<'a, 's> {
             RawSyscall::VatstoreSet { key, value } => self.vatstore_set(key, value.as_bytes()).map(|()| None),
             RawSyscall::VatstoreDelete { key } => self.vatstore_delete(key).map(|()| None),
             RawSyscall::VatstoreNextKey { after } => self.vatstore_next_key(after),
+            RawSyscall::DropImports { vrefs } => {
+                let v = self.parse_all(vrefs)?;
+                self.drop_imports(&v).map(|()| None)
+            }
+            RawSyscall::RetireImports { vrefs } => {
+                let v = self.parse_all(vrefs)?;
+                self.retire_imports(&v).map(|()| None)
+            }
+            RawSyscall::RetireExports { vrefs } => {
+                let v = self.parse_all(vrefs)?;
+                self.retire_exports(&v).map(|()| None)
+            }
+            RawSyscall::AbandonExports { vrefs } => {
+                let v = self.parse_all(vrefs)?;
+                self.abandon_exports(&v).map(|()| None)
+            }
             RawSyscall::Other { kind } => Err(self.ctx.illegal(format!("unknown syscall kind {kind:?}"))),
         }
     }
@@ -160,6 +222,14 @@ impl<'a, 's> Syscall<'a, 's> {
     /// Parse a vref from an untrusted caller; malformed text is an illegal syscall.
     pub fn parse(&mut self, text: &str) -> Result<VRef, SyscallError> {
         text.parse::<VRef>().map_err(|e| self.ctx.illegal(e.to_string()))
+    }
+
+    fn parse_all(&mut self, texts: &[String]) -> Result<Vec<VRef>, SyscallError> {
+        let mut out = Vec::with_capacity(texts.len());
+        for t in texts {
+            out.push(self.parse(t)?);
+        }
+        Ok(out)
     }
 
     fn parse_data(&mut self, d: &RawData) -> Result<VatData, SyscallError> {
@@ -232,6 +302,26 @@ pub enum RawSyscall {
     VatstoreNextKey {
         /// Start after this key.
         after: String,
+    },
+    /// `dropImports`.
+    DropImports {
+        /// The imports.
+        vrefs: Vec<String>,
+    },
+    /// `retireImports`.
+    RetireImports {
+        /// The imports.
+        vrefs: Vec<String>,
+    },
+    /// `retireExports`.
+    RetireExports {
+        /// The exports.
+        vrefs: Vec<String>,
+    },
+    /// `abandonExports`.
+    AbandonExports {
+        /// The exports.
+        vrefs: Vec<String>,
     },
     /// A kind the kernel does not know: always illegal.
     Other {

@@ -3,7 +3,7 @@
 
 use crate::data::VatData;
 use crate::syscall::Syscall;
-use kernel_core::{CapData, CrankContext, Endpoint, Fault, KRef, KernelDelivery, Settlement, SyscallError, VRef};
+use kernel_core::{CapData, CrankContext, Endpoint, Fault, GcAction, KRef, KernelDelivery, Settlement, SyscallError, VRef};
 
 /// A vat's failure: the crank aborts and the vat is terminated with this reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +49,34 @@ pub trait Vat {
     /// Promises this vat subscribed to have settled. After this delivery commits the vat's
     /// c-list forgets these vrefs.
     fn notify(&mut self, resolutions: Vec<Resolution>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError>;
+
+    /// No importer can reach these exports any more (`dropExports`). The default keeps them:
+    /// the kernel's tables are right either way.
+    fn drop_exports(&mut self, exports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let _ = (exports, sys);
+        Ok(())
+    }
+
+    /// No one can even recognise these exports: the kernel forgets them after this delivery and
+    /// the vat may drop any state it keeps for them (`retireExports`).
+    fn retire_exports(&mut self, exports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let _ = (exports, sys);
+        Ok(())
+    }
+
+    /// The exporter of these imports is gone: the kernel forgets them after this delivery
+    /// (`retireImports`).
+    fn retire_imports(&mut self, imports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let _ = (imports, sys);
+        Ok(())
+    }
+
+    /// Drop the imports this vat no longer uses (`bringOutYourDead`): call
+    /// [`Syscall::drop_imports`] / [`Syscall::retire_imports`] for them. The default keeps all.
+    fn bring_out_your_dead(&mut self, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let _ = sys;
+        Ok(())
+    }
 }
 
 /// Adapts a [`Vat`] into a kernel [`Endpoint`].
@@ -117,5 +145,20 @@ impl<V: Vat> Endpoint for VatEndpoint<V> {
                 self.vat.notify(out, &mut sys).map_err(|e| Fault::VatError(e.0))
             }
         }
+    }
+
+    fn collect(&mut self, action: GcAction, ctx: &mut CrankContext<'_>) -> Result<(), Fault> {
+        let mut vrefs = Vec::with_capacity(action.objects().len());
+        for &o in action.objects() {
+            vrefs.push(ctx.import(KRef::Object(o)).map_err(kernel_fault)?);
+        }
+        let mut sys = Syscall::new(ctx);
+        let r = match action {
+            GcAction::DropExports(_) => self.vat.drop_exports(&vrefs, &mut sys),
+            GcAction::RetireExports(_) => self.vat.retire_exports(&vrefs, &mut sys),
+            GcAction::RetireImports(_) => self.vat.retire_imports(&vrefs, &mut sys),
+            GcAction::BringOutYourDead => self.vat.bring_out_your_dead(&mut sys),
+        };
+        r.map_err(|e| Fault::VatError(e.0))
     }
 }

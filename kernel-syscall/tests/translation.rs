@@ -150,6 +150,8 @@ fn the_receiver_of_a_message_with_a_result_decides_it() {
     step(&mut k); // Alice sends
     let kp = kref_of(&k, alice, v("p+1")).and_then(KRef::as_promise).expect("p+1 exported");
     assert_eq!(k.promise(kp).expect("promise").and_then(|p| p.decider()), None, "the kernel decides a result in flight");
+    // The host pins what it wants to inspect once everyone is done with it.
+    k.set_pinned(kp.into(), true).expect("pin");
     let reports = run(&mut k); // Bob's delivery (his resolve is legal: he decides it), Alice's notify
     assert_eq!(reports.len(), 2, "{reports:?}");
     assert!(reports.iter().all(|r| r.outcome == CrankOutcome::Committed), "{reports:?}");
@@ -236,11 +238,15 @@ fn a_promise_cannot_be_the_result_of_two_sends() {
 #[test]
 fn a_result_that_comes_back_to_its_allocator_is_decided_by_it_again() {
     let mut k = kernel();
-    // Alice sends to her own root with result p+1: the delivery gives her p+1 back to decide.
+    // Alice sends to her own root with result p+1 and watches it: the delivery gives her p+1
+    // back to decide, and her resolution reaches her own subscription.
     let (alice, seen) = add_vat(&mut k, "alice", move |sys, inc| {
         if let Incoming::Message { method, result, .. } = inc {
             match method.as_str() {
-                "start" => sys.send(VRef::ROOT, "self", &VatData::plain("[]"), Some(v("p+1")))?,
+                "start" => {
+                    sys.send(VRef::ROOT, "self", &VatData::plain("[]"), Some(v("p+1")))?;
+                    sys.subscribe(v("p+1"))?;
+                }
                 _ => sys.resolve(&[(result.expect("result"), false, VatData::plain("done"))])?,
             }
         }
@@ -250,6 +256,8 @@ fn a_result_that_comes_back_to_its_allocator_is_decided_by_it_again() {
     let reports = run(&mut k);
     assert!(reports.iter().all(|r| r.outcome == CrankOutcome::Committed), "{reports:?}");
     assert_eq!(seen.borrow()[1].result(), Some(v("p+1")));
-    let kp = kref_of(&k, alice, v("p+1")).and_then(KRef::as_promise).expect("kept by its resolver");
-    assert_eq!(settled(&k, kp), Settlement::Fulfilled(CapData::plain("done")));
+    let Incoming::Notify(resolutions) = &seen.borrow()[2] else { panic!("expected the notify of p+1") };
+    assert_eq!((resolutions[0].promise, resolutions[0].rejected, resolutions[0].data.clone()), (v("p+1"), false, VatData::plain("done")));
+    // Resolved and notified, p+1 is forgotten; naming it again is a stale ref.
+    assert_eq!(kref_of(&k, alice, v("p+1")), None);
 }

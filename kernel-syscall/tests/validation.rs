@@ -177,8 +177,9 @@ fn resolving_the_same_promise_twice_in_one_call_is_illegal() {
 
 #[test]
 fn resolving_the_same_promise_in_two_syscalls_is_illegal() {
+    // The resolver forgets the promise it resolved: naming it again is a stale vref.
     assert_illegal(
-        "already resolved",
+        "is stale",
         Box::new(|sys, _| {
             sys.resolve(&[(v("p+2"), false, VatData::plain("1"))])?;
             sys.resolve(&[(v("p+2"), false, VatData::plain("2"))]).map(|()| None)
@@ -212,7 +213,8 @@ fn resolving_a_result_again_in_a_later_delivery_is_illegal() {
     assert_eq!(settled(&k, first), Settlement::Fulfilled(CapData::plain("first")));
     let again = call(&mut k, bob, "again", CapData::plain("[]"));
     let report = step(&mut k);
-    assert_aborted_illegal(&k, &report, bob, "already resolved", Some(again));
+    // Bob forgot the promise when he resolved it: his old vref for it is no longer his.
+    assert_aborted_illegal(&k, &report, bob, "is not in the c-list", Some(again));
     assert_eq!(settled(&k, first), Settlement::Fulfilled(CapData::plain("first")), "the first settlement stands");
 }
 
