@@ -187,10 +187,14 @@ fn scale(dir: &Path, quick: bool) -> Result<(), Error> {
     let fill = store_with_objects(&big, objects)?;
     println!("  filled {objects} objects in {fill:.2?} ({:.0} objects/s)", rate(objects, fill));
     let cranks = if quick { 30_000 } else { 100_000 };
-    let rates = best_of(3, &mut [&mut || fjall_rate(&small, Durability::GROUP, cranks), &mut || fjall_rate(&big, Durability::GROUP, cranks)])?;
+    let rates =
+        best_of(3, &mut [&mut || fjall_rate(&small, Durability::GROUP, cranks), &mut || fjall_rate(&big, Durability::GROUP, cranks)])?;
     let [small_rate, big_rate] = rates[..] else { return Err("two rates".into()) };
     println!("  group ping-pong, 1,000 objects:  {small_rate:>10.0} cranks/s");
-    println!("  group ping-pong, {objects} objects: {big_rate:>10.0} cranks/s   crank cost ratio {:.2} (target <= 1.5)", small_rate / big_rate);
+    println!(
+        "  group ping-pong, {objects} objects: {big_rate:>10.0} cranks/s   crank cost ratio {:.2} (target <= 1.5)",
+        small_rate / big_rate
+    );
     let start = Instant::now();
     let kernel = fjall_kernel(&big, Durability::GROUP)?;
     let reopen = start.elapsed();

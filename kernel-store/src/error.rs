@@ -23,7 +23,7 @@ pub enum OpenError {
         /// The directory.
         dir: PathBuf,
         /// Where the record lives: `format-file` (the file beside the engine's files) or the
-        /// engine keyspace that holds it (`store`).
+        /// engine keyspace that holds it (`kernel`).
         table: &'static str,
         /// The file name or key.
         key: String,

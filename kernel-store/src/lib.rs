@@ -44,9 +44,10 @@
 mod durability;
 mod error;
 mod format;
+mod overlay;
 mod store;
 
 pub use durability::{Clock, Durability, Durable, ManualClock, SystemClock};
 pub use error::OpenError;
 pub use format::{FORMAT_FILE, LOCK_FILE, STORE_FORMAT};
-pub use store::{FjallStore, StoreOptions};
+pub use store::{FjallStore, StoreOptions, RESERVED_PREFIX};

@@ -1,16 +1,26 @@
 //! [`FjallStore`]: kernel-core's [`Store`] on fjall. Each [`WriteBatch`] (one crank, or one
-//! immediate-path write) becomes one atomic fjall write batch, together with the store's own
-//! count of batches applied.
+//! immediate-path write) is applied atomically, together with the store's own count of batches
+//! applied: under `Sync` and `Buffered` as one fjall write batch of its own; under `Group` it is
+//! held in memory (reads see it) until the group syncs, when every batch applied since the last
+//! sync goes to fjall as one atomic write batch and one `fdatasync`. Either way the engine only
+//! ever holds whole batches, so a crash leaves the store at a batch boundary: a committed crank.
 //!
-//! Layout of the engine's directory (`<dir>/fjall`):
-//! - keyspace `kernel`: the kernel's keys and values, exactly as kernel-core wrote them
-//!   (byte-ordered keys, postcard values);
-//! - keyspace `store`: `applied` -> u64 big-endian, the number of batches applied over the store's
-//!   life, written in every batch (so it names the last committed batch after a crash).
+//! Layout of the engine's directory (`<dir>/fjall`): one keyspace, `kernel`, holding
+//! - the kernel's keys and values, exactly as kernel-core wrote them (byte-ordered keys, postcard
+//!   values);
+//! - the store's own records under the reserved first byte `0xFF`, which kernel keys (ASCII table
+//!   prefixes) never use and `apply` refuses: `0xFF applied` -> u64 big-endian, the number of
+//!   batches applied over the store's life, written with every batch (so it names the last
+//!   committed batch after a crash).
+//!
+//! One keyspace, not two, because fjall deletes a journal only once every keyspace with data in
+//! it has been flushed: a small, rarely flushed second keyspace would keep the journal (and the
+//! replay at the next open) growing to hundreds of megabytes.
 
 use crate::durability::{Clock, Durability, Durable, SystemClock, Watermark};
 use crate::error::OpenError;
 use crate::format::{self, Found, ENGINE_DIR, LOCK_FILE};
+use crate::overlay::Overlay;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use kernel_core::{CommitEvent, Store, StoreError, WriteBatch};
 use parking_lot::Mutex;
@@ -22,8 +32,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const DATA_KEYSPACE: &str = "kernel";
-const META_KEYSPACE: &str = "store";
-const APPLIED_KEY: &[u8] = b"applied";
+/// The first byte of every key the store keeps for itself.
+pub const RESERVED_PREFIX: u8 = 0xFF;
+const APPLIED_KEY: &[u8] = b"\xFFapplied";
+/// Memtable size: bounds the journal replayed when the store reopens.
+const MEMTABLE_BYTES: u64 = 16 << 20;
+/// Keys of engine contents cached in memory.
+const CACHE_KEYS: usize = 65_536;
 
 /// How to open a store.
 #[derive(Clone)]
@@ -67,10 +82,10 @@ pub struct FjallStore {
     dir: PathBuf,
     db: Database,
     data: Keyspace,
-    meta: Keyspace,
     durability: Durability,
     clock: Arc<dyn Clock>,
     watermark: Arc<Mutex<Watermark>>,
+    overlay: Mutex<Overlay>,
     /// Held (locked) for as long as the store is open; the OS releases it if the process dies.
     _lock: File,
 }
@@ -118,22 +133,21 @@ impl FjallStore {
             fjall::Error::Locked => OpenError::Locked { dir: dir.clone() },
             e => engine(e),
         })?;
-        let data = db.keyspace(DATA_KEYSPACE, KeyspaceCreateOptions::default).map_err(engine)?;
-        let meta = db.keyspace(META_KEYSPACE, KeyspaceCreateOptions::default).map_err(engine)?;
-        let applied = match meta.get(APPLIED_KEY).map_err(engine)? {
+        let data = db.keyspace(DATA_KEYSPACE, || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)).map_err(engine)?;
+        let applied = match data.get(APPLIED_KEY).map_err(engine)? {
             None => 0,
             Some(v) => <[u8; 8]>::try_from(&*v).map(u64::from_be_bytes).map_err(|_| OpenError::BadRecord {
                 dir: dir.clone(),
-                table: META_KEYSPACE,
-                key: String::from_utf8_lossy(APPLIED_KEY).into_owned(),
+                table: DATA_KEYSPACE,
+                key: APPLIED_KEY.escape_ascii().to_string(),
                 reason: format!("expected an 8-byte batch count, found {} bytes {:?}", v.len(), v.escape_ascii().to_string()),
             })?,
         };
-        if applied == 0 && !data.is_empty().map_err(engine)? {
+        if applied == 0 && data.first_key_value().is_some() {
             return Err(OpenError::BadRecord {
                 dir,
-                table: META_KEYSPACE,
-                key: String::from_utf8_lossy(APPLIED_KEY).into_owned(),
+                table: DATA_KEYSPACE,
+                key: APPLIED_KEY.escape_ascii().to_string(),
                 reason: "missing, but the kernel keyspace holds data".into(),
             });
         }
@@ -141,10 +155,10 @@ impl FjallStore {
             dir,
             db,
             data,
-            meta,
             durability: options.durability,
             clock: options.clock,
             watermark: Arc::new(Mutex::new(Watermark::recovered(applied))),
+            overlay: Mutex::new(Overlay::new(CACHE_KEYS)),
             _lock: lock,
         })
     }
@@ -219,7 +233,27 @@ impl FjallStore {
     }
 
     fn sync_locked(&self, w: &mut Watermark) -> Result<(), StoreError> {
-        if w.applied > w.durable {
+        let mut overlay = self.overlay.lock();
+        if !overlay.pending.is_empty() {
+            // Group commit: every batch since the last sync, as one atomic write, synced.
+            let pending = std::mem::take(&mut overlay.pending);
+            overlay.forget_all(pending.keys());
+            let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), pending.len() + 1).durability(Some(PersistMode::SyncData));
+            for (k, v) in pending {
+                match v {
+                    Some(v) => b.insert(&self.data, k, v),
+                    None => b.remove(&self.data, k),
+                }
+            }
+            b.insert(&self.data, APPLIED_KEY, w.applied.to_be_bytes().to_vec());
+            if let Err(e) = b.commit() {
+                // The batches taken from `pending` are gone from memory and not in the engine:
+                // refuse every later read and write rather than serve an older state.
+                let what = format!("committing batches {}..={}", w.durable + 1, w.applied);
+                overlay.failed = Some(format!("{what} failed: {e:?}"));
+                return Err(engine_error(&what, e));
+            }
+        } else if w.applied > w.durable {
             self.db.persist(PersistMode::SyncData).map_err(|e| engine_error("syncing the journal", e))?;
         }
         w.synced();
@@ -231,30 +265,21 @@ impl FjallStore {
         let mut out = BTreeMap::new();
         for guard in self.data.iter() {
             let (k, v) = guard.into_inner().map_err(|e| engine_error("reading the kernel keyspace", e))?;
-            out.insert(k.to_vec(), v.to_vec());
+            if k.first() != Some(&RESERVED_PREFIX) {
+                out.insert(k.to_vec(), v.to_vec());
+            }
+        }
+        for (k, v) in &self.overlay.lock().pending {
+            match v {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
         }
         Ok(out)
     }
 
-    /// Write the engine's in-memory tables out to table files and wait, so the next open
-    /// replays little journal. Durability is unchanged (the journal already holds everything).
-    pub fn compact_journal(&self) -> Result<(), StoreError> {
-        for ks in [&self.data, &self.meta] {
-            ks.rotate_memtable_and_wait().map_err(|e| engine_error("flushing a memtable", e))?;
-        }
-        Ok(())
-    }
-}
-
-impl Store for FjallStore {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.data.get(key) {
-            Ok(v) => Ok(v.map(|v| v.to_vec())),
-            Err(e) => Err(engine_error(&format!("reading key {}", key.escape_ascii()), e)),
-        }
-    }
-
-    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    /// The engine's first entry with `prefix` after `after`.
+    fn engine_next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
         let lower = match after {
             Some(a) if a >= prefix => Bound::Excluded(a),
             _ => Bound::Included(prefix),
@@ -263,39 +288,103 @@ impl Store for FjallStore {
             return Ok(None);
         };
         let (k, v) = guard.into_inner().map_err(|e| engine_error(&format!("scanning prefix {}", prefix.escape_ascii()), e))?;
-        Ok(k.starts_with(prefix).then(|| (k.to_vec(), v.to_vec())))
+        // The store's own records sort last; they are not the kernel's to see.
+        let visible = k.starts_with(prefix) && k.first() != Some(&RESERVED_PREFIX);
+        Ok(visible.then(|| (k.to_vec(), v.to_vec())))
+    }
+}
+
+impl Store for FjallStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if key.first() == Some(&RESERVED_PREFIX) {
+            return Ok(None);
+        }
+        let mut overlay = self.overlay.lock();
+        overlay.check()?;
+        if let Some(known) = overlay.lookup(key) {
+            return Ok(known);
+        }
+        let value = self.data.get(key).map_err(|e| engine_error(&format!("reading key {}", key.escape_ascii()), e))?;
+        overlay.remember(key, value.as_deref());
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let overlay = self.overlay.lock();
+        overlay.check()?;
+        if overlay.pending.is_empty() {
+            return self.engine_next(prefix, after);
+        }
+        // Merge the engine's entries with the pending writes, which win where both have a key.
+        let mut cursor: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
+        loop {
+            let engine = self.engine_next(prefix, cursor.as_deref())?;
+            let Some((pk, pv)) = overlay.pending_next(prefix, cursor.as_deref()) else {
+                return Ok(engine);
+            };
+            match engine {
+                Some((ek, ev)) if ek.as_slice() < pk.as_slice() => return Ok(Some((ek, ev))),
+                _ => match pv {
+                    Some(v) => return Ok(Some((pk.clone(), v.clone()))),
+                    None => cursor = Some(pk.clone()), // deleted: look past it
+                },
+            }
+        }
     }
 
     fn apply(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.overlay.get_mut().check()?;
+        if let Some((k, _)) = batch.iter().find(|(k, _)| k.first() == Some(&RESERVED_PREFIX)) {
+            return Err(StoreError::new(format!(
+                "key {} starts with the byte 0xFF, which the store reserves for itself",
+                k.escape_ascii()
+            )));
+        }
         let mut w = self.watermark.lock();
         let applied = w.applied + 1;
         let persist = match self.durability {
-            Durability::Sync => Some(PersistMode::SyncData),
-            Durability::Buffered => Some(PersistMode::Buffer),
-            Durability::Group { .. } => None,
-        };
-        let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), batch.len() + 1).durability(persist);
-        for (k, v) in batch {
-            match v {
-                Some(v) => b.insert(&self.data, k, v),
-                None => b.remove(&self.data, k),
-            }
-        }
-        b.insert(&self.meta, APPLIED_KEY, applied.to_be_bytes().to_vec());
-        b.commit().map_err(|e| engine_error(&format!("committing batch {applied}"), e))?;
-        w.applied = applied;
-        match self.durability {
-            Durability::Sync => w.synced(),
-            Durability::Buffered => {}
             Durability::Group { .. } => {
+                let overlay = self.overlay.get_mut();
+                overlay.pending.extend(batch);
+                w.applied = applied;
                 if w.oldest_pending.is_none() {
                     w.oldest_pending = Some(self.clock.now());
                 }
                 if self.group_sync_due(&w) {
                     self.sync_locked(&mut w)?;
                 }
+                return Ok(());
+            }
+            Durability::Sync => PersistMode::SyncData,
+            Durability::Buffered => PersistMode::Buffer,
+        };
+        let overlay = self.overlay.get_mut();
+        let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), batch.len() + 1).durability(Some(persist));
+        for (k, v) in batch {
+            overlay.remember(&k, v.as_deref());
+            match v {
+                Some(v) => b.insert(&self.data, k, v),
+                None => b.remove(&self.data, k),
             }
         }
+        b.insert(&self.data, APPLIED_KEY, applied.to_be_bytes().to_vec());
+        if let Err(e) = b.commit() {
+            *overlay = Overlay::new(CACHE_KEYS); // the cache may now say more than the engine holds
+            return Err(engine_error(&format!("committing batch {applied}"), e));
+        }
+        w.applied = applied;
+        if self.durability == Durability::Sync {
+            w.synced();
+        }
         Ok(())
+    }
+}
+
+impl Drop for FjallStore {
+    /// A clean close writes out and syncs what group commit still holds. Errors cannot be
+    /// reported from here; call [`FjallStore::sync`] first to see them.
+    fn drop(&mut self) {
+        let mut w = self.watermark.lock();
+        let _ = self.sync_locked(&mut w);
     }
 }

@@ -148,12 +148,24 @@ fn a_bad_batch_count_record_is_refused_by_name() {
     populated(dir.path());
     {
         let db = fjall::Database::builder(dir.path().join("fjall")).open().expect("raw open");
-        let meta = db.keyspace("store", fjall::KeyspaceCreateOptions::default).expect("keyspace");
-        meta.insert("applied", "xyz").expect("insert");
+        let data = db.keyspace("kernel", fjall::KeyspaceCreateOptions::default).expect("keyspace");
+        data.insert(b"\xFFapplied", "xyz").expect("insert");
         db.persist(fjall::PersistMode::SyncAll).expect("persist");
     }
     let e = FjallStore::open(dir.path(), StoreOptions::default()).expect_err("bad record");
-    assert!(matches!(&e, OpenError::BadRecord { table: "store", key, .. } if key == "applied"), "{e}");
+    assert!(matches!(&e, OpenError::BadRecord { table: "kernel", key, .. } if key == "\\xffapplied"), "{e}");
+    assert!(e.to_string().contains("8-byte batch count"), "{e}");
+}
+
+#[test]
+fn the_store_keeps_its_reserved_keys_to_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = FjallStore::open(dir.path(), StoreOptions::default()).expect("open");
+    let e = store.apply(vec![(b"\xFFmine".to_vec(), Some(vec![1]))]).expect_err("reserved");
+    assert!(e.to_string().contains("reserves"), "{e}");
+    store.apply(vec![(b"a".to_vec(), Some(vec![1]))]).expect("apply");
+    assert_eq!(store.next(b"", Some(b"a")).expect("next"), None, "the batch counter is not visible");
+    assert_eq!(store.entries().expect("entries").len(), 1);
 }
 
 #[test]
