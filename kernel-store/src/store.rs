@@ -35,6 +35,8 @@ const DATA_KEYSPACE: &str = "kernel";
 /// The first byte of every key the store keeps for itself.
 pub const RESERVED_PREFIX: u8 = 0xFF;
 const APPLIED_KEY: &[u8] = b"\xFFapplied";
+/// A key and its value.
+type Entry = (Vec<u8>, Vec<u8>);
 /// Memtable size: bounds the journal replayed when the store reopens.
 const MEMTABLE_BYTES: u64 = 16 << 20;
 /// Keys of engine contents cached in memory.
@@ -279,7 +281,7 @@ impl FjallStore {
     }
 
     /// The engine's first entry with `prefix` after `after`.
-    fn engine_next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn engine_next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<Entry>, StoreError> {
         let lower = match after {
             Some(a) if a >= prefix => Bound::Excluded(a),
             _ => Bound::Included(prefix),
