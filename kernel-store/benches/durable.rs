@@ -199,7 +199,21 @@ fn scale(dir: &Path, quick: bool) -> Result<(), Error> {
     let kernel = fjall_kernel(&big, Durability::GROUP)?;
     let reopen = start.elapsed();
     println!("  reopen the {objects}-object store (store + kernel): {reopen:.2?}, at {} (target < 1 s)", kernel.cranks());
+    drop(kernel);
+    println!("  journal replayed at open: {:.1} MB", journal_bytes(&big)? as f64 / 1e6);
     Ok(())
+}
+
+/// The size of the engine's journal files: what an open replays.
+fn journal_bytes(store: &Path) -> Result<u64, Error> {
+    let mut total = 0;
+    for e in std::fs::read_dir(store.join("fjall"))? {
+        let e = e?;
+        if e.path().extension().is_some_and(|x| x == "jnl") {
+            total += e.metadata()?.len();
+        }
+    }
+    Ok(total)
 }
 
 fn main() -> Result<(), Error> {
@@ -216,6 +230,20 @@ fn main() -> Result<(), Error> {
         Some("scale") => scale(tmp.path(), quick)?,
         Some("group") => println!("group: {:.0} cranks/s", fjall_rate(&tmp.path().join("g"), Durability::GROUP, 300_000)?),
         Some("memory") => println!("memory: {:.0} cranks/s", memory_rate(300_000)?),
+        Some("reopen") => {
+            let big = tmp.path().join("big");
+            store_with_objects(&big, if quick { 100_000 } else { 1_000_000 })?;
+            fjall_rate(&big, Durability::GROUP, 100_000)?;
+            println!("journal: {} bytes", journal_bytes(&big)?);
+            for _ in 0..3 {
+                let start = Instant::now();
+                let store = FjallStore::open(&big, StoreOptions::new(Durability::GROUP))?;
+                let opened = start.elapsed();
+                let kernel = Kernel::open(store)?;
+                println!("reopen: store {opened:.2?}, with kernel {:.2?}", start.elapsed());
+                drop(kernel);
+            }
+        }
         Some(other) => return Err(format!("unknown part {other:?} (modes | scale | group | memory)").into()),
     }
     Ok(())

@@ -37,8 +37,6 @@ pub const RESERVED_PREFIX: u8 = 0xFF;
 const APPLIED_KEY: &[u8] = b"\xFFapplied";
 /// A key and its value.
 type Entry = (Vec<u8>, Vec<u8>);
-/// Memtable size: bounds the journal replayed when the store reopens.
-const MEMTABLE_BYTES: u64 = 16 << 20;
 /// Keys of engine contents cached in memory.
 const CACHE_KEYS: usize = 65_536;
 
@@ -135,7 +133,7 @@ impl FjallStore {
             fjall::Error::Locked => OpenError::Locked { dir: dir.clone() },
             e => engine(e),
         })?;
-        let data = db.keyspace(DATA_KEYSPACE, || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)).map_err(engine)?;
+        let data = db.keyspace(DATA_KEYSPACE, KeyspaceCreateOptions::default).map_err(engine)?;
         let applied = match data.get(APPLIED_KEY).map_err(engine)? {
             None => 0,
             Some(v) => <[u8; 8]>::try_from(&*v).map(u64::from_be_bytes).map_err(|_| OpenError::BadRecord {
