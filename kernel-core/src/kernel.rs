@@ -7,10 +7,11 @@ use crate::gc::{self, GcAction};
 use crate::ids::{CrankNumber, EndpointId, KObjectId, KPromiseId, KRef, VRef};
 use crate::message::{CapData, Message, RunQueueItem, Settlement};
 use crate::promise;
+use crate::records::Records;
 use crate::routing::{self, Route};
-use crate::store::{Entry, Store, WriteBatch};
+use crate::store::{Entry, Store};
 use crate::tables::{
-    self, Counters, EndpointRecord, EndpointStatus, KernelTxn, ObjectRecord, PromiseRecord, PromiseState, COUNTERS_KEY, FORMAT_KEY,
+    self, Counters, EndpointRecord, EndpointStatus, KernelTxn, ObjectRecord, PromiseRecord, PromiseState, TxnEnd, COUNTERS_KEY, FORMAT_KEY,
     FORMAT_VERSION,
 };
 use std::collections::HashMap;
@@ -125,6 +126,8 @@ type Observer = Box<dyn FnMut(&CommitEvent)>;
 pub struct Kernel<S: Store> {
     store: S,
     counters: Counters,
+    /// Decoded committed records (see `records.rs`).
+    cache: Records,
     endpoints: Vec<Option<Box<dyn Endpoint>>>,
     watchers: HashMap<KPromiseId, Vec<Watcher>>,
     observers: Vec<Observer>,
@@ -134,8 +137,9 @@ impl<S: Store> Kernel<S> {
     /// Open a kernel on `store`: a new store is initialised; an existing one must carry this
     /// kernel's format and resumes at its last committed crank.
     pub fn open(mut store: S) -> Result<Self, KernelError> {
+        let cache = Records::default();
         let counters = {
-            let db = KernelTxn::begin(&store, Counters::default());
+            let db = KernelTxn::begin(&store, &cache, Counters::default());
             match db.get_raw(FORMAT_KEY)? {
                 None => None,
                 Some(bytes) => {
@@ -156,15 +160,15 @@ impl<S: Store> Kernel<S> {
             Some(c) => c,
             None => {
                 let mut db =
-                    KernelTxn::begin(&store, Counters { next_object: 1, next_promise: 1, next_endpoint: 1, ..Counters::default() });
+                    KernelTxn::begin(&store, &cache, Counters { next_object: 1, next_promise: 1, next_endpoint: 1, ..Counters::default() });
                 db.set_raw(FORMAT_KEY, FORMAT_VERSION.to_be_bytes().to_vec());
                 db.set_raw(COUNTERS_KEY, tables::encode(&db.counters));
-                let (batch, c) = db.finish();
-                store.apply(batch)?;
-                c
+                let end = db.finish();
+                store.apply(end.batch)?;
+                end.counters
             }
         };
-        Ok(Kernel { store, counters, endpoints: Vec::new(), watchers: HashMap::new(), observers: Vec::new() })
+        Ok(Kernel { store, counters, cache, endpoints: Vec::new(), watchers: HashMap::new(), observers: Vec::new() })
     }
 
     /// The store, for inspection.
@@ -183,7 +187,7 @@ impl<S: Store> Kernel<S> {
     }
 
     fn read(&self) -> KernelTxn<'_> {
-        KernelTxn::begin(&self.store, self.counters)
+        KernelTxn::begin(&self.store, &self.cache, self.counters)
     }
 
     /// Register an endpoint named `name` with its implementation, or re-attach the
@@ -365,9 +369,11 @@ impl<S: Store> Kernel<S> {
         self.read().vatstore_entries(ep)
     }
 
-    fn apply_immediate(&mut self, (batch, counters): (WriteBatch, Counters)) -> Result<(), KernelError> {
-        self.store.apply(batch)?;
-        self.counters = counters;
+    fn apply_immediate(&mut self, end: TxnEnd) -> Result<(), KernelError> {
+        self.store.apply(end.batch)?;
+        self.counters = end.counters;
+        self.cache.absorb_fetched(end.fetched);
+        self.cache.absorb(end.dirty);
         Ok(())
     }
 
@@ -397,7 +403,7 @@ impl<S: Store> Kernel<S> {
     /// Run one crank: take the next run-queue item, route it, deliver it, and commit or abort.
     /// Returns `None` if the queue is empty. On `Err` the crank left nothing behind.
     pub fn step(&mut self) -> Result<Option<CrankReport>, KernelError> {
-        let mut work = Work { db: KernelTxn::begin(&self.store, self.counters), buf: CrankBuffer::default() };
+        let mut work = Work { db: KernelTxn::begin(&self.store, &self.cache, self.counters), buf: CrankBuffer::default() };
         let Some(item) = work.db.pop_run_queue()? else {
             return Ok(None);
         };
@@ -510,7 +516,7 @@ impl<S: Store> Kernel<S> {
                 // Abort: drop the delivery's transaction and buffer, then commit the consequence
                 // alone: the item is consumed, the endpoint terminated, the result rejected.
                 drop(work);
-                let mut work = Work { db: KernelTxn::begin(&self.store, self.counters), buf: CrankBuffer::default() };
+                let mut work = Work { db: KernelTxn::begin(&self.store, &self.cache, self.counters), buf: CrankBuffer::default() };
                 let consumed = work.db.pop_run_queue()?;
                 work.db.counters.cranks += 1;
                 let reason = fault.to_string();
@@ -551,8 +557,10 @@ impl<S: Store> Kernel<S> {
 
     /// Write a finished transaction, then run the host callbacks of the promises it settled.
     fn apply_finished(&mut self, done: Finished) -> Result<usize, KernelError> {
-        self.store.apply(done.batch)?;
-        self.counters = done.counters;
+        self.store.apply(done.end.batch)?;
+        self.counters = done.end.counters;
+        self.cache.absorb_fetched(done.end.fetched);
+        self.cache.absorb(done.end.dirty);
         if !self.watchers.is_empty() {
             for kp in done.settled {
                 if let Some(callbacks) = self.watchers.remove(&kp) {
@@ -583,7 +591,7 @@ impl<S: Store> Kernel<S> {
         if !self.read().is_live(ep)? {
             return Ok(Err(Fault::IllegalSyscall(format!("{ep} is not a live endpoint"))));
         }
-        let work = Work { db: KernelTxn::begin(&self.store, self.counters), buf: CrankBuffer::default() };
+        let work = Work { db: KernelTxn::begin(&self.store, &self.cache, self.counters), buf: CrankBuffer::default() };
         let mut ctx = CrankContext::new(work, ep);
         let returned = f(&mut ctx);
         let (work, verdict, kernel_error) = ctx.into_parts();
@@ -613,8 +621,7 @@ enum Delivery {
 
 /// A crank's transaction closed, with its buffer flushed into the same batch.
 struct Finished {
-    batch: WriteBatch,
-    counters: Counters,
+    end: TxnEnd,
     settled: Vec<KPromiseId>,
     flushed: usize,
 }
@@ -627,8 +634,7 @@ fn finish(work: Work<'_>) -> Finished {
     for item in &buf.outputs {
         db.push_run_queue(item);
     }
-    let (batch, counters) = db.finish();
-    Finished { batch, counters, settled: buf.settled, flushed }
+    Finished { end: db.finish(), settled: buf.settled, flushed }
 }
 
 fn set_decider(work: &mut Work<'_>, kp: KPromiseId, endpoint: EndpointId) -> Result<(), KernelError> {

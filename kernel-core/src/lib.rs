@@ -42,6 +42,7 @@ mod ids;
 mod kernel;
 mod message;
 mod promise;
+mod records;
 mod routing;
 pub mod store;
 mod tables;

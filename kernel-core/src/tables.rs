@@ -15,9 +15,13 @@
 use crate::error::KernelError;
 use crate::ids::{EndpointId, KObjectId, KPromiseId, KRef, VRef};
 use crate::message::{Message, RunQueueItem, Settlement};
+use crate::records::{HashMap, Records};
+use crate::store::WriteBatch;
 use crate::store::{Entry, Store, Txn};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::hash::Hash;
 
 /// The store format this kernel writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -223,10 +227,12 @@ pub(crate) fn decode<T: DeserializeOwned>(table: &'static str, key: &[u8], bytes
 /// One transaction over the kernel's tables, with typed access to each.
 pub struct KernelTxn<'s> {
     txn: Txn<'s, dyn Store + 's>,
-    /// Promises written by this transaction, decoded; encoded once each at `finish`. A crank
-    /// reads and rewrites the same few promises several times, so this saves most of the
-    /// encoding and decoding.
-    promises: BTreeMap<KPromiseId, Option<PromiseRecord>>,
+    /// Decoded committed records the kernel kept from earlier transactions.
+    cache: &'s Records,
+    /// Records this transaction wrote, decoded; each is encoded once when it ends.
+    dirty: Records,
+    /// Records this transaction decoded from the store.
+    fetched: RefCell<Records>,
     /// Krefs whose reference counts fell to zero in this transaction; `gc::collect` looks at
     /// each before the transaction ends.
     pub(crate) maybe_free: Vec<KRef>,
@@ -235,24 +241,79 @@ pub struct KernelTxn<'s> {
     counters_dirty: bool,
 }
 
+/// A finished transaction: its batch, the counters after it, and its decoded records for the
+/// kernel's cache.
+pub(crate) struct TxnEnd {
+    pub batch: WriteBatch,
+    pub counters: Counters,
+    pub dirty: Records,
+    pub fetched: Records,
+}
+
 impl<'s> KernelTxn<'s> {
-    /// Begin a transaction over `store` whose committed counters are `counters`.
-    pub fn begin(store: &'s (dyn Store + 's), counters: Counters) -> Self {
-        KernelTxn { txn: Txn::begin(store), promises: BTreeMap::new(), maybe_free: Vec::new(), counters, counters_dirty: false }
+    /// Begin a transaction over `store` whose committed counters are `counters` and whose
+    /// committed records, as far as decoded, are in `cache`.
+    pub(crate) fn begin(store: &'s (dyn Store + 's), cache: &'s Records, counters: Counters) -> Self {
+        KernelTxn {
+            txn: Txn::begin(store),
+            cache,
+            dirty: Records::default(),
+            fetched: RefCell::default(),
+            maybe_free: Vec::new(),
+            counters,
+            counters_dirty: false,
+        }
     }
 
-    /// End the transaction: its batch (counters included) and the counters after it.
-    pub fn finish(mut self) -> (crate::store::WriteBatch, Counters) {
-        for (id, rec) in std::mem::take(&mut self.promises) {
-            match rec {
-                Some(rec) => self.txn.set(u64_key(PROMISE_PREFIX, id.0), encode(&rec)),
-                None => self.txn.delete(u64_key(PROMISE_PREFIX, id.0)),
+    /// End the transaction: every written record encoded once into the batch.
+    pub(crate) fn finish(mut self) -> TxnEnd {
+        fn encode_all<K: Copy, V: Serialize>(txn: &mut Txn<'_, dyn Store + '_>, map: &HashMap<K, Option<V>>, key: impl Fn(K) -> Vec<u8>) {
+            for (k, v) in map {
+                match v {
+                    Some(v) => txn.set(key(*k), encode(v)),
+                    None => txn.delete(key(*k)),
+                }
             }
         }
+        let d = &self.dirty;
+        encode_all(&mut self.txn, &d.objects, |o: KObjectId| u64_key(OBJECT_PREFIX, o.0));
+        encode_all(&mut self.txn, &d.promises, |p: KPromiseId| u64_key(PROMISE_PREFIX, p.0));
+        encode_all(&mut self.txn, &d.clist, |(ep, k)| clist_kref_key(ep, k));
+        encode_all(&mut self.txn, &d.clist_rev, |(ep, v)| clist_vref_key(ep, v));
+        encode_all(&mut self.txn, &d.status, |ep| endpoint_key(ep, b"s"));
+        encode_all(&mut self.txn, &d.clist_counters, |ep| endpoint_key(ep, b"c"));
         if self.counters_dirty {
             self.txn.set(COUNTERS_KEY.to_vec(), encode(&self.counters));
         }
-        (self.txn.into_batch(), self.counters)
+        TxnEnd { batch: self.txn.into_batch(), counters: self.counters, dirty: self.dirty, fetched: self.fetched.into_inner() }
+    }
+
+    /// A record of a cached table: written here, else committed and decoded, else read from
+    /// the store (and remembered).
+    fn cached<K: Hash + Eq + Copy, V: Clone + DeserializeOwned>(
+        &self,
+        pick: fn(&Records) -> &HashMap<K, Option<V>>,
+        pick_mut: fn(&mut Records) -> &mut HashMap<K, Option<V>>,
+        table: &'static str,
+        key: K,
+        raw_key: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Option<V>, KernelError> {
+        if let Some(v) = pick(&self.dirty).get(&key) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = pick(self.cache).get(&key) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = pick(&self.fetched.borrow()).get(&key) {
+            return Ok(v.clone());
+        }
+        let raw = raw_key();
+        let v: Option<V> = match self.txn.get(&raw)? {
+            Some(bytes) => Some(decode(table, &raw, &bytes)?),
+            None => None,
+        };
+        pick_mut(&mut self.fetched.borrow_mut()).insert(key, v.clone());
+        Ok(v)
     }
 
     fn get<T: DeserializeOwned>(&self, table: &'static str, key: &[u8]) -> Result<Option<T>, KernelError> {
@@ -309,23 +370,23 @@ impl<'s> KernelTxn<'s> {
         let c = self.counters_mut();
         let id = KObjectId(c.next_object);
         c.next_object += 1;
-        self.put(u64_key(OBJECT_PREFIX, id.0), &ObjectRecord::new(owner, pinned));
+        self.dirty.objects.insert(id, Some(ObjectRecord::new(owner, pinned)));
         id
     }
 
     /// An object's record.
     pub fn object(&self, id: KObjectId) -> Result<Option<ObjectRecord>, KernelError> {
-        self.get("object", &u64_key(OBJECT_PREFIX, id.0))
+        self.cached(|r| &r.objects, |r| &mut r.objects, "object", id, || u64_key(OBJECT_PREFIX, id.0))
     }
 
     /// Overwrite an object's record.
     pub fn set_object(&mut self, id: KObjectId, rec: &ObjectRecord) {
-        self.put(u64_key(OBJECT_PREFIX, id.0), rec);
+        self.dirty.objects.insert(id, Some(rec.clone()));
     }
 
     /// Delete an object's record.
     pub fn delete_object(&mut self, id: KObjectId) {
-        self.txn.delete(u64_key(OBJECT_PREFIX, id.0));
+        self.dirty.objects.insert(id, None);
     }
 
     // ---- promises ----
@@ -335,26 +396,23 @@ impl<'s> KernelTxn<'s> {
         let c = self.counters_mut();
         let id = KPromiseId(c.next_promise);
         c.next_promise += 1;
-        self.promises.insert(id, Some(PromiseRecord { state: PromiseState::new(decider), refs: 0, pinned: false }));
+        self.dirty.promises.insert(id, Some(PromiseRecord { state: PromiseState::new(decider), refs: 0, pinned: false }));
         id
     }
 
     /// A promise's full record.
     pub fn promise_record(&self, id: KPromiseId) -> Result<Option<PromiseRecord>, KernelError> {
-        match self.promises.get(&id) {
-            Some(p) => Ok(p.clone()),
-            None => self.get("promise", &u64_key(PROMISE_PREFIX, id.0)),
-        }
+        self.cached(|r| &r.promises, |r| &mut r.promises, "promise", id, || u64_key(PROMISE_PREFIX, id.0))
     }
 
     /// Overwrite a promise's full record.
     pub fn set_promise_record(&mut self, id: KPromiseId, rec: PromiseRecord) {
-        self.promises.insert(id, Some(rec));
+        self.dirty.promises.insert(id, Some(rec));
     }
 
     /// Delete a promise.
     pub fn delete_promise(&mut self, id: KPromiseId) {
-        self.promises.insert(id, None);
+        self.dirty.promises.insert(id, None);
     }
 
     /// A promise's state.
@@ -373,7 +431,7 @@ impl<'s> KernelTxn<'s> {
     /// True if the kernel has a record of `r`.
     pub fn exists(&self, r: KRef) -> Result<bool, KernelError> {
         Ok(match r {
-            KRef::Object(o) => self.txn.get(&u64_key(OBJECT_PREFIX, o.0))?.is_some(),
+            KRef::Object(o) => self.object(o)?.is_some(),
             KRef::Promise(p) => self.promise_record(p)?.is_some(),
         })
     }
@@ -389,8 +447,8 @@ impl<'s> KernelTxn<'s> {
         self.put(name_key(name), &ep);
         let root = self.new_object(ep, true);
         // The exporter's own entry: no reference is counted, so this cannot fail.
-        self.put(clist_kref_key(ep, KRef::Object(root)), &ClistEntry { vref: VRef::ROOT, reachable: true });
-        self.put(clist_vref_key(ep, VRef::ROOT), &KRef::Object(root));
+        self.dirty.clist.insert((ep, KRef::Object(root)), Some(ClistEntry { vref: VRef::ROOT, reachable: true }));
+        self.dirty.clist_rev.insert((ep, VRef::ROOT), Some(KRef::Object(root)));
         (ep, root)
     }
 
@@ -407,13 +465,13 @@ impl<'s> KernelTxn<'s> {
 
     /// An endpoint's status alone (kept under its own key: routing reads it every crank).
     pub fn endpoint_status(&self, ep: EndpointId) -> Result<Option<EndpointStatus>, KernelError> {
-        self.get("endpoint", &endpoint_key(ep, b"s"))
+        self.cached(|r| &r.status, |r| &mut r.status, "endpoint", ep, || endpoint_key(ep, b"s"))
     }
 
     /// Overwrite an endpoint's record.
     pub fn set_endpoint(&mut self, ep: EndpointId, rec: &EndpointRecord) {
         self.put(endpoint_key(ep, b"r"), &rec.name);
-        self.put(endpoint_key(ep, b"s"), &rec.status);
+        self.dirty.status.insert(ep, Some(rec.status.clone()));
     }
 
     /// The endpoint registered under `name`.
@@ -430,19 +488,19 @@ impl<'s> KernelTxn<'s> {
 
     /// `ep`'s c-list entry for `kref`.
     pub fn clist_entry(&self, ep: EndpointId, kref: KRef) -> Result<Option<ClistEntry>, KernelError> {
-        self.get("c-list", &clist_kref_key(ep, kref))
+        self.cached(|r| &r.clist, |r| &mut r.clist, "c-list", (ep, kref), || clist_kref_key(ep, kref))
     }
 
     /// The kernel ref `ep`'s `vref` stands for.
     pub fn clist_kref(&self, ep: EndpointId, vref: VRef) -> Result<Option<KRef>, KernelError> {
-        self.get("c-list", &clist_vref_key(ep, vref))
+        self.cached(|r| &r.clist_rev, |r| &mut r.clist_rev, "c-list", (ep, vref), || clist_vref_key(ep, vref))
     }
 
     /// Record `kref <-> vref` in `ep`'s c-list, reachable, counting the new reference (an
     /// exporter's own entry for its object does not count).
     pub fn clist_insert(&mut self, ep: EndpointId, kref: KRef, vref: VRef) -> Result<(), KernelError> {
-        self.put(clist_kref_key(ep, kref), &ClistEntry { vref, reachable: true });
-        self.put(clist_vref_key(ep, vref), &kref);
+        self.dirty.clist.insert((ep, kref), Some(ClistEntry { vref, reachable: true }));
+        self.dirty.clist_rev.insert((ep, vref), Some(kref));
         if !self.is_exporter(ep, kref)? {
             self.incref(kref, true)?;
         }
@@ -456,7 +514,7 @@ impl<'s> KernelTxn<'s> {
             return Ok(());
         }
         entry.reachable = reachable;
-        self.put(clist_kref_key(ep, kref), &entry);
+        self.dirty.clist.insert((ep, kref), Some(entry));
         if let (KRef::Object(o), false) = (kref, self.is_exporter(ep, kref)?) {
             if let Some(mut rec) = self.object(o)? {
                 if reachable {
@@ -476,8 +534,8 @@ impl<'s> KernelTxn<'s> {
     /// Forget `kref` in `ep`'s c-list (both directions), if present, releasing its reference.
     pub fn clist_remove(&mut self, ep: EndpointId, kref: KRef) -> Result<(), KernelError> {
         if let Some(entry) = self.clist_entry(ep, kref)? {
-            self.txn.delete(clist_kref_key(ep, kref));
-            self.txn.delete(clist_vref_key(ep, entry.vref));
+            self.dirty.clist.insert((ep, kref), None);
+            self.dirty.clist_rev.insert((ep, entry.vref), None);
             if !self.is_exporter(ep, kref)? {
                 self.decref(kref, entry.reachable)?;
             }
@@ -585,7 +643,8 @@ impl<'s> KernelTxn<'s> {
     pub fn clist_entries(&self, ep: EndpointId) -> Result<Vec<(KRef, VRef)>, KernelError> {
         let mut prefix = clist_prefix(ep);
         prefix.push(b'k');
-        let mut out = Vec::new();
+        // Committed entries from the store, then this transaction's own changes over them.
+        let mut merged = BTreeMap::new();
         for (k, v) in self.txn.scan_prefix(&prefix)? {
             let vref = decode::<ClistEntry>("c-list", &k, &v)?.vref;
             let kref = kref_from_key_bytes(&k[prefix.len()..]).ok_or_else(|| KernelError::Corrupt {
@@ -593,19 +652,29 @@ impl<'s> KernelTxn<'s> {
                 key: k.escape_ascii().to_string(),
                 reason: "bad kref key".into(),
             })?;
-            out.push((kref, vref));
+            merged.insert(kref.key_bytes(), (kref, vref));
         }
-        Ok(out)
+        for ((e, kref), entry) in &self.dirty.clist {
+            if *e == ep {
+                match entry {
+                    Some(entry) => merged.insert(kref.key_bytes(), (*kref, entry.vref)),
+                    None => merged.remove(&kref.key_bytes()),
+                };
+            }
+        }
+        Ok(merged.into_values().collect())
     }
 
     /// `ep`'s c-list counters.
     pub fn clist_counters(&self, ep: EndpointId) -> Result<ClistCounters, KernelError> {
-        Ok(self.get("endpoint-counters", &endpoint_key(ep, b"c"))?.unwrap_or_default())
+        Ok(self
+            .cached(|r| &r.clist_counters, |r| &mut r.clist_counters, "endpoint-counters", ep, || endpoint_key(ep, b"c"))?
+            .unwrap_or_default())
     }
 
     /// Overwrite `ep`'s c-list counters.
     pub fn set_clist_counters(&mut self, ep: EndpointId, c: &ClistCounters) {
-        self.put(endpoint_key(ep, b"c"), c);
+        self.dirty.clist_counters.insert(ep, Some(*c));
     }
 
     /// Allocate the next kernel-side ref of `kind` in `ep`'s c-list.

@@ -1,0 +1,106 @@
+//! Decoded records, so a crank neither decodes nor encodes the same record twice.
+//!
+//! [`Records`] holds, per hot table, records by key (`None`: known to be absent). A
+//! transaction has three: what it wrote (`dirty`, encoded once into its batch when it ends),
+//! what it read from the store (`fetched`), and the kernel's [`Records`] of committed state,
+//! shared read-only. After a commit the kernel folds the fetched and written records into its
+//! committed cache, so the next crank finds the records it needs already decoded. The kernel is
+//! the store's only writer, so the cache never goes stale; it is cleared when it grows past a
+//! bound.
+
+use crate::ids::{EndpointId, KObjectId, KPromiseId, KRef, VRef};
+use crate::tables::{ClistCounters, ClistEntry, EndpointStatus, ObjectRecord, PromiseRecord};
+use std::collections::HashMap as StdHashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+/// Hash maps keyed by the kernel's own small ids, with [`IdHasher`].
+pub(crate) type HashMap<K, V> = StdHashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// A fast hasher for the kernel's ids (multiply-rotate, as `FxHash`, with a final mix so the
+/// low bits a table indexes by depend on every input bit). The keys are the kernel's own
+/// numbers, not chosen by an adversary.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 33)
+    }
+}
+
+/// How many records the committed cache holds before it starts over.
+const CACHE_BOUND: usize = 1 << 20;
+
+/// Records of the hot tables, decoded.
+#[derive(Debug, Default)]
+pub(crate) struct Records {
+    pub objects: HashMap<KObjectId, Option<ObjectRecord>>,
+    pub promises: HashMap<KPromiseId, Option<PromiseRecord>>,
+    pub clist: HashMap<(EndpointId, KRef), Option<ClistEntry>>,
+    pub clist_rev: HashMap<(EndpointId, VRef), Option<KRef>>,
+    pub status: HashMap<EndpointId, Option<EndpointStatus>>,
+    pub clist_counters: HashMap<EndpointId, Option<ClistCounters>>,
+}
+
+impl Records {
+    fn len(&self) -> usize {
+        self.objects.len() + self.promises.len() + self.clist.len() + self.clist_rev.len() + self.status.len() + self.clist_counters.len()
+    }
+
+    fn clear(&mut self) {
+        *self = Records::default();
+    }
+
+    /// Fold `newer` in, its records replacing these.
+    pub fn absorb(&mut self, newer: Records) {
+        if self.len() + newer.len() > CACHE_BOUND {
+            self.clear();
+        }
+        self.objects.extend(newer.objects);
+        self.promises.extend(newer.promises);
+        self.clist.extend(newer.clist);
+        self.clist_rev.extend(newer.clist_rev);
+        self.status.extend(newer.status);
+        self.clist_counters.extend(newer.clist_counters);
+    }
+
+    /// Fold in what a transaction read from the store, where this cache has nothing newer.
+    pub fn absorb_fetched(&mut self, fetched: Records) {
+        fn fill<K: Hash + Eq, V>(into: &mut HashMap<K, V>, from: HashMap<K, V>) {
+            for (k, v) in from {
+                into.entry(k).or_insert(v);
+            }
+        }
+        if self.len() + fetched.len() > CACHE_BOUND {
+            self.clear();
+        }
+        fill(&mut self.objects, fetched.objects);
+        fill(&mut self.promises, fetched.promises);
+        fill(&mut self.clist, fetched.clist);
+        fill(&mut self.clist_rev, fetched.clist_rev);
+        fill(&mut self.status, fetched.status);
+        fill(&mut self.clist_counters, fetched.clist_counters);
+    }
+}
