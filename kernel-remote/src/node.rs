@@ -1,0 +1,539 @@
+//! [`Node`]: a kernel with its links to peer kernels, and the host side of Ken — the part that
+//! does what kernel-core never does: decide when outputs may leave, talk to a [`Transport`],
+//! retransmit, and apply what arrives.
+//!
+//! Output gating: a link's delivery stages its outbox entry in a [`Gate`] shared with the node.
+//! The kernel's commit event for that crank promotes it (anything staged by a crank that did not
+//! commit is dropped); the node then stamps it with the store position of the batch that
+//! committed it, and transmits it only once the store's durable mark covers that position.
+//! Acknowledgements wait the same way for the batch that applied the message.
+
+use crate::durable::DurableStore;
+use crate::error::{ProtocolError, RemoteError};
+use crate::link::{self, apply_inbound, decode_u64, Gate, LinkEndpoint, OUTBOX_PREFIX};
+use crate::rref::{KernelId, PeerSeq};
+use crate::transport::{Transport, TransportEvent};
+use crate::wire::{Frame, WireMessage, DEFAULT_MAX_FRAME};
+use kernel_core::{CrankReport, EndpointId, KObjectId, Kernel, RunSummary};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Tuning of the remote layer.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// The first retransmission timeout while connected with unacknowledged messages.
+    pub retransmit_base: Duration,
+    /// The cap of the doubling retransmission timeout. There is no retry limit.
+    pub retransmit_max: Duration,
+    /// At most this many messages beyond the last acknowledged one are in flight.
+    pub window: u64,
+    /// The largest frame accepted.
+    pub max_frame: usize,
+    /// Wait for the durable mark (not only the commit event) before transmitting. Turn off only
+    /// for a store whose commits are its durability (a `MemStore` host).
+    pub wait_for_durable: bool,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            retransmit_base: Duration::from_millis(200),
+            retransmit_max: Duration::from_secs(5),
+            window: 4096,
+            max_frame: DEFAULT_MAX_FRAME,
+            wait_for_durable: true,
+        }
+    }
+}
+
+/// One link's state as the host API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The peer.
+    pub peer: KernelId,
+    /// Its endpoint in the kernel.
+    pub endpoint: EndpointId,
+    /// Whether the transport reports it connected.
+    pub connected: bool,
+    /// Messages committed to the outbox and not yet acknowledged: the backlog.
+    pub backlog: u64,
+    /// The highest sequence written to the outbox (committed).
+    pub written: PeerSeq,
+    /// The highest sequence the peer acknowledged.
+    pub acked: PeerSeq,
+    /// The highest sequence from the peer applied here.
+    pub applied: PeerSeq,
+}
+
+/// Counters for tests and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Data frames transmitted (first sends and retransmissions).
+    pub data_sent: u64,
+    /// Data frames transmitted again (retransmission or resend after reconnect).
+    pub resent: u64,
+    /// Inbound messages applied.
+    pub applied: u64,
+    /// Inbound duplicates dropped.
+    pub duplicates: u64,
+    /// Inbound messages beyond a gap, not applied.
+    pub gaps: u64,
+    /// Acknowledgements transmitted.
+    pub acks_sent: u64,
+    /// Connections closed for a protocol violation.
+    pub closed: u64,
+}
+
+/// A committed outbox entry.
+#[derive(Debug, Clone)]
+struct OutEntry {
+    seq: u64,
+    message: Vec<u8>,
+    /// The store position of the batch that committed it.
+    mark: u64,
+}
+
+/// The host side of one link.
+#[derive(Debug)]
+struct PeerLink {
+    peer: KernelId,
+    ep: EndpointId,
+    // ---- sending ----
+    /// Committed, unacknowledged entries, in sequence order.
+    unacked: VecDeque<OutEntry>,
+    /// The highest sequence committed to the outbox.
+    written: u64,
+    /// The highest sequence the peer acknowledged.
+    acked: u64,
+    /// Acknowledged entries are deleted from the store up to here.
+    deleted: u64,
+    /// The next sequence to transmit on this connection.
+    next_send: u64,
+    /// Sequences below this were transmitted before on some connection (resends are counted).
+    high_sent: u64,
+    connected: bool,
+    rto: Duration,
+    deadline: Option<Duration>,
+    // ---- receiving ----
+    applied: u64,
+    /// The store position of the batch that applied `applied`.
+    applied_mark: u64,
+    /// The highest acknowledgement transmitted on this connection.
+    ack_sent: u64,
+    /// Send an acknowledgement even if it repeats (a duplicate arrived, or a new connection).
+    reack: bool,
+}
+
+/// A kernel and its links to peers: the host side of Ken.
+pub struct Node<S: DurableStore> {
+    kernel: Kernel<S>,
+    id: KernelId,
+    config: RemoteConfig,
+    gate: Rc<RefCell<Gate>>,
+    bootstrap: Rc<Cell<Option<KObjectId>>>,
+    links: Vec<PeerLink>,
+    by_peer: HashMap<KernelId, usize>,
+    faults: Vec<(KernelId, String)>,
+    stats: NodeStats,
+}
+
+/// The name of the kernel endpoint for `peer`.
+pub fn link_endpoint_name(peer: &KernelId) -> String {
+    format!("ken:{peer}")
+}
+
+impl<S: DurableStore> Node<S> {
+    /// Make `kernel` (freshly opened on its store) the kernel `id`. Register the store's own
+    /// commit observers (e.g. `FjallStore::crank_observer`) on the kernel first. Then attach
+    /// vats, [`Node::set_bootstrap`], and [`Node::add_peer`] each peer (again after a restart).
+    pub fn new(mut kernel: Kernel<S>, id: KernelId, config: RemoteConfig) -> Self {
+        let gate = Rc::new(RefCell::new(Gate::default()));
+        let g = Rc::clone(&gate);
+        kernel.add_commit_observer(move |_| g.borrow_mut().on_commit());
+        Node {
+            kernel,
+            id,
+            config,
+            gate,
+            bootstrap: Rc::new(Cell::new(None)),
+            links: Vec::new(),
+            by_peer: HashMap::new(),
+            faults: Vec::new(),
+            stats: NodeStats::default(),
+        }
+    }
+
+    /// This kernel's id.
+    pub fn id(&self) -> &KernelId {
+        &self.id
+    }
+
+    /// The kernel, for inspection.
+    pub fn kernel(&self) -> &Kernel<S> {
+        &self.kernel
+    }
+
+    /// The kernel, for setup: attaching vats, queueing messages, watching promises. Run cranks
+    /// through [`Node::step`] / [`Node::run`], never the kernel's own `step`: the node must see
+    /// every crank to gate link output on its commit.
+    pub fn kernel_mut(&mut self) -> &mut Kernel<S> {
+        &mut self.kernel
+    }
+
+    /// Close the node, giving back the kernel.
+    pub fn into_kernel(self) -> Kernel<S> {
+        self.kernel
+    }
+
+    /// Counters since this node was made.
+    pub fn stats(&self) -> NodeStats {
+        self.stats
+    }
+
+    /// The object peers reach as our bootstrap (`ro+0` here, `ro-0` there). Set it after every
+    /// restart, before messages arrive; until then a message to it is refused.
+    pub fn set_bootstrap(&mut self, object: KObjectId) {
+        self.bootstrap.set(Some(object));
+    }
+
+    /// Attach the link to `peer`, creating its endpoint the first time, and load its durable
+    /// state (outbox, sequence numbers).
+    pub fn add_peer(&mut self, peer: KernelId) -> Result<EndpointId, RemoteError> {
+        if peer == self.id {
+            return Err(RemoteError::Refused(format!("{peer} is this kernel")));
+        }
+        if self.by_peer.contains_key(&peer) {
+            return Err(RemoteError::Refused(format!("peer {peer} is already attached")));
+        }
+        let index = self.links.len();
+        let endpoint = LinkEndpoint::new(index, Rc::clone(&self.gate), Rc::clone(&self.bootstrap));
+        let ep = self.kernel.add_endpoint(&link_endpoint_name(&peer), Box::new(endpoint))?;
+        let corrupt = |reason: String| RemoteError::Corrupt { peer: peer.clone(), reason };
+        let mut unacked = VecDeque::new();
+        let (mut written, mut applied) = (0u64, 0u64);
+        let mark = self.kernel.store().applied_mark();
+        for (k, v) in self.kernel.vatstore(ep)? {
+            if k == link::NEXT_SEQ_KEY {
+                written = decode_u64(&v).and_then(|n| n.checked_sub(1)).ok_or_else(|| corrupt("next-sequence record".into()))?;
+            } else if k == link::APPLIED_KEY {
+                applied = decode_u64(&v).ok_or_else(|| corrupt("applied-sequence record".into()))?;
+            } else if let Some(seq) = k.strip_prefix(OUTBOX_PREFIX) {
+                let seq = decode_u64(seq).ok_or_else(|| corrupt(format!("outbox key {}", k.escape_ascii())))?;
+                unacked.push_back(OutEntry { seq, message: v, mark });
+            }
+        }
+        let acked = unacked.front().map_or(written, |e| e.seq - 1);
+        if unacked.iter().enumerate().any(|(i, e)| e.seq != acked + 1 + i as u64) || acked + unacked.len() as u64 != written {
+            return Err(corrupt(format!("outbox does not hold exactly {}..={written}", acked + 1)));
+        }
+        self.links.push(PeerLink {
+            peer: peer.clone(),
+            ep,
+            unacked,
+            written,
+            acked,
+            deleted: acked,
+            next_send: acked + 1,
+            high_sent: written,
+            connected: false,
+            rto: self.config.retransmit_base,
+            deadline: None,
+            applied,
+            applied_mark: mark,
+            ack_sent: 0,
+            reack: true,
+        });
+        self.by_peer.insert(peer, index);
+        Ok(ep)
+    }
+
+    /// The peers added so far.
+    pub fn peers(&self) -> Vec<KernelId> {
+        self.links.iter().map(|l| l.peer.clone()).collect()
+    }
+
+    /// The link endpoint for `peer`.
+    pub fn peer_endpoint(&self, peer: &KernelId) -> Result<EndpointId, RemoteError> {
+        self.link_index(peer).map(|i| self.links[i].ep)
+    }
+
+    /// `peer`'s bootstrap object as a local object (the root of its link endpoint): send to it
+    /// and the message travels to the peer.
+    pub fn peer_root(&self, peer: &KernelId) -> Result<KObjectId, RemoteError> {
+        Ok(self.kernel.root(self.peer_endpoint(peer)?)?)
+    }
+
+    fn link_index(&self, peer: &KernelId) -> Result<usize, RemoteError> {
+        self.by_peer.get(peer).copied().ok_or_else(|| RemoteError::UnknownPeer(peer.clone()))
+    }
+
+    /// Every link's state: connection, backlog, sequence numbers.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.links
+            .iter()
+            .map(|l| PeerStatus {
+                peer: l.peer.clone(),
+                endpoint: l.ep,
+                connected: l.connected,
+                backlog: l.unacked.len() as u64,
+                written: PeerSeq(l.written),
+                acked: PeerSeq(l.acked),
+                applied: PeerSeq(l.applied),
+            })
+            .collect()
+    }
+
+    /// Messages committed for all peers and not yet acknowledged.
+    pub fn backlog(&self) -> u64 {
+        self.links.iter().map(|l| l.unacked.len() as u64).sum()
+    }
+
+    /// Connections closed for protocol violations since the last call: `(peer, reason)`.
+    pub fn take_faults(&mut self) -> Vec<(KernelId, String)> {
+        std::mem::take(&mut self.faults)
+    }
+
+    /// Run one crank (see [`Kernel::step`]); link outputs it committed become transmittable.
+    pub fn step(&mut self) -> Result<Option<CrankReport>, RemoteError> {
+        self.gate.borrow_mut().generation += 1;
+        let result = self.kernel.step();
+        let mut gate = self.gate.borrow_mut();
+        gate.staged.clear(); // a crank that failed without a commit event leaves nothing to send
+        if !gate.committed.is_empty() {
+            let mark = self.kernel.store().applied_mark();
+            for s in gate.committed.drain(..) {
+                let link = &mut self.links[s.link];
+                debug_assert_eq!(s.seq, link.written + 1, "outbox sequence for {}", link.peer);
+                link.written = s.seq;
+                link.unacked.push_back(OutEntry { seq: s.seq, message: s.message, mark });
+            }
+        }
+        Ok(result?)
+    }
+
+    /// Run up to `max_cranks` cranks (all, if `None`) until the run queue is empty.
+    pub fn run(&mut self, max_cranks: Option<u64>) -> Result<RunSummary, RemoteError> {
+        let mut summary = RunSummary::default();
+        loop {
+            if max_cranks.is_some_and(|m| summary.cranks >= m) {
+                summary.quiescent = self.kernel.queue_len() == 0;
+                return Ok(summary);
+            }
+            match self.step()? {
+                None => {
+                    summary.quiescent = true;
+                    return Ok(summary);
+                }
+                Some(report) => {
+                    summary.cranks += 1;
+                    if matches!(report.outcome, kernel_core::CrankOutcome::Aborted { .. }) {
+                        summary.aborted += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handle one transport event at time `now`. A protocol violation closes the connection
+    /// through `net` and is recorded (see [`Node::take_faults`]); only kernel or store failures
+    /// are returned as errors.
+    pub fn handle(&mut self, now: Duration, event: TransportEvent, net: &mut dyn Transport) -> Result<(), RemoteError> {
+        match event {
+            TransportEvent::Connected(peer) => {
+                let Ok(i) = self.link_index(&peer) else {
+                    self.fault(net, &peer, "not a peer of this kernel");
+                    return Ok(());
+                };
+                let base = self.config.retransmit_base;
+                let l = &mut self.links[i];
+                l.connected = true;
+                l.next_send = l.acked + 1; // resend everything unacknowledged, in order
+                l.ack_sent = 0;
+                l.reack = true;
+                l.rto = base;
+                l.deadline = None;
+                let _ = now;
+            }
+            TransportEvent::Disconnected(peer, _reason) => {
+                if let Ok(i) = self.link_index(&peer) {
+                    let l = &mut self.links[i];
+                    l.connected = false;
+                    l.deadline = None;
+                }
+            }
+            TransportEvent::Frame(peer, bytes) => {
+                let Ok(i) = self.link_index(&peer) else {
+                    self.fault(net, &peer, "not a peer of this kernel");
+                    return Ok(());
+                };
+                if let Err(e) = self.frame(now, i, &bytes) {
+                    match e {
+                        FrameError::Protocol(p) => self.fault(net, &peer, &p.to_string()),
+                        FrameError::Host(h) => return Err(h),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fault(&mut self, net: &mut dyn Transport, peer: &KernelId, reason: &str) {
+        log::warn!("{}: closing the connection to {peer}: {reason}", self.id);
+        self.stats.closed += 1;
+        self.faults.push((peer.clone(), reason.to_owned()));
+        net.close(peer, reason);
+        if let Ok(i) = self.link_index(peer) {
+            self.links[i].connected = false;
+            self.links[i].deadline = None;
+        }
+    }
+
+    fn frame(&mut self, now: Duration, i: usize, bytes: &[u8]) -> Result<(), FrameError> {
+        match Frame::decode(bytes, self.config.max_frame).map_err(ProtocolError::from)? {
+            Frame::Hello { .. } => Err(ProtocolError::Unexpected("hello").into()),
+            Frame::Ack { upto } => {
+                let base = self.config.retransmit_base;
+                let l = &mut self.links[i];
+                if upto.0 > l.written {
+                    return Err(ProtocolError::AckBeyondSent { upto, sent: PeerSeq(l.written) }.into());
+                }
+                if upto.0 > l.acked {
+                    while l.unacked.front().is_some_and(|e| e.seq <= upto.0) {
+                        l.unacked.pop_front();
+                    }
+                    l.acked = upto.0;
+                    l.next_send = l.next_send.max(l.acked + 1);
+                    l.rto = base;
+                    l.deadline = if l.unacked.is_empty() { None } else { Some(now + base) };
+                }
+                Ok(())
+            }
+            Frame::Data { seq, message } => {
+                let l = &mut self.links[i];
+                if seq.0 <= l.applied {
+                    l.reack = true;
+                    self.stats.duplicates += 1;
+                    return Ok(());
+                }
+                if seq.0 > l.applied + 1 {
+                    self.stats.gaps += 1;
+                    return Ok(()); // acks are cumulative: the sender will resend the missing one
+                }
+                let ep = l.ep;
+                let message = WireMessage::decode(&message).map_err(ProtocolError::from)?;
+                let bootstrap = self.bootstrap.get();
+                match self.kernel.apply_external(ep, |ctx| apply_inbound(ctx, bootstrap, seq, &message)).map_err(RemoteError::from)? {
+                    Ok(()) => {
+                        let mark = self.kernel.store().applied_mark();
+                        let l = &mut self.links[i];
+                        l.applied = seq.0;
+                        l.applied_mark = mark;
+                        self.stats.applied += 1;
+                        Ok(())
+                    }
+                    Err(fault) => Err(ProtocolError::Refused { seq, fault }.into()),
+                }
+            }
+        }
+    }
+
+    /// Do the I/O that is due at `now`: run a due group sync, delete acknowledged entries,
+    /// transmit what has become durable (in order, within the window), acknowledge what has
+    /// been applied durably, and retransmit after a timeout.
+    pub fn pump(&mut self, now: Duration, net: &mut dyn Transport) -> Result<(), RemoteError> {
+        self.kernel.store().flush_due()?;
+        for i in 0..self.links.len() {
+            let l = &self.links[i];
+            if l.acked > l.deleted {
+                let (ep, from, to) = (l.ep, l.deleted + 1, l.acked);
+                let r = self.kernel.apply_external(ep, |ctx| {
+                    for seq in from..=to {
+                        ctx.vatstore_delete(&link::outbox_key(seq)).map_err(|e| kernel_core::Fault::VatError(e.to_string()))?;
+                    }
+                    Ok(())
+                })?;
+                if let Err(fault) = r {
+                    return Err(RemoteError::Refused(format!("deleting acknowledged entries for {}: {fault}", self.links[i].peer)));
+                }
+                self.links[i].deleted = to;
+            }
+        }
+        let durable = if self.config.wait_for_durable { self.kernel.store().durable_mark() } else { u64::MAX };
+        let (max_rto, window) = (self.config.retransmit_max, self.config.window);
+        for l in &mut self.links {
+            if !l.connected {
+                continue;
+            }
+            // Acknowledge what is applied and durable.
+            if (l.applied > l.ack_sent || l.reack) && l.applied_mark <= durable {
+                if let Ok(bytes) = (Frame::Ack { upto: PeerSeq(l.applied) }).encode() {
+                    net.send(&l.peer, bytes);
+                    self.stats.acks_sent += 1;
+                }
+                l.ack_sent = l.applied;
+                l.reack = false;
+            }
+            // Retransmit after a timeout, doubling it up to the cap; never give up.
+            if let Some(deadline) = l.deadline {
+                if now >= deadline && !l.unacked.is_empty() {
+                    l.next_send = l.acked + 1;
+                    l.rto = (l.rto * 2).min(max_rto);
+                    l.deadline = None;
+                }
+            }
+            // Transmit in order what is committed and durable, within the window.
+            let first = l.acked + 1;
+            while l.next_send <= l.written && l.next_send < first + window {
+                let Some(entry) = l.unacked.get((l.next_send - first) as usize) else { break };
+                if entry.mark > durable {
+                    break;
+                }
+                let frame = Frame::Data { seq: PeerSeq(entry.seq), message: entry.message.clone() };
+                if let Ok(bytes) = frame.encode() {
+                    net.send(&l.peer, bytes);
+                }
+                self.stats.data_sent += 1;
+                if entry.seq <= l.high_sent {
+                    self.stats.resent += 1;
+                }
+                l.high_sent = l.high_sent.max(entry.seq);
+                l.next_send += 1;
+            }
+            if !l.unacked.is_empty() && l.next_send > first && l.deadline.is_none() {
+                l.deadline = Some(now + l.rto);
+            }
+        }
+        Ok(())
+    }
+
+    /// The earliest time [`Node::pump`] has something to do by the clock (a retransmission),
+    /// if any.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.links.iter().filter(|l| l.connected).filter_map(|l| l.deadline).min()
+    }
+
+    /// True when nothing is waiting: no queued cranks, no unacknowledged output, no
+    /// acknowledgement owed.
+    pub fn is_idle(&self) -> bool {
+        self.kernel.queue_len() == 0 && self.links.iter().all(|l| l.unacked.is_empty() && l.ack_sent >= l.applied && !l.reack)
+    }
+}
+
+enum FrameError {
+    Protocol(ProtocolError),
+    Host(RemoteError),
+}
+
+impl From<ProtocolError> for FrameError {
+    fn from(e: ProtocolError) -> Self {
+        FrameError::Protocol(e)
+    }
+}
+
+impl From<RemoteError> for FrameError {
+    fn from(e: RemoteError) -> Self {
+        FrameError::Host(e)
+    }
+}
