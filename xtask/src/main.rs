@@ -6,8 +6,11 @@
 //! - `bench`: the benchmarks, printed as ratios against baselines measured in the same run.
 //! - `crash-test --kills N [--seed S] [--mode sync|group]`: kill -9 the kernel on fjall N times
 //!   and check nothing was lost or doubled (kernel-store's crash workload).
+//! - `sim --seeds N [--seed S]`: kernel-remote's deterministic simulation of Ken between three
+//!   kernels; prints `sim: N seeds, V violations` and the seed that replays any failure.
 
 mod crash_test;
+mod sim;
 
 use std::process::{Command, ExitCode};
 
@@ -17,8 +20,11 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
         Some("crash-test") => crash_test::crash_test(&args[1..]),
+        Some("sim") => sim::sim(&args[1..]),
         Some("help") | Some("--help") | None => {
-            println!("usage: cargo xtask <ci | bench [filter] | crash-test --kills N [--seed S] [--mode sync|group]>");
+            println!(
+                "usage: cargo xtask <ci | bench [filter] | crash-test --kills N [--seed S] [--mode sync|group] | sim --seeds N [--seed S]>"
+            );
             Ok(())
         }
         Some(other) => Err(format!("unknown task {other:?}; try `cargo xtask help`")),
