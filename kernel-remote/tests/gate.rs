@@ -1,0 +1,244 @@
+//! Output gating and the receiver, one frame at a time: nothing leaves before its crank commits
+//! and is durable; a crank that does not commit leaves nothing; duplicates are dropped and
+//! re-acked, gaps are not applied, acks wait for durability; retransmission backs off to its
+//! cap and never gives up.
+
+use kernel_core::{CapData, Entry, Kernel, MemStore, Store, StoreError, VRef, WriteBatch};
+use kernel_remote::sim::{SimClock, SimDurability, SimStore};
+use kernel_remote::{DurableStore, Frame, KernelId, Node, PeerSeq, RRef, RemoteConfig, Transport, TransportEvent, WireData, WireMessage};
+use kernel_syscall::{Answer, Behavior, Cx, HelperVat, VatData, VatEndpoint, VatError};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+fn id(s: &str) -> KernelId {
+    s.parse().expect("kernel id")
+}
+
+/// A transport that records what the node sends.
+#[derive(Default)]
+struct Recorder {
+    sent: Vec<(KernelId, Frame)>,
+    closed: Vec<(KernelId, String)>,
+}
+
+impl Transport for Recorder {
+    fn send(&mut self, peer: &KernelId, frame: Vec<u8>) {
+        self.sent.push((peer.clone(), Frame::decode(&frame, usize::MAX).expect("the node sends valid frames")));
+    }
+    fn close(&mut self, peer: &KernelId, reason: &str) {
+        self.closed.push((peer.clone(), reason.to_owned()));
+    }
+    fn poll_event(&mut self) -> Option<TransportEvent> {
+        None
+    }
+}
+
+impl Recorder {
+    fn data(&mut self) -> Vec<u64> {
+        let seqs = self.sent.iter().filter_map(|(_, f)| if let Frame::Data { seq, .. } = f { Some(seq.0) } else { None }).collect();
+        self.sent.retain(|(_, f)| !matches!(f, Frame::Data { .. }));
+        seqs
+    }
+    fn acks(&mut self) -> Vec<u64> {
+        let acks = self.sent.iter().filter_map(|(_, f)| if let Frame::Ack { upto } = f { Some(upto.0) } else { None }).collect();
+        self.sent.retain(|(_, f)| !matches!(f, Frame::Ack { .. }));
+        acks
+    }
+}
+
+struct Echo;
+impl Behavior for Echo {
+    fn call(&mut self, _: &mut Cx<'_, '_, '_>, _: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {
+        match method {
+            "fail" => Err(VatError::new("asked to fail")),
+            _ => Ok(Answer::Value(args)),
+        }
+    }
+}
+
+fn group_store() -> SimStore {
+    SimStore::new(SimDurability::Group { max_batches: 1_000, max_delay: Duration::from_secs(3600) }, SimClock::new())
+}
+
+fn node<S: DurableStore>(store: S, name: &str, peer: &str) -> Node<S> {
+    let mut node = Node::new(Kernel::open(store).expect("open"), id(name), RemoteConfig::default());
+    let echo = node.kernel_mut().add_endpoint("echo", VatEndpoint::boxed(HelperVat::new(Echo))).expect("vat");
+    let root = node.kernel().root(echo).expect("root");
+    node.set_bootstrap(root);
+    node.add_peer(id(peer)).expect("peer");
+    node
+}
+
+fn send_to_peer<S: DurableStore>(node: &mut Node<S>, peer: &str, method: &str) {
+    let target = node.peer_root(&id(peer)).expect("peer root");
+    node.kernel_mut().queue_message(target.into(), method, CapData::plain("1")).expect("queue");
+}
+
+#[test]
+fn a_message_leaves_only_after_its_crank_commits_and_is_durable() {
+    let mut a = node(group_store(), "a", "b");
+    let mut net = Recorder::default();
+    a.handle(Duration::ZERO, TransportEvent::Connected(id("b")), &mut net).expect("connect");
+    send_to_peer(&mut a, "b", "hello");
+    a.pump(Duration::ZERO, &mut net).expect("pump");
+    assert_eq!(net.data(), Vec::<u64>::new(), "nothing before the crank");
+    a.step().expect("crank").expect("a crank ran");
+    assert_eq!(a.status()[0].backlog, 1, "the entry is committed to the outbox");
+    a.pump(Duration::ZERO, &mut net).expect("pump");
+    assert_eq!(net.data(), Vec::<u64>::new(), "committed but not durable: held back");
+    a.kernel().store().sync();
+    a.pump(Duration::ZERO, &mut net).expect("pump");
+    assert_eq!(net.data(), vec![1], "durable: sent");
+}
+
+#[test]
+fn an_aborted_crank_leaves_no_outbox_entry() {
+    /// Sends to the peer, then fails: the send must vanish with the crank.
+    struct SendThenFail(Rc<Cell<Option<kernel_core::KObjectId>>>);
+    impl kernel_core::Endpoint for SendThenFail {
+        fn deliver(&mut self, _: kernel_core::KernelDelivery, ctx: &mut kernel_core::CrankContext<'_>) -> Result<(), kernel_core::Fault> {
+            let target = self.0.get().expect("target set");
+            let _ = ctx.send(target.into(), "lost".into(), CapData::plain("0"), None);
+            Err(kernel_core::Fault::VatError("after sending".into()))
+        }
+    }
+    let mut a = node(MemStore::new(), "a", "b");
+    let target = Rc::new(Cell::new(None));
+    let bad = a.kernel_mut().add_endpoint("bad", Box::new(SendThenFail(Rc::clone(&target)))).expect("vat");
+    target.set(Some(a.peer_root(&id("b")).expect("root")));
+    let root = a.kernel().root(bad).expect("root");
+    a.kernel_mut().queue_message(root.into(), "go", CapData::plain("0")).expect("queue");
+    let mut net = Recorder::default();
+    a.handle(Duration::ZERO, TransportEvent::Connected(id("b")), &mut net).expect("connect");
+    a.run(None).expect("run");
+    a.pump(Duration::ZERO, &mut net).expect("pump");
+    assert_eq!(net.data(), Vec::<u64>::new());
+    let ep = a.peer_endpoint(&id("b")).expect("ep");
+    assert!(a.kernel().vatstore(ep).expect("vatstore").is_empty(), "no outbox entry, no sequence used");
+    assert_eq!(a.backlog(), 0);
+}
+
+/// A MemStore whose next `apply` fails while the flag is set.
+struct Flaky {
+    inner: MemStore,
+    fail: Rc<Cell<bool>>,
+}
+
+impl Store for Flaky {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<Entry>, StoreError> {
+        self.inner.next(prefix, after)
+    }
+    fn apply(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
+        if self.fail.get() {
+            return Err(StoreError::new("disk on fire"));
+        }
+        self.inner.apply(batch)
+    }
+}
+
+impl DurableStore for Flaky {
+    fn applied_mark(&self) -> u64 {
+        self.inner.batches_applied()
+    }
+    fn durable_mark(&self) -> u64 {
+        self.inner.batches_applied()
+    }
+}
+
+#[test]
+fn a_crank_that_fails_to_commit_sends_nothing_and_its_retry_sends_once() {
+    let fail = Rc::new(Cell::new(false));
+    let mut a = node(Flaky { inner: MemStore::new(), fail: Rc::clone(&fail) }, "a", "b");
+    let mut net = Recorder::default();
+    a.handle(Duration::ZERO, TransportEvent::Connected(id("b")), &mut net).expect("connect");
+    send_to_peer(&mut a, "b", "hello");
+    fail.set(true);
+    assert!(a.step().is_err(), "the commit failed");
+    a.pump(Duration::ZERO, &mut net).ok();
+    assert_eq!(net.data(), Vec::<u64>::new(), "the link wrote an entry, but its crank never committed");
+    fail.set(false);
+    a.step().expect("retry").expect("a crank ran");
+    a.pump(Duration::ZERO, &mut net).expect("pump");
+    assert_eq!(net.data(), vec![1], "sent once, with the first sequence number");
+    assert_eq!(a.backlog(), 1);
+}
+
+fn data(seq: u64, method: &str) -> Vec<u8> {
+    // The sender's name for our bootstrap object is its `ro-0`.
+    let target = RRef::BOOTSTRAP.flip();
+    let message =
+        WireMessage::Deliver { target, method: method.into(), args: WireData { body: b"1".to_vec(), slots: vec![] }, result: None };
+    Frame::Data { seq: PeerSeq(seq), message: message.encode().expect("encode") }.encode().expect("frame")
+}
+
+#[test]
+fn the_receiver_applies_in_order_once_and_acks_only_what_is_durable() {
+    let mut b = node(group_store(), "b", "a");
+    let mut net = Recorder::default();
+    let t = Duration::ZERO;
+    b.handle(t, TransportEvent::Connected(id("a")), &mut net).expect("connect");
+    b.pump(t, &mut net).expect("pump");
+    net.acks(); // the greeting ack of a new connection
+    b.handle(t, TransportEvent::Frame(id("a"), data(2, "second")), &mut net).expect("gap");
+    assert_eq!(b.status()[0].applied, PeerSeq(0), "a gap is not applied");
+    b.handle(t, TransportEvent::Frame(id("a"), data(1, "first")), &mut net).expect("first");
+    assert_eq!(b.status()[0].applied, PeerSeq(1));
+    assert_eq!(b.kernel().queue_len(), 1, "the message is on the run queue");
+    b.pump(t, &mut net).expect("pump");
+    assert_eq!(net.acks(), Vec::<u64>::new(), "applied but not durable: no ack yet");
+    b.kernel().store().sync();
+    b.pump(t, &mut net).expect("pump");
+    assert_eq!(net.acks(), vec![1]);
+    b.handle(t, TransportEvent::Frame(id("a"), data(1, "first")), &mut net).expect("duplicate");
+    assert_eq!(b.kernel().queue_len(), 1, "the duplicate is dropped");
+    b.pump(t, &mut net).expect("pump");
+    assert_eq!(net.acks(), vec![1], "and re-acked");
+    b.handle(t, TransportEvent::Frame(id("a"), data(2, "second")), &mut net).expect("second");
+    assert_eq!((b.status()[0].applied, b.kernel().queue_len()), (PeerSeq(2), 2));
+    assert!(net.closed.is_empty(), "{:?}", net.closed);
+    // An ack for a message never written is a protocol violation.
+    b.handle(t, TransportEvent::Frame(id("a"), Frame::Ack { upto: PeerSeq(5) }.encode().expect("ack")), &mut net).expect("bad ack");
+    assert_eq!(net.closed.len(), 1);
+    assert!(net.closed[0].1.contains("ack of #5"), "{}", net.closed[0].1);
+}
+
+#[test]
+fn retransmission_backs_off_to_its_cap_and_never_gives_up() {
+    let config =
+        RemoteConfig { retransmit_base: Duration::from_millis(100), retransmit_max: Duration::from_millis(400), ..RemoteConfig::default() };
+    let mut a = Node::new(Kernel::open(MemStore::new()).expect("open"), id("a"), config);
+    a.add_peer(id("b")).expect("peer");
+    let mut net = Recorder::default();
+    a.handle(Duration::ZERO, TransportEvent::Connected(id("b")), &mut net).expect("connect");
+    send_to_peer(&mut a, "b", "one");
+    send_to_peer(&mut a, "b", "two");
+    a.run(None).expect("run");
+    let mut sends = Vec::new();
+    for ms in (0..=5_000).step_by(10) {
+        a.pump(Duration::from_millis(ms), &mut net).expect("pump");
+        if !net.data().is_empty() {
+            sends.push(ms);
+        }
+    }
+    // 0, then +100, +200, +400, +400, ... : doubling to the cap, forever.
+    assert_eq!(&sends[..5], &[0, 100, 300, 700, 1100]);
+    assert!(sends.len() > 12, "{sends:?}");
+    assert!(sends.windows(2).skip(3).all(|w| w[1] - w[0] == 400), "{sends:?}");
+    assert_eq!(a.status()[0].backlog, 2, "the backlog is visible");
+    // An ack of the first: the second is still resent, the backlog shrinks.
+    a.handle(
+        Duration::from_millis(5_000),
+        TransportEvent::Frame(id("b"), Frame::Ack { upto: PeerSeq(1) }.encode().expect("ack")),
+        &mut net,
+    )
+    .expect("ack");
+    assert_eq!(a.status()[0].backlog, 1);
+    // A reconnect resends everything unacked at once, in order.
+    a.handle(Duration::from_millis(5_001), TransportEvent::Connected(id("b")), &mut net).expect("reconnect");
+    a.pump(Duration::from_millis(5_001), &mut net).expect("pump");
+    assert_eq!(net.data(), vec![2]);
+}
