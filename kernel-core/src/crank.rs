@@ -157,9 +157,18 @@ impl<'s> CrankContext<'s> {
         let ep = self.endpoint;
         if let Some(k) = self.check(self.work.db.clist_kref(ep, vref))? {
             if let KRef::Object(_) = k {
-                // Sending an export again makes it reachable again, should it have been dropped.
-                let r = self.work.db.clist_set_reachable(ep, k, true);
-                self.check(r)?;
+                if vref.allocator == Allocator::Kernel {
+                    // A dropped import is stale: the endpoint said it can no longer reach it,
+                    // and its exporter may have retired it since.
+                    let entry = self.check(self.work.db.clist_entry(ep, k))?;
+                    if !entry.is_some_and(|e| e.reachable) {
+                        return Err(self.illegal(format!("{vref} is stale: {ep} dropped it")));
+                    }
+                } else {
+                    // Sending an export again makes it reachable again, should it have been dropped.
+                    let r = self.work.db.clist_set_reachable(ep, k, true);
+                    self.check(r)?;
+                }
             }
             return Ok(k);
         }
@@ -199,6 +208,15 @@ impl<'s> CrankContext<'s> {
         self.guard()?;
         let r = self.work.db.import(self.endpoint, kref);
         self.check(r)
+    }
+
+    /// The endpoint's vref for `kref`, if its c-list has it; changes nothing (unlike
+    /// [`CrankContext::import`], which also makes a dropped import reachable again). GC
+    /// deliveries are translated with this.
+    pub fn vref(&mut self, kref: KRef) -> Result<Option<VRef>, SyscallError> {
+        self.guard()?;
+        let r = self.work.db.clist_entry(self.endpoint, kref);
+        Ok(self.check(r)?.map(|e| e.vref))
     }
 
     /// What the endpoint may drop at `bringOutYourDead`: the objects it imports and can still

@@ -165,8 +165,10 @@ pub(crate) fn still_applies(db: &KernelTxn<'_>, ep: EndpointId, action: GcAction
     for &o in action.objects() {
         let rec = db.object(o)?;
         let ok = match (&action, rec) {
-            (GcAction::DropExports(_), Some(r)) => r.owner == ep && r.reachable == 0 && !r.pinned,
-            (GcAction::RetireExports(_), Some(r)) => r.owner == ep && r.reachable == 0 && r.recognizable == 0 && !r.pinned,
+            // An export abandoned since (the endpoint's entry is gone) is no longer the
+            // endpoint's business.
+            (GcAction::DropExports(_), Some(r)) => r.owner == ep && r.reachable == 0 && !r.pinned && !r.abandoned,
+            (GcAction::RetireExports(_), Some(r)) => r.owner == ep && r.reachable == 0 && r.recognizable == 0 && !r.pinned && !r.abandoned,
             (GcAction::RetireImports(_), _) => db.clist_entry(ep, KRef::Object(o))?.is_some_and(|e| !e.reachable),
             _ => false,
         };

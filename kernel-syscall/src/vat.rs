@@ -148,9 +148,15 @@ impl<V: Vat> Endpoint for VatEndpoint<V> {
     }
 
     fn collect(&mut self, action: GcAction, ctx: &mut CrankContext<'_>) -> Result<(), Fault> {
+        // Translated without side effects: importing would make a dropped import reachable
+        // again, or mark an export the kernel just dropped as undropped. The kernel only
+        // delivers actions on refs the endpoint's c-list holds.
         let mut vrefs = Vec::with_capacity(action.objects().len());
         for &o in action.objects() {
-            vrefs.push(ctx.import(KRef::Object(o)).map_err(kernel_fault)?);
+            match ctx.vref(KRef::Object(o)).map_err(kernel_fault)? {
+                Some(v) => vrefs.push(v),
+                None => return Err(Fault::VatError(format!("{} for {o}, which is not in the c-list", action.name()))),
+            }
         }
         let mut sys = Syscall::new(ctx);
         let r = match action {

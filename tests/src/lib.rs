@@ -1,19 +1,22 @@
 //! # tests
 //!
 //! Cross-crate tests of the kernel (in `tests/`), and what they share: [`check_tables`], which
-//! reads a kernel's tables (through the host API and, for the c-lists' vref side, the raw store)
-//! and lists every way they disagree with each other.
+//! reads a kernel's tables (through the host API and, for the c-lists' vref side and reachable
+//! flags, the raw store) and lists every way they disagree with each other; and [`recount`],
+//! which recomputes every reference count from scratch.
 #![forbid(unsafe_code)]
 
 use kernel_core::store::{scan_committed, Store};
-use kernel_core::{Allocator, EndpointId, EndpointStatus, KObjectId, KPromiseId, KRef, Kernel, PromiseState, RefKind, RunQueueItem, VRef};
+use kernel_core::{
+    Allocator, ClistEntry, EndpointId, EndpointStatus, KObjectId, KPromiseId, KRef, Kernel, Message, PromiseState, RefKind, RunQueueItem,
+    VRef,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// What the raw store holds under `l/` (the c-lists): which `(endpoint, kref)` rows exist on the
-/// kref side (their values are the kernel's business, read through the host API), and the vref
-/// side, `(endpoint, vref) -> kref`.
+/// What the raw store holds under `l/` (the c-lists): the kref side, `(endpoint, kref) ->`
+/// entry (vref and reachable flag), and the vref side, `(endpoint, vref) -> kref`.
 struct RawCLists {
-    kref_rows: BTreeSet<(EndpointId, KRef)>,
+    kref_rows: BTreeMap<(EndpointId, KRef), ClistEntry>,
     by_vref: BTreeMap<(EndpointId, VRef), KRef>,
 }
 
@@ -30,7 +33,7 @@ fn kref_from_key(b: &[u8]) -> Option<KRef> {
 /// Read the c-list rows (`l/<ep u32>/k<kref 9 bytes>` and `l/<ep u32>/v<vref 10 bytes>`, as
 /// `kernel-core`'s tables document them).
 fn read_clists<S: Store>(store: &S, problems: &mut Vec<String>) -> RawCLists {
-    let mut raw = RawCLists { kref_rows: BTreeSet::new(), by_vref: BTreeMap::new() };
+    let mut raw = RawCLists { kref_rows: BTreeMap::new(), by_vref: BTreeMap::new() };
     let rows = match scan_committed(store, b"l/") {
         Ok(rows) => rows,
         Err(e) => {
@@ -47,10 +50,11 @@ fn read_clists<S: Store>(store: &S, problems: &mut Vec<String>) -> RawCLists {
         let ep = EndpointId(u32::from_be_bytes([key[2], key[3], key[4], key[5]]));
         let rest = &key[8..];
         match key[7] {
-            b'k' => match kref_from_key(rest) {
-                Some(k) if rest.len() == 9 => {
-                    raw.kref_rows.insert((ep, k));
+            b'k' => match (kref_from_key(rest), postcard::from_bytes::<ClistEntry>(&value)) {
+                (Some(k), Ok(entry)) if rest.len() == 9 => {
+                    raw.kref_rows.insert((ep, k), entry);
                 }
+                (Some(_), Err(_)) if rest.len() == 9 => problems.push(format!("c-list row {shown} does not decode")),
                 _ => problems.push(format!("c-list row {shown} has a malformed kref key")),
             },
             b'v' => match (vref_from_key(rest), postcard::from_bytes::<KRef>(&value)) {
@@ -88,7 +92,9 @@ fn vref_from_key(b: &[u8]) -> Option<VRef> {
 /// - objects are owned by known endpoints;
 /// - an unresolved promise is decided by a live endpoint holding it in its c-list, or by the
 ///   kernel while exactly one queued message carries it as its result;
-/// - every reference in the run queue, in promise queues and in settlements exists.
+/// - every reference in the run queue, in promise queues and in settlements exists;
+/// - every object's reachable and recognizable counts and every promise's reference count are
+///   what [`recount`] finds from scratch, and no object is more reachable than recognizable.
 pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
     let mut problems = Vec::new();
     let (endpoints, objects, promises, queue) = match (kernel.endpoints(), kernel.objects(), kernel.promises(), kernel.run_queue()) {
@@ -112,7 +118,7 @@ pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
             Err(e) => problems.push(format!("{ep}: cannot read its c-list: {e}")),
         }
     }
-    if by_kref.keys().ne(raw.kref_rows.iter()) {
+    if by_kref.keys().ne(raw.kref_rows.keys()) {
         problems.push("the host API's c-lists differ from the stored kref rows".to_owned());
     }
     for ((ep, k), v) in &by_kref {
@@ -156,7 +162,7 @@ pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
             }
         }
     }
-    for (ep, _) in &raw.kref_rows {
+    for (ep, _) in raw.kref_rows.keys() {
         if !endpoints.contains_key(ep) {
             problems.push(format!("the store holds c-list rows of unknown endpoint {ep}"));
         }
@@ -210,6 +216,36 @@ pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
         }
     }
 
+    // Reference counts, recomputed from scratch.
+    match recount(kernel) {
+        Err(e) => problems.push(e),
+        Ok(counts) => {
+            for (o, rec) in &objects {
+                let (reachable, recognizable) = counts.objects.get(o).copied().unwrap_or((0, 0));
+                if (rec.reachable, rec.recognizable) != (reachable, recognizable) {
+                    problems.push(format!(
+                        "{o} counts reachable {} recognizable {}, but {reachable} and {recognizable} references exist",
+                        rec.reachable, rec.recognizable
+                    ));
+                }
+                if rec.reachable > rec.recognizable {
+                    problems.push(format!("{o} is more reachable ({}) than recognizable ({})", rec.reachable, rec.recognizable));
+                }
+            }
+            match kernel.promise_records() {
+                Ok(records) => {
+                    for (kp, rec) in records {
+                        let refs = counts.promises.get(&kp).copied().unwrap_or(0);
+                        if rec.refs != refs {
+                            problems.push(format!("{kp} counts {} references, but {refs} exist", rec.refs));
+                        }
+                    }
+                }
+                Err(e) => problems.push(format!("cannot read the promise records: {e}")),
+            }
+        }
+    }
+
     // Deciders.
     for (kp, state) in &promises {
         let flying = in_flight.get(kp).copied().unwrap_or(0);
@@ -235,4 +271,87 @@ pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
         }
     }
     problems
+}
+
+/// Reference counts recomputed from the tables, as DESIGN §6 and `kernel-core`'s records define
+/// them: see [`recount`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Per object: `(reachable, recognizable)`.
+    pub objects: BTreeMap<KObjectId, (u32, u32)>,
+    /// Per promise: its references.
+    pub promises: BTreeMap<KPromiseId, u32>,
+    /// Per c-list entry: its reachable flag.
+    pub flags: BTreeMap<(EndpointId, KRef), bool>,
+}
+
+impl Counts {
+    fn add(&mut self, r: KRef, reachable: bool) {
+        match r {
+            KRef::Object(o) => {
+                let c = self.objects.entry(o).or_default();
+                c.1 += 1;
+                if reachable {
+                    c.0 += 1;
+                }
+            }
+            KRef::Promise(p) => *self.promises.entry(p).or_default() += 1,
+        }
+    }
+
+    fn add_message(&mut self, target: KRef, m: &Message) {
+        self.add(target, true);
+        for s in &m.args.slots {
+            self.add(*s, true);
+        }
+        if let Some(r) = m.result {
+            self.add(KRef::Promise(r), true);
+        }
+    }
+}
+
+/// Recompute every reference count from scratch: an importer's c-list entry counts toward its
+/// object's recognizable count, and toward its reachable count if flagged reachable (an
+/// exporter's own entry counts for nothing); every c-list entry of a promise counts one; every
+/// queued message (on the run queue, or waiting on a promise: its target is that promise)
+/// counts its target, its argument slots and its result as reachable; a queued `notify` counts
+/// its promise; a settled promise's data counts each slot as reachable.
+pub fn recount<S: Store>(kernel: &Kernel<S>) -> Result<Counts, String> {
+    let err = |e: kernel_core::KernelError| format!("the host API cannot read the tables: {e}");
+    let owners: BTreeMap<KObjectId, EndpointId> = kernel.objects().map_err(err)?.into_iter().map(|(o, r)| (o, r.owner)).collect();
+    let mut counts = Counts::default();
+    let mut problems = Vec::new();
+    let raw = read_clists(kernel.store(), &mut problems);
+    if let Some(p) = problems.into_iter().next() {
+        return Err(p);
+    }
+    for ((ep, kref), entry) in raw.kref_rows {
+        counts.flags.insert((ep, kref), entry.reachable);
+        match kref {
+            KRef::Object(o) if owners.get(&o) == Some(&ep) => {}
+            _ => counts.add(kref, entry.reachable),
+        }
+    }
+    for item in kernel.run_queue().map_err(err)? {
+        match item {
+            RunQueueItem::Send { target, message } => counts.add_message(target, &message),
+            RunQueueItem::Notify { promise, .. } => counts.add(KRef::Promise(promise), true),
+            RunQueueItem::Gc { .. } => {}
+        }
+    }
+    for (kp, state) in kernel.promises().map_err(err)? {
+        match state {
+            PromiseState::Unresolved { queue, .. } => {
+                for m in &queue {
+                    counts.add_message(KRef::Promise(kp), m);
+                }
+            }
+            PromiseState::Settled(s) => {
+                for r in &s.data().slots {
+                    counts.add(*r, true);
+                }
+            }
+        }
+    }
+    Ok(counts)
 }

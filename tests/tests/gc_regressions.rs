@@ -1,0 +1,218 @@
+//! Garbage-collection corner cases found while fuzzing and property-testing GC, each pinned by
+//! a minimal scenario: GC deliveries must not change c-list flags or entries as a side effect,
+//! a dropExports must not reach an exporter that abandoned the export, and a vat may not bring
+//! back an import it dropped (it could otherwise resurrect an object the kernel retired).
+
+use kernel_core::{CapData, CrankOutcome, EndpointId, Fault, KRef, Kernel, MemStore, Settlement, VRef};
+use kernel_syscall::{Resolution, Syscall, Vat, VatData, VatEndpoint, VatError};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+type Log = Rc<RefCell<Vec<String>>>;
+
+/// A vat driven by method names: `make` exports a new object (answered as a reference), `hold`
+/// keeps its argument, `give(to)` sends `to.hold(held)`, `dropOnly`/`retire` make the GC
+/// syscall on its argument, `abandonFirst` abandons `o+1`. It logs every GC delivery, and retires exports it is told to
+/// drop if `retire_on_drop`.
+struct Scripted {
+    name: &'static str,
+    log: Log,
+    next: u64,
+    held: Option<VRef>,
+    retire_on_drop: bool,
+}
+
+impl Scripted {
+    fn boxed(name: &'static str, log: &Log, retire_on_drop: bool) -> Box<dyn kernel_core::Endpoint> {
+        VatEndpoint::boxed(Scripted { name, log: Rc::clone(log), next: 1, held: None, retire_on_drop })
+    }
+}
+
+impl Vat for Scripted {
+    fn deliver(&mut self, _: VRef, method: &str, args: VatData, result: Option<VRef>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let answer = match method {
+            "make" => {
+                let o = VRef::export(self.next);
+                self.next += 1;
+                VatData::reference(o)
+            }
+            "hold" => {
+                self.held = args.slots.first().copied();
+                VatData::plain("null")
+            }
+            "give" => {
+                let (to, thing) = (args.slots[0], self.held.expect("holds something"));
+                sys.send(to, "hold", &VatData { body: b"[{\"$slot\":0}]".to_vec(), slots: vec![thing] }, None)?;
+                VatData::plain("null")
+            }
+            "dropOnly" => {
+                sys.drop_imports(&args.slots)?;
+                VatData::plain("null")
+            }
+            "retire" => {
+                sys.retire_imports(&args.slots)?;
+                VatData::plain("null")
+            }
+            "abandonFirst" => {
+                sys.abandon_exports(&[VRef::export(1)])?;
+                VatData::plain("null")
+            }
+            other => return Err(VatError::new(format!("no method {other}"))),
+        };
+        if let Some(r) = result {
+            sys.resolve(&[(r, false, answer)])?;
+        }
+        Ok(())
+    }
+
+    fn notify(&mut self, _: Vec<Resolution>, _: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        Ok(())
+    }
+
+    fn drop_exports(&mut self, exports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        self.log.borrow_mut().push(format!("{} dropExports {exports:?}", self.name));
+        if self.retire_on_drop {
+            sys.retire_exports(exports)?;
+        }
+        Ok(())
+    }
+
+    fn retire_exports(&mut self, exports: &[VRef], _: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        self.log.borrow_mut().push(format!("{} retireExports {exports:?}", self.name));
+        Ok(())
+    }
+
+    fn retire_imports(&mut self, imports: &[VRef], _: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        self.log.borrow_mut().push(format!("{} retireImports {imports:?}", self.name));
+        Ok(())
+    }
+}
+
+fn args(slots: &[KRef]) -> CapData {
+    CapData { body: b"[]".to_vec(), slots: slots.to_vec() }
+}
+
+struct World {
+    k: Kernel<MemStore>,
+    log: Log,
+}
+
+impl World {
+    fn new(vats: &[(&'static str, bool)]) -> (Self, Vec<EndpointId>) {
+        let log: Log = Rc::default();
+        let mut k = Kernel::open(MemStore::new()).expect("open");
+        let eps = vats.iter().map(|(name, retire)| k.add_endpoint(name, Scripted::boxed(name, &log, *retire)).expect("add")).collect();
+        (World { k, log }, eps)
+    }
+
+    fn root(&self, ep: EndpointId) -> KRef {
+        self.k.root(ep).expect("root").into()
+    }
+
+    /// Queue a call and unpin its result at once (nobody reads it).
+    fn queue(&mut self, target: KRef, method: &str, slots: &[KRef]) {
+        let kp = self.k.queue_message(target, method, args(slots)).expect("queue");
+        self.k.set_pinned(kp.into(), false).expect("unpin");
+    }
+
+    fn run(&mut self) -> Vec<kernel_core::CrankReport> {
+        let mut reports = Vec::new();
+        while let Some(r) = self.k.step().expect("step") {
+            reports.push(r);
+        }
+        reports
+    }
+
+    /// Exporter `e` makes an object and gives it to `i`; the host keeps no hold on it.
+    fn export_to(&mut self, e: EndpointId, i: EndpointId) -> KRef {
+        let kp = self.k.queue_message(self.root(e), "make", args(&[])).expect("queue");
+        self.run();
+        let thing = match self.k.settlement(kp).expect("read") {
+            Some(Settlement::Fulfilled(d)) => d.as_reference().expect("a reference"),
+            other => panic!("make answered {other:?}"),
+        };
+        self.k.set_pinned(thing, true).expect("pin");
+        self.k.set_pinned(kp.into(), false).expect("unpin");
+        self.queue(self.root(i), "hold", &[thing]);
+        self.run();
+        self.k.set_pinned(thing, false).expect("unpin");
+        self.run();
+        thing
+    }
+
+    fn check(&self) {
+        let problems = tests::check_tables(&self.k);
+        assert!(problems.is_empty(), "inconsistent tables:\n  {}", problems.join("\n  "));
+    }
+}
+
+/// An importer drops (without retiring) and, in a later crank, retires: the exporter is told
+/// `dropExports` once, then `retireExports` — the dropExports delivery itself must not make the
+/// export look undropped again.
+#[test]
+fn an_exporter_is_told_drop_exports_once() {
+    let (mut w, eps) = World::new(&[("exporter", false), ("importer", false)]);
+    let (e, i) = (eps[0], eps[1]);
+    let thing = w.export_to(e, i);
+    w.queue(w.root(i), "dropOnly", &[thing]);
+    w.run();
+    w.queue(w.root(i), "retire", &[thing]);
+    w.run();
+    w.check();
+    let drops = w.log.borrow().iter().filter(|l| l.starts_with("exporter dropExports")).count();
+    assert_eq!(drops, 1, "{:?}", w.log.borrow());
+    assert!(w.log.borrow().iter().any(|l| l.starts_with("exporter retireExports")), "{:?}", w.log.borrow());
+    assert_eq!(w.k.object(thing.as_object().expect("object")).expect("read"), None);
+}
+
+/// The exporter abandons an export after the kernel queued `dropExports` for it: the drop no
+/// longer applies, and the exporter never gets an import of its own object.
+#[test]
+fn drop_exports_does_not_reach_an_exporter_that_abandoned_the_export() {
+    let (mut w, eps) = World::new(&[("exporter", false), ("importer", false)]);
+    let (e, i) = (eps[0], eps[1]);
+    let thing = w.export_to(e, i);
+    // The importer's drop queues dropExports behind the exporter's abandon (whose message must
+    // not carry the object: that would keep it reachable until the abandon is delivered).
+    w.queue(w.root(i), "dropOnly", &[thing]);
+    w.queue(w.root(e), "abandonFirst", &[]);
+    w.run();
+    w.check();
+    assert!(!w.log.borrow().iter().any(|l| l.starts_with("exporter dropExports")), "{:?}", w.log.borrow());
+    let own_imports: Vec<_> = w.k.clist(e).expect("clist").into_iter().filter(|(k, _)| *k == thing).collect();
+    assert!(own_imports.is_empty(), "the exporter's c-list holds its abandoned object: {own_imports:?}");
+    // The importer is told to retire it (its exporter gave it up), and then it is gone.
+    assert!(w.log.borrow().iter().any(|l| l.starts_with("importer retireImports")), "{:?}", w.log.borrow());
+    assert_eq!(w.k.object(thing.as_object().expect("object")).expect("read"), None);
+    assert!(w.k.clist(i).expect("clist").iter().all(|(_, v)| *v == VRef::ROOT));
+}
+
+/// An importer drops an import, the exporter retires it, and — before the importer's
+/// `retireImports` arrives — the importer names the dropped import again. That must be refused
+/// (a dropped import is stale): otherwise the send carries a retired object to a third vat,
+/// whose c-list then names an object that no longer exists, and the importer's retireImports no
+/// longer applies, so neither entry is ever collected.
+#[test]
+fn a_vat_cannot_name_an_import_it_dropped() {
+    let (mut w, eps) = World::new(&[("exporter", true), ("importer", false), ("third", false)]);
+    let (e, i, t) = (eps[0], eps[1], eps[2]);
+    let thing = w.export_to(e, i);
+    w.queue(w.root(i), "dropOnly", &[thing]);
+    let first = w.k.step().expect("step").expect("the drop");
+    assert_eq!(first.outcome, CrankOutcome::Committed);
+    // Queued behind the dropExports (whose crank retires the object and queues retireImports).
+    w.queue(w.root(i), "give", &[w.root(t)]);
+    let mut reports = vec![w.k.step().expect("step").expect("dropExports")];
+    assert!(w.log.borrow().iter().any(|l| l.starts_with("exporter dropExports")), "{:?}", w.log.borrow());
+    assert_eq!(w.k.object(thing.as_object().expect("object")).expect("read"), None, "retired");
+    // The importer still recognises its dropped import; naming it again is illegal.
+    reports.extend(w.run());
+    let aborted = reports.iter().find_map(|r| match &r.outcome {
+        CrankOutcome::Aborted { endpoint, fault: Fault::IllegalSyscall(why) } if *endpoint == i => Some(why.clone()),
+        _ => None,
+    });
+    assert!(aborted.is_some(), "the importer's send of a dropped import was accepted: {reports:#?}");
+    w.check();
+    assert!(w.k.clist(t).expect("clist").iter().all(|(_, v)| *v == VRef::ROOT), "{:?}", w.k.clist(t));
+    assert_eq!(w.k.object(thing.as_object().expect("object")).expect("read"), None);
+}
