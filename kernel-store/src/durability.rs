@@ -14,12 +14,13 @@ pub enum Durability {
     /// Every batch is written and `fdatasync`ed before `apply` returns, so every crank is on
     /// disk before its commit event. Survives process crashes and power loss.
     Sync,
-    /// Group commit: batches are written to the journal without a sync, and one `fdatasync`
-    /// covers many of them, when `max_cranks` batches are waiting or the oldest has waited
-    /// `max_delay` (checked at each `apply` and by [`FjallStore::flush_due`]).
+    /// Group commit: applied batches are held in memory (reads see them) and written together,
+    /// as one atomic fjall batch followed by one `fdatasync`, once `max_cranks` batches wait or
+    /// the oldest has waited `max_delay` on the store's [`Clock`] (checked at each `apply` and by
+    /// [`FjallStore::flush_due`]). Overwrites within a group reach the disk once.
     /// A batch not yet reported [`Durable`] may be lost to a process crash or a power loss; a
     /// reported one survives both. After a crash the store reopens at a committed batch no
-    /// older than the last one reported durable.
+    /// older than the last one reported durable, never in the middle of one.
     ///
     /// [`FjallStore::flush_due`]: crate::FjallStore::flush_due
     Group {

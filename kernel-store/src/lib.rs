@@ -1,16 +1,42 @@
 //! # kernel-store
 //!
 //! kernel-core's [`Store`](kernel_core::Store) on [fjall](https://docs.rs/fjall): [`FjallStore`].
-//! One crank is one atomic fjall write batch; an aborted crank writes nothing (the kernel never
-//! hands its batch to the store). Keys are the kernel's byte-ordered keys and values its postcard
+//! A crank is one atomic write: the kernel hands the store one batch per committed crank (and one
+//! per immediate-path write), and the store never lets the engine hold part of a batch; an
+//! aborted crank hands it nothing. Keys are the kernel's byte-ordered keys and values its postcard
 //! encodings, stored as they come.
 //!
-//! - **Durability** is a setting ([`Durability`]): `Sync` (every crank on disk before its commit
-//!   event), `Group` (many cranks share one `fdatasync`; the durable watermark, [`Durable`], says
-//!   which are on disk) or `Buffered` (survives a process crash, not a power loss).
-//! - **Opening** checks the format record first ([`OpenError`] names what is wrong and refuses:
-//!   a foreign directory, a newer format, a damaged record, a store already open).
-//! - **Recovery**: reopening after a crash resumes at the last committed crank.
+//! ## Durability
+//! A setting ([`Durability`]):
+//! - `Sync`: each batch is written and `fdatasync`ed inside `apply`, so every crank is on disk
+//!   before its commit event;
+//! - `Group { max_cranks, max_delay }`: batches wait in memory and one write plus one
+//!   `fdatasync` covers many of them; `max_delay` is measured on an injected [`Clock`]
+//!   ([`SystemClock`], or [`ManualClock`] in tests);
+//! - `Buffered`: each batch is handed to the OS inside `apply` and never synced by the store: it
+//!   survives a crash of the process, **not** a power loss or an OS crash.
+//!
+//! ## The durable event
+//! The store counts batches over its whole life and keeps a durable watermark, [`Durable`]
+//! `{ up_to_batch, up_to_crank }`. The host registers [`FjallStore::crank_observer`] as a commit
+//! observer (so the store learns which batch committed which crank) and, after each
+//! `Kernel::step`, polls [`FjallStore::take_durable`]: it returns the new watermark whenever it
+//! moved. While the kernel is idle the host calls [`FjallStore::flush_due`] (at
+//! [`FjallStore::flush_deadline`]) so a waiting group is synced on time. Outputs to remotes may
+//! leave only up to `up_to_crank` (DESIGN §8). kernel-core is unchanged: the store does the
+//! bookkeeping beside it, the way raft-rs's storage reports what is persisted.
+//!
+//! ## Opening and recovery
+//! [`FjallStore::open`] checks the format record ([`FORMAT_FILE`]) before the engine touches the
+//! directory and refuses, with an [`OpenError`] naming the record and the fault, a foreign
+//! directory, a newer format, a damaged record, or a store another handle holds open (a lock
+//! file). After a crash the store reopens at its last committed batch, which is a committed crank:
+//! the kernel resumes with its run queue, promises, c-lists, vatstores and counters intact.
+//!
+//! ## Crash test
+//! `cargo xtask crash-test --kills N [--seed S] [--mode sync|group]` runs the `crash-workload`
+//! binary of this crate: a kernel in a child process, SIGKILLed at random instants and restarted,
+//! compared at the end with an uninterrupted run. `tests/crash.rs` runs a short version.
 //!
 //! ```
 //! use kernel_core::{CapData, Kernel};
