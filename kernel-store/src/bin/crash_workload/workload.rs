@@ -209,7 +209,8 @@ pub fn durability(mode: &str) -> Result<Durability, String> {
 
 /// The child: open (or create) the store in `dir`, attach the vats, and run to the end of the
 /// workload, reporting on stdout:
-/// `opened batch=B crank=C` once open, `durable B` each time the durable watermark moves, and
+/// `opened batch=B crank=C` once open, `durable B` each time the durable watermark moves,
+/// `applied B` every 16 cranks (the batch count when the crank's `step` returned), and
 /// `done crank=C` at the end.
 pub fn child(dir: &Path, mode: &str, shape: Shape) -> Result<(), String> {
     let store = FjallStore::open(dir, StoreOptions::new(durability(mode)?)).map_err(|e| e.to_string())?;
@@ -227,7 +228,10 @@ pub fn child(dir: &Path, mode: &str, shape: Shape) -> Result<(), String> {
         if let Some(d) = kernel.store().flush_due().map_err(|e| e.to_string())? {
             say(&mut out, format!("durable {}", d.up_to_batch))?;
         }
-        if stepped.is_some() {
+        if let Some(report) = stepped {
+            if report.crank.0 % 16 == 0 {
+                say(&mut out, format!("applied {}", kernel.store().applied()))?;
+            }
             continue;
         }
         let round = counter(&kernel, starter, b"round")?;
