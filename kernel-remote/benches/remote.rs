@@ -1,1 +1,243 @@
-fn main() {}
+//! Ken over TCP loopback between two kernels on fjall, in group and sync modes: messages/s with
+//! a window of messages in flight, and round-trip latency p50/p99 of one message at a time —
+//! printed beside the in-memory single-kernel rate (the same host workload, no network, no
+//! disk) and the fdatasync time of this machine, all measured in the same run.
+//!
+//! A message is `echo(n)` sent by kernel a's host to kernel b's bootstrap vat, with a result
+//! promise; it counts when the answer is back in a.
+//!
+//! `cargo bench -p kernel-remote --bench remote [-- --quick]`
+
+use kernel_core::{CapData, Kernel, MemStore, Settlement, VRef};
+use kernel_remote::tcp::{serve_once, TcpConfig, TcpTransport};
+use kernel_remote::{DurableStore, KernelId, Node, RemoteConfig};
+use kernel_store::{Durability, FjallStore, StoreOptions};
+use kernel_syscall::{Answer, Behavior, Cx, HelperVat, VatData, VatEndpoint, VatError};
+use std::cell::RefCell;
+use std::io::Write;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+struct Echo;
+impl Behavior for Echo {
+    fn call(&mut self, _: &mut Cx<'_, '_, '_>, _: VRef, _: &str, args: VatData) -> Result<Answer, VatError> {
+        Ok(Answer::Value(args))
+    }
+}
+
+fn id(s: &str) -> KernelId {
+    s.parse().expect("kernel id")
+}
+
+/// Completed round trips, with their latencies.
+#[derive(Default)]
+struct Done {
+    count: u64,
+    latencies: Vec<Duration>,
+}
+
+/// Keep `window` messages in flight from `queue` until `total` are answered; returns
+/// (elapsed, latencies).
+fn drive<S: DurableStore>(
+    node: &mut Node<S>,
+    mut service: impl FnMut(&mut Node<S>),
+    target: kernel_core::KObjectId,
+    total: u64,
+    window: u64,
+) -> (Duration, Vec<Duration>) {
+    let done = Rc::new(RefCell::new(Done::default()));
+    let start = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let answered = done.borrow().count;
+        if answered >= total {
+            break;
+        }
+        while sent < total && sent - answered < window {
+            let at = Instant::now();
+            let kp = node.kernel_mut().queue_message(target.into(), "echo", CapData::plain(sent.to_string())).expect("queue");
+            let d = Rc::clone(&done);
+            node.kernel_mut()
+                .watch(kp, move |_, s| {
+                    assert!(matches!(s, Settlement::Fulfilled(_)), "{s:?}");
+                    let mut d = d.borrow_mut();
+                    d.count += 1;
+                    d.latencies.push(at.elapsed());
+                })
+                .expect("watch");
+            sent += 1;
+        }
+        service(node);
+    }
+    let elapsed = start.elapsed();
+    let latencies = std::mem::take(&mut done.borrow_mut().latencies);
+    (elapsed, latencies)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// The in-memory single-kernel rate: the same host loop, the echo vat in the same kernel.
+fn in_memory(total: u64, window: u64) -> f64 {
+    let mut node = Node::new(Kernel::open(MemStore::new()).expect("open"), id("solo"), RemoteConfig::default());
+    let echo = node.kernel_mut().add_endpoint("echo", VatEndpoint::boxed(HelperVat::new(Echo))).expect("vat");
+    let root = node.kernel().root(echo).expect("root");
+    let (elapsed, _) = drive(
+        &mut node,
+        |n| {
+            n.run(None).expect("run");
+        },
+        root,
+        total,
+        window,
+    );
+    total as f64 / elapsed.as_secs_f64()
+}
+
+/// Where a benchmark kernel keeps its state.
+#[derive(Clone, Copy)]
+enum Backing {
+    Fjall(Durability),
+    Memory,
+}
+
+fn fjall_node(dir: &std::path::Path, name: &str, peer: &str, durability: Durability) -> Node<FjallStore> {
+    let store = FjallStore::open(dir, StoreOptions::new(durability)).expect("store");
+    let observer = store.crank_observer();
+    let mut kernel = Kernel::open(store).expect("kernel");
+    kernel.add_commit_observer(observer);
+    setup(kernel, name, peer)
+}
+
+fn setup<S: DurableStore>(kernel: Kernel<S>, name: &str, peer: &str) -> Node<S> {
+    let mut node = Node::new(kernel, id(name), RemoteConfig::default());
+    let echo = node.kernel_mut().add_endpoint("echo", VatEndpoint::boxed(HelperVat::new(Echo))).expect("vat");
+    let root = node.kernel().root(echo).expect("root");
+    node.set_bootstrap(root);
+    node.add_peer(id(peer)).expect("peer");
+    node
+}
+
+struct Remote {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    load_p50: Duration,
+}
+
+/// Two kernels over TCP loopback: throughput with `window` in flight, then latency one message
+/// at a time.
+fn remote(backing: Backing, total: u64, window: u64, pings: u64) -> Remote {
+    match backing {
+        Backing::Fjall(durability) => remote_on(move |dir, name, peer| fjall_node(dir, name, peer, durability), total, window, pings),
+        Backing::Memory => remote_on(|_, name, peer| setup(Kernel::open(MemStore::new()).expect("open"), name, peer), total, window, pings),
+    }
+}
+
+fn remote_on<S: DurableStore>(
+    make: impl Fn(&std::path::Path, &str, &str) -> Node<S> + Send + Clone + 'static,
+    total: u64,
+    window: u64,
+    pings: u64,
+) -> Remote {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let b_dir = tmp.path().join("b");
+    let b_stop = Arc::clone(&stop);
+    let make_b = make.clone();
+    let b = thread::spawn(move || {
+        let mut node = make_b(&b_dir, "b", "a");
+        let mut net = TcpTransport::start(id("b"), "127.0.0.1:0".parse().expect("addr"), TcpConfig::default()).expect("start");
+        addr_tx.send(net.local_addr()).expect("addr");
+        let clock = Instant::now();
+        while !b_stop.load(Ordering::Relaxed) {
+            serve_once(&mut node, &mut net, || clock.elapsed(), 4096, Duration::from_micros(200)).expect("serve b");
+        }
+    });
+    let b_addr = addr_rx.recv().expect("b's address");
+    let mut node = make(&tmp.path().join("a"), "a", "b");
+    let mut net = TcpTransport::start(id("a"), "127.0.0.1:0".parse().expect("addr"), TcpConfig::default()).expect("start");
+    net.dial(id("b"), b_addr);
+    let target = node.peer_root(&id("b")).expect("b's root");
+    let clock = Instant::now();
+    let mut service = |n: &mut Node<S>| {
+        serve_once(n, &mut net, || clock.elapsed(), 4096, Duration::from_micros(200)).expect("serve a");
+    };
+    drive(&mut node, &mut service, target, window.min(total), window); // warm up, connect
+    let (elapsed, mut loaded) = drive(&mut node, &mut service, target, total, window);
+    let (_, mut lat) = drive(&mut node, &mut service, target, pings, 1);
+    stop.store(true, Ordering::Relaxed);
+    b.join().expect("b");
+    loaded.sort();
+    lat.sort();
+    Remote {
+        rate: total as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        load_p50: percentile(&loaded, 0.5),
+    }
+}
+
+/// The fdatasync of one small write, p50, on the same file system as the stores.
+fn fsync_p50() -> Duration {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut f = std::fs::File::create(tmp.path().join("f")).expect("file");
+    let mut times = Vec::new();
+    for i in 0..200u32 {
+        let t = Instant::now();
+        f.write_all(&i.to_be_bytes()).expect("write");
+        f.sync_data().expect("sync");
+        times.push(t.elapsed());
+    }
+    times.sort();
+    percentile(&times, 0.5)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (group_total, sync_total, pings) = if quick { (5_000, 200, 200) } else { (50_000, 1_000, 1_000) };
+    let window = 2_000;
+    let local = in_memory(group_total * 2, window);
+    let fsync = fsync_p50();
+    println!("remote: in-memory single kernel          {local:>10.0} msg/s (baseline)");
+    println!("remote: fdatasync p50                    {}", ms(fsync));
+    let m = remote(Backing::Memory, group_total, window, pings);
+    println!(
+        "remote: tcp loopback, in-memory stores   {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
+        m.rate,
+        m.rate / local,
+        ms(m.p50),
+        ms(m.p99)
+    );
+    let g = remote(Backing::Fjall(Durability::GROUP), group_total, window, pings);
+    println!(
+        "remote: tcp loopback, group commit       {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time), p50 {} with {window} in flight",
+        g.rate,
+        g.rate / local,
+        ms(g.p50),
+        ms(g.p99),
+        ms(g.load_p50)
+    );
+    let s = remote(Backing::Fjall(Durability::Sync), sync_total, window.min(64), pings.min(200));
+    println!(
+        "remote: tcp loopback, sync               {:>10.0} msg/s ({:.4}x in-memory); round trip p50 {} p99 {} (one at a time) = {:.1} fdatasyncs",
+        s.rate,
+        s.rate / local,
+        ms(s.p50),
+        ms(s.p99),
+        s.p50.as_secs_f64() / fsync.as_secs_f64().max(1e-9)
+    );
+}

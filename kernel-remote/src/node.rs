@@ -120,6 +120,10 @@ struct PeerLink {
     applied: u64,
     /// The store position of the batch that applied `applied`.
     applied_mark: u64,
+    /// The highest sequence accepted for application (applied, or waiting in `inbound`).
+    received: u64,
+    /// Accepted messages, in sequence order, waiting to be applied in one transaction.
+    inbound: Vec<(PeerSeq, WireMessage)>,
     /// The highest acknowledgement transmitted on this connection.
     ack_sent: u64,
     /// Send an acknowledgement even if it repeats (a duplicate arrived, or a new connection).
@@ -242,6 +246,8 @@ impl<S: DurableStore> Node<S> {
             deadline: None,
             applied,
             applied_mark: mark,
+            received: applied,
+            inbound: Vec::new(),
             ack_sent: 0,
             reack: true,
         });
@@ -412,37 +418,74 @@ impl<S: DurableStore> Node<S> {
             }
             Frame::Data { seq, message } => {
                 let l = &mut self.links[i];
-                if seq.0 <= l.applied {
+                if seq.0 <= l.received {
                     l.reack = true;
                     self.stats.duplicates += 1;
                     return Ok(());
                 }
-                if seq.0 > l.applied + 1 {
+                if seq.0 > l.received + 1 {
                     self.stats.gaps += 1;
                     return Ok(()); // acks are cumulative: the sender will resend the missing one
                 }
-                let ep = l.ep;
                 let message = WireMessage::decode(&message).map_err(ProtocolError::from)?;
-                let bootstrap = self.bootstrap.get();
-                match self.kernel.apply_external(ep, |ctx| apply_inbound(ctx, bootstrap, seq, &message)).map_err(RemoteError::from)? {
-                    Ok(()) => {
-                        let mark = self.kernel.store().applied_mark();
-                        let l = &mut self.links[i];
-                        l.applied = seq.0;
-                        l.applied_mark = mark;
-                        self.stats.applied += 1;
-                        Ok(())
-                    }
-                    Err(fault) => Err(ProtocolError::Refused { seq, fault }.into()),
-                }
+                l.received = seq.0;
+                l.inbound.push((seq, message));
+                Ok(())
             }
         }
     }
 
-    /// Do the I/O that is due at `now`: run a due group sync, delete acknowledged entries,
+    /// Apply the messages accepted from each peer, all of a peer's in one immediate-path
+    /// transaction that also records the highest sequence applied. If one is refused, the ones
+    /// before it are applied one by one, nothing from it on is, and the connection is closed.
+    pub fn apply_received(&mut self, net: &mut dyn Transport) -> Result<(), RemoteError> {
+        let bootstrap = self.bootstrap.get();
+        for i in 0..self.links.len() {
+            if self.links[i].inbound.is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(&mut self.links[i].inbound);
+            let ep = self.links[i].ep;
+            let all = self.kernel.apply_external(ep, |ctx| {
+                for (seq, message) in &batch {
+                    apply_inbound(ctx, bootstrap, *seq, message)?;
+                }
+                Ok(())
+            })?;
+            if all.is_ok() {
+                self.applied(i, batch.len() as u64, batch.last().map_or(0, |(s, _)| s.0));
+                continue;
+            }
+            // Find the refused one: apply the good prefix one message at a time.
+            for (seq, message) in &batch {
+                match self.kernel.apply_external(ep, |ctx| apply_inbound(ctx, bootstrap, *seq, message))? {
+                    Ok(()) => self.applied(i, 1, seq.0),
+                    Err(fault) => {
+                        let peer = self.links[i].peer.clone();
+                        self.links[i].received = self.links[i].applied;
+                        self.fault(net, &peer, &ProtocolError::Refused { seq: *seq, fault }.to_string());
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn applied(&mut self, i: usize, n: u64, upto: u64) {
+        let mark = self.kernel.store().applied_mark();
+        let l = &mut self.links[i];
+        l.applied = upto;
+        l.applied_mark = mark;
+        self.stats.applied += n;
+    }
+
+    /// Do the I/O that is due at `now`: apply what was received, run a due group sync, delete
+    /// acknowledged entries,
     /// transmit what has become durable (in order, within the window), acknowledge what has
     /// been applied durably, and retransmit after a timeout.
     pub fn pump(&mut self, now: Duration, net: &mut dyn Transport) -> Result<(), RemoteError> {
+        self.apply_received(net)?;
         self.kernel.store().flush_due()?;
         for i in 0..self.links.len() {
             let l = &self.links[i];
@@ -517,7 +560,8 @@ impl<S: DurableStore> Node<S> {
     /// True when nothing is waiting: no queued cranks, no unacknowledged output, no
     /// acknowledgement owed.
     pub fn is_idle(&self) -> bool {
-        self.kernel.queue_len() == 0 && self.links.iter().all(|l| l.unacked.is_empty() && l.ack_sent >= l.applied && !l.reack)
+        self.kernel.queue_len() == 0
+            && self.links.iter().all(|l| l.unacked.is_empty() && l.inbound.is_empty() && l.ack_sent >= l.applied && !l.reack)
     }
 }
 

@@ -355,7 +355,8 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
     };
     inner.emit(TransportEvent::Connected(peer.clone()));
     let cipher = Arc::new(Mutex::new(cipher));
-    let (mut reader, writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    let mut reader = tokio::io::BufReader::with_capacity(64 << 10, reader);
     let max = inner.config.max_frame;
     let read_cipher = Arc::clone(&cipher);
     let read_inner = Arc::clone(inner);
@@ -384,7 +385,7 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
             }
         }
     });
-    let mut w = BufWriter::new(writer);
+    let mut w = BufWriter::with_capacity(64 << 10, writer);
     let reason = loop {
         tokio::select! {
             r = &mut read_task => break r.unwrap_or_else(|e| format!("reader failed: {e}")),

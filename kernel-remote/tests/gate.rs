@@ -184,11 +184,12 @@ fn the_receiver_applies_in_order_once_and_acks_only_what_is_durable() {
     b.pump(t, &mut net).expect("pump");
     net.acks(); // the greeting ack of a new connection
     b.handle(t, TransportEvent::Frame(id("a"), data(2, "second")), &mut net).expect("gap");
+    b.pump(t, &mut net).expect("pump");
     assert_eq!(b.status()[0].applied, PeerSeq(0), "a gap is not applied");
     b.handle(t, TransportEvent::Frame(id("a"), data(1, "first")), &mut net).expect("first");
+    b.pump(t, &mut net).expect("pump");
     assert_eq!(b.status()[0].applied, PeerSeq(1));
     assert_eq!(b.kernel().queue_len(), 1, "the message is on the run queue");
-    b.pump(t, &mut net).expect("pump");
     assert_eq!(net.acks(), Vec::<u64>::new(), "applied but not durable: no ack yet");
     b.kernel().store().sync();
     b.pump(t, &mut net).expect("pump");
@@ -198,6 +199,7 @@ fn the_receiver_applies_in_order_once_and_acks_only_what_is_durable() {
     b.pump(t, &mut net).expect("pump");
     assert_eq!(net.acks(), vec![1], "and re-acked");
     b.handle(t, TransportEvent::Frame(id("a"), data(2, "second")), &mut net).expect("second");
+    b.pump(t, &mut net).expect("pump");
     assert_eq!((b.status()[0].applied, b.kernel().queue_len()), (PeerSeq(2), 2));
     assert!(net.closed.is_empty(), "{:?}", net.closed);
     // An ack for a message never written is a protocol violation.

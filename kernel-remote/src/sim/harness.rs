@@ -516,7 +516,7 @@ fn world(seed: u64, work: Workload, faulty: bool, opts: &SimOptions) -> Result<(
 
 /// Run `seed`: the faulty world, the same workload without faults, and every check.
 pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedReport {
-    let mut rng = Rng::new(seed ^ 0x5EED_0F_0C0FFEE);
+    let mut rng = Rng::new(seed ^ 0x05EE_D0F0_C0FF_EE00);
     let durability = if rng.chance(400) {
         SimDurability::Sync
     } else {

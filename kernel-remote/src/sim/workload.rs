@@ -35,11 +35,11 @@ fn send_incr(cx: &mut Cx<'_, '_, '_>, peer: &str, n: u64) -> Result<(), VatError
     let target: VRef =
         cx.get(&format!("peer/{peer}"))?.and_then(|s| s.parse().ok()).ok_or_else(|| VatError::new(format!("no peer {peer}")))?;
     let mut args = VatData::plain(format!("{me}|{n}"));
-    if n % 3 == 0 {
+    if n.is_multiple_of(3) {
         args.slots.push(target);
     }
     let mut resolve_after = None;
-    if n % 5 == 0 {
+    if n.is_multiple_of(5) {
         let p = cx.new_promise()?;
         args.slots.push(p);
         resolve_after = Some(p);
@@ -90,7 +90,7 @@ impl Behavior for App {
                 if n != last + 1 {
                     bad(cx, &format!("incr {n} from {from} after {last}"))?;
                 }
-                let expect_slots = u64::from(n % 3 == 0) + u64::from(n % 5 == 0);
+                let expect_slots = u64::from(n.is_multiple_of(3)) + u64::from(n.is_multiple_of(5));
                 if args.slots.len() as u64 != expect_slots {
                     bad(cx, &format!("incr {n} from {from} carried {} slots", args.slots.len()))?;
                 }
