@@ -1,0 +1,203 @@
+//! The host side of a cluster: the store directory, attaching a cluster's vats to a kernel,
+//! the first-run bootstrap, and one line per crank.
+//!
+//! A **store directory** (`kernel run --store DIR`, default beside the cluster file) holds:
+//! - `kernel/`: the kernel store (kernel-store's fjall store);
+//! - `cluster.toml` and `scripts/`: the cluster this store was last run with, written by every
+//!   `kernel run` before it opens the store (see [`Cluster::write_snapshot`]). `kernel send`
+//!   re-creates the vats from it, so the store directory alone is enough to talk to the cluster.
+
+use crate::builtins;
+use crate::cluster::{Cluster, VatKind, VatSpec, SNAPSHOT_FILE};
+use crate::codec;
+use crate::script::{LogLine, LogSink, ScriptVat};
+use kernel_core::{
+    CapData, CrankInput, CrankOutcome, CrankReport, Endpoint, EndpointId, EndpointStatus, KPromiseId, Kernel, KernelError, Store,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The kernel store inside a store directory.
+pub const KERNEL_DIR: &str = "kernel";
+
+/// Why a cluster cannot be attached to a store.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The kernel or its store failed.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// The store and the cluster file disagree about the vats.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// The kernel store directory inside store directory `store`.
+pub fn kernel_dir(store: &Path) -> PathBuf {
+    store.join(KERNEL_DIR)
+}
+
+/// True if `store` holds a kernel store (created by `kernel run`).
+pub fn is_store_dir(store: &Path) -> bool {
+    kernel_dir(store).join(kernel_store::FORMAT_FILE).is_file()
+}
+
+/// The cluster file kept in store directory `store`.
+pub fn snapshot_file(store: &Path) -> PathBuf {
+    store.join(SNAPSHOT_FILE)
+}
+
+/// A fresh endpoint for `spec`, logging to `logs`.
+pub fn endpoint_for(spec: &VatSpec, logs: &LogSink) -> Result<Box<dyn Endpoint>, HostError> {
+    match &spec.kind {
+        VatKind::Script { script, limits, .. } => {
+            let params =
+                codec::decode(&kernel_syscall::VatData::plain(spec.params.to_string())).try_cast::<rhai::Map>().unwrap_or_default();
+            Ok(ScriptVat::new(&spec.name, script.clone(), *limits, params, LogSink::clone(logs)).endpoint())
+        }
+        VatKind::Builtin(name) => {
+            builtins::builtin(name, &spec.params).ok_or_else(|| HostError::Mismatch(format!("no built-in vat {name:?}")))
+        }
+    }
+}
+
+/// A kernel with a cluster's vats attached.
+pub struct Host<S: Store> {
+    kernel: Kernel<S>,
+    names: HashMap<EndpointId, String>,
+    logs: LogSink,
+}
+
+/// What [`Host::attach`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// A new store: the vats were added and the bootstrap message queued (if the cluster names
+    /// a bootstrap vat) with this result promise.
+    Bootstrapped(Option<KPromiseId>),
+    /// An existing store: the vats were re-attached; it resumes after this many cranks.
+    Resumed {
+        /// Cranks committed before.
+        cranks: u64,
+        /// Items waiting in the run queue.
+        queued: u64,
+    },
+}
+
+impl<S: Store> Host<S> {
+    /// Attach `cluster`'s vats to `kernel`. A store that never ran gets the vats added (in file
+    /// order) and the bootstrap message queued; a store that ran must hold exactly the
+    /// cluster's vats, which are re-attached (no second bootstrap).
+    pub fn attach(mut kernel: Kernel<S>, cluster: &Cluster) -> Result<(Host<S>, Start), HostError> {
+        let fresh = kernel.cranks().0 == 0 && kernel.queue_len() == 0;
+        let stored = kernel.endpoints()?;
+        for (_, rec) in &stored {
+            if !cluster.vats.iter().any(|v| v.name == rec.name) {
+                return Err(HostError::Mismatch(format!(
+                    "the store has a vat {:?} that {} does not name; the cluster's vats cannot change once it has run",
+                    rec.name,
+                    cluster.file.display()
+                )));
+            }
+        }
+        if !fresh {
+            if let Some(v) = cluster.vats.iter().find(|v| !stored.iter().any(|(_, r)| r.name == v.name)) {
+                return Err(HostError::Mismatch(format!(
+                    "{} names a vat {:?} that the store does not have; the cluster's vats cannot change once it has run",
+                    cluster.file.display(),
+                    v.name
+                )));
+            }
+        }
+        let logs = LogSink::default();
+        let mut names = HashMap::new();
+        let mut roots = Vec::new();
+        for spec in &cluster.vats {
+            let ep = kernel.add_endpoint(&spec.name, endpoint_for(spec, &logs)?)?;
+            names.insert(ep, spec.name.clone());
+            roots.push((spec.name.clone(), kernel.root(ep)?));
+        }
+        let start = if fresh {
+            let mut answer = None;
+            if let Some(b) = &cluster.bootstrap {
+                let mut vats = serde_json::Map::new();
+                for (i, (name, _)) in roots.iter().enumerate() {
+                    vats.insert(name.clone(), serde_json::json!({ "$slot": i }));
+                }
+                let body = serde_json::Value::Array(vec![serde_json::Value::Object(vats)]).to_string();
+                let args = CapData { body: body.into_bytes(), slots: roots.iter().map(|(_, r)| (*r).into()).collect() };
+                let target =
+                    roots.iter().find(|(n, _)| n == b).map(|(_, r)| *r).ok_or_else(|| HostError::Mismatch(format!("no vat {b:?}")))?;
+                answer = Some(kernel.queue_message(target.into(), "bootstrap", args)?);
+            }
+            Start::Bootstrapped(answer)
+        } else {
+            Start::Resumed { cranks: kernel.cranks().0, queued: kernel.queue_len() }
+        };
+        Ok((Host { kernel, names, logs }, start))
+    }
+
+    /// The kernel.
+    pub fn kernel(&self) -> &Kernel<S> {
+        &self.kernel
+    }
+
+    /// The kernel, mutably (to queue messages).
+    pub fn kernel_mut(&mut self) -> &mut Kernel<S> {
+        &mut self.kernel
+    }
+
+    /// Close, giving back the kernel.
+    pub fn into_kernel(self) -> Kernel<S> {
+        self.kernel
+    }
+
+    /// A vat's name.
+    pub fn name(&self, ep: EndpointId) -> String {
+        self.names.get(&ep).cloned().unwrap_or_else(|| ep.to_string())
+    }
+
+    /// The vat named `name`.
+    pub fn endpoint(&self, name: &str) -> Option<EndpointId> {
+        self.names.iter().find(|(_, n)| *n == name).map(|(ep, _)| *ep)
+    }
+
+    /// Run one crank; with it, the lines the vats logged during it.
+    pub fn step(&mut self) -> Result<Option<(CrankReport, Vec<LogLine>)>, KernelError> {
+        let report = self.kernel.step()?;
+        let logs = std::mem::take(&mut *self.logs.borrow_mut());
+        Ok(report.map(|r| (r, logs)))
+    }
+
+    /// The transcript line of a crank: number, who got what, and how it ended.
+    pub fn crank_line(&self, r: &CrankReport) -> String {
+        let what = match &r.input {
+            CrankInput::Send { target, method, delivered_to: Some(ep) } => format!("{} <- {target}.{method}", self.name(*ep)),
+            CrankInput::Send { target, method, delivered_to: None } => format!("kernel <- {target}.{method}"),
+            CrankInput::Notify { endpoint, promise, delivered: true } => format!("{} <- notify {promise}", self.name(*endpoint)),
+            CrankInput::Notify { endpoint, promise, delivered: false } => {
+                format!("kernel: notify {promise} for {} dropped", self.name(*endpoint))
+            }
+            CrankInput::Gc { endpoint, action, delivered: true } => format!("{} <- {action}", self.name(*endpoint)),
+            CrankInput::Gc { endpoint, action, delivered: false } => format!("kernel: {action} for {} skipped", self.name(*endpoint)),
+        };
+        let outcome = match &r.outcome {
+            CrankOutcome::Committed if r.flushed > 0 => format!("committed, {} queued", r.flushed),
+            CrankOutcome::Committed => "committed".to_owned(),
+            CrankOutcome::Exited { endpoint, failure } => {
+                format!("committed; {} exited{}", self.name(*endpoint), if *failure { " with failure" } else { "" })
+            }
+            CrankOutcome::Aborted { endpoint, fault } => format!("ABORTED: {fault}; {} terminated", self.name(*endpoint)),
+        };
+        format!("{:>5}  {what:<30} {outcome}", r.crank.0)
+    }
+
+    /// The names of the terminated vats.
+    pub fn terminated(&self) -> Result<Vec<String>, KernelError> {
+        Ok(self
+            .kernel
+            .endpoints()?
+            .into_iter()
+            .filter(|(_, r)| matches!(r.status, EndpointStatus::Terminated { .. }))
+            .map(|(_, r)| r.name)
+            .collect())
+    }
+}

@@ -1,0 +1,776 @@
+//! Scripted vats: a rhai script as a [`kernel_syscall::Vat`], sandboxed and metered.
+//!
+//! The script's functions are the root object's methods; `make_object(kind, state)` exports
+//! more objects, whose methods are the functions named `<kind>_<method>` (with `this` bound to
+//! the object's durable state). The API a script sees is documented in `kernel-cli/README.md`
+//! ("Script API"); [`ScriptVat`] implements it.
+//!
+//! **How the API reaches the kernel.** rhai's registered functions must be `'static`, and a
+//! delivery's syscall handle is not, so a script never calls the kernel directly. The vat keeps
+//! a mirror of its own vatstore (it is the only writer of it; loaded once after attach), the
+//! script reads and writes that mirror, and its sends, subscriptions, resolutions and exit are
+//! recorded. When the script returns, the vatstore writes and then the recorded syscalls are
+//! made, in order, through the delivery's [`Syscall`] handle — so every one is translated and
+//! validated exactly as a Rust vat's are. When the script fails, nothing is made and the delivery
+//! fails: the crank aborts and the vat is terminated (DESIGN §4).
+//!
+//! **Sandbox.** A raw engine with only the pure packages (no file, network, clock, randomness,
+//! `sleep`, `eval`, modules), and limits per vat: operations per crank, string, array and map
+//! sizes, call depth and expression depth ([`ScriptLimits`]).
+
+use crate::codec::{self, Ref};
+use kernel_core::{Fault, RefKind, VRef};
+use kernel_syscall::{Resolution, Syscall, Vat, VatData, VatEndpoint, VatError, MAX_KEY_LEN, MAX_VALUE_LEN};
+use rhai::packages::{
+    ArithmeticPackage, BasicArrayPackage, BasicBlobPackage, BasicFnPackage, BasicIteratorPackage, BasicMapPackage, BasicMathPackage,
+    BasicStringPackage, BitFieldPackage, LogicPackage, MoreStringPackage, Package,
+};
+use rhai::{Array, CallFnOptions, Dynamic, Engine, EvalAltResult, FnAccess, Map, Scope, AST};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+/// Per-vat limits of a scripted vat. Every limit is at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptLimits {
+    /// rhai operations one crank may use (the meter).
+    pub max_operations: u64,
+    /// Longest string, in bytes.
+    pub max_string_size: usize,
+    /// Largest array.
+    pub max_array_size: usize,
+    /// Largest object map.
+    pub max_map_size: usize,
+    /// Deepest function call nesting.
+    pub max_call_levels: usize,
+    /// Deepest expression nesting (functions get half).
+    pub max_expr_depth: usize,
+}
+
+impl Default for ScriptLimits {
+    fn default() -> Self {
+        ScriptLimits {
+            max_operations: 1_000_000,
+            max_string_size: 1 << 20,
+            max_array_size: 100_000,
+            max_map_size: 100_000,
+            max_call_levels: 64,
+            max_expr_depth: 64,
+        }
+    }
+}
+
+/// A script that failed to compile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CompileError {
+    /// The line, if rhai names one.
+    pub line: Option<usize>,
+    /// What rhai said.
+    pub message: String,
+}
+
+/// A compiled script: its AST (compiled once, shared by every instance) and its functions.
+#[derive(Clone)]
+pub struct Script {
+    ast: Rc<AST>,
+    /// `(name, arity)` -> public?
+    functions: Rc<HashMap<(String, usize), bool>>,
+}
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Script").field("functions", &self.functions.len()).finish()
+    }
+}
+
+impl Script {
+    /// Compile `source` under `limits`. Only `fn` definitions count: top-level statements are
+    /// never run (durable state belongs in the vatstore, not in script globals).
+    pub fn compile(source: &str, limits: &ScriptLimits) -> Result<Script, CompileError> {
+        let engine = sandbox(limits);
+        let mut ast = engine.compile(source).map_err(|e| CompileError { line: e.1.line(), message: e.0.to_string() })?;
+        ast.clear_statements();
+        let functions = ast.iter_functions().map(|f| ((f.name.to_owned(), f.params.len()), matches!(f.access, FnAccess::Public))).collect();
+        Ok(Script { ast: Rc::new(ast), functions: Rc::new(functions) })
+    }
+
+    /// True if the script defines `name` with `arity` parameters (public only, if asked).
+    pub fn has_function(&self, name: &str, arity: usize, public_only: bool) -> bool {
+        self.functions.get(&(name.to_owned(), arity)).is_some_and(|public| *public || !public_only)
+    }
+}
+
+/// An engine with the pure packages only and the vat's limits: no I/O, no clock, no randomness,
+/// no `sleep`, no `eval`, no modules (`import` is not even in the language: feature `no_module`).
+fn sandbox(limits: &ScriptLimits) -> Engine {
+    let mut engine = Engine::new_raw();
+    // LanguageCorePackage is left out: it holds `sleep`, `exit` (rhai's) and `parse_json`.
+    engine.register_global_module(ArithmeticPackage::new().as_shared_module());
+    engine.register_global_module(LogicPackage::new().as_shared_module());
+    engine.register_global_module(BasicStringPackage::new().as_shared_module());
+    engine.register_global_module(MoreStringPackage::new().as_shared_module());
+    engine.register_global_module(BasicIteratorPackage::new().as_shared_module());
+    engine.register_global_module(BasicArrayPackage::new().as_shared_module());
+    engine.register_global_module(BasicBlobPackage::new().as_shared_module());
+    engine.register_global_module(BasicMapPackage::new().as_shared_module());
+    engine.register_global_module(BasicMathPackage::new().as_shared_module());
+    engine.register_global_module(BitFieldPackage::new().as_shared_module());
+    engine.register_global_module(BasicFnPackage::new().as_shared_module());
+    engine.disable_symbol("eval");
+    engine.set_strict_variables(true);
+    engine.set_max_operations(limits.max_operations.max(1));
+    engine.set_max_string_size(limits.max_string_size.max(1));
+    engine.set_max_array_size(limits.max_array_size.max(1));
+    engine.set_max_map_size(limits.max_map_size.max(1));
+    engine.set_max_call_levels(limits.max_call_levels.max(1));
+    engine.set_max_expr_depths(limits.max_expr_depth.max(1), (limits.max_expr_depth / 2).max(1));
+    engine
+}
+
+/// One line a vat logged (`log`, `print`, `debug`, or the runtime about the vat).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// The vat.
+    pub vat: String,
+    /// The text.
+    pub text: String,
+}
+
+/// Where vats' log lines go; the host drains it after each crank.
+pub type LogSink = Rc<RefCell<Vec<LogLine>>>;
+
+/// A recorded syscall, made through the real handle once the script has returned.
+#[derive(Debug)]
+enum Effect {
+    Send { target: VRef, method: String, args: VatData, result: Option<VRef> },
+    Subscribe(VRef),
+    Resolve { promise: VRef, rejected: bool, data: VatData },
+    Exit { failure: bool, info: VatData },
+}
+
+/// State shared between the vat and the engine's registered functions.
+struct Session {
+    vat: String,
+    /// True only while a delivery runs a script function.
+    active: bool,
+    /// The committed vatstore (`None` until loaded after attach).
+    committed: Option<BTreeMap<String, String>>,
+    /// This delivery's vatstore writes (`None`: delete).
+    overlay: BTreeMap<String, Option<String>>,
+    effects: Vec<Effect>,
+    target: VRef,
+    result: Option<VRef>,
+    result_taken: bool,
+    exited: bool,
+    params: Map,
+    script: Script,
+    logs: LogSink,
+}
+
+const NEXT_OBJECT: &str = "$next-object";
+const NEXT_PROMISE: &str = "$next-promise";
+const WATCH_PREFIX: &str = "$watch/";
+const OBJECT_PREFIX: &str = "$obj/";
+
+type ApiResult<T> = Result<T, Box<EvalAltResult>>;
+
+fn api_err<T>(msg: impl Into<String>) -> ApiResult<T> {
+    Err(msg.into().into())
+}
+
+impl Session {
+    fn check(&self) -> ApiResult<()> {
+        if !self.active {
+            return api_err("the vat API is only available while the vat handles a delivery");
+        }
+        if self.exited {
+            return api_err("the vat has exited: nothing more is done in this delivery");
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        match self.overlay.get(key) {
+            Some(v) => v.clone(),
+            None => self.committed.as_ref().and_then(|c| c.get(key).cloned()),
+        }
+    }
+
+    fn set(&mut self, key: &str, value: Option<String>) {
+        self.overlay.insert(key.to_owned(), value);
+    }
+
+    fn allocate(&mut self, key: &str) -> ApiResult<u64> {
+        let n = match self.get(key) {
+            Some(v) => v.parse::<u64>().map_err(|_| format!("corrupt vatstore counter {key}: {v:?}"))?,
+            None => 1,
+        };
+        self.set(key, Some((n + 1).to_string()));
+        Ok(n)
+    }
+
+    fn encode(&self, v: &Dynamic) -> ApiResult<VatData> {
+        codec::encode(v).map_err(|e| e.to_string().into())
+    }
+
+    fn store_encode(&self, v: &Dynamic) -> ApiResult<String> {
+        let text = codec::store_encode(v).map_err(|e| e.to_string())?;
+        if text.len() > MAX_VALUE_LEN {
+            return api_err(format!("a vatstore value of {} bytes exceeds {MAX_VALUE_LEN}", text.len()));
+        }
+        Ok(text)
+    }
+
+    fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let mut keys: BTreeMap<&str, bool> = BTreeMap::new();
+        if let Some(c) = &self.committed {
+            for k in c.range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded)).map(|(k, _)| k) {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                keys.insert(k, true);
+            }
+        }
+        for (k, v) in &self.overlay {
+            if k.starts_with(prefix) {
+                keys.insert(k, v.is_some());
+            }
+        }
+        keys.into_iter().filter(|(k, live)| *live && !k.starts_with('$')).map(|(k, _)| k.to_owned()).collect()
+    }
+
+    fn object_record(&self, obj: VRef) -> ApiResult<(String, Dynamic)> {
+        let Some(text) = self.get(&format!("{OBJECT_PREFIX}{obj}")) else {
+            return api_err(format!("{obj} is not an object this vat made with make_object"));
+        };
+        let rec = codec::store_decode(&text).map_err(|e| format!("corrupt object record {obj}: {e}"))?;
+        let mut map = rec.try_cast::<Map>().ok_or_else(|| format!("corrupt object record {obj}"))?;
+        let kind = map.remove("kind").and_then(|k| k.into_string().ok()).ok_or_else(|| format!("corrupt object record {obj}"))?;
+        Ok((kind, map.remove("state").unwrap_or(Dynamic::UNIT)))
+    }
+
+    fn set_object_record(&mut self, obj: VRef, kind: &str, state: Dynamic) -> ApiResult<()> {
+        let mut rec = Map::new();
+        rec.insert("kind".into(), Dynamic::from(kind.to_owned()));
+        rec.insert("state".into(), state);
+        let text = self.store_encode(&Dynamic::from_map(rec))?;
+        self.set(&format!("{OBJECT_PREFIX}{obj}"), Some(text));
+        Ok(())
+    }
+
+    fn log(&self, text: String) {
+        self.logs.borrow_mut().push(LogLine { vat: self.vat.clone(), text });
+    }
+}
+
+fn user_key(key: &str) -> ApiResult<()> {
+    if key.is_empty() || key.starts_with('$') || key.len() > MAX_KEY_LEN {
+        return api_err(format!("vatstore key {key:?} is not allowed (1..={MAX_KEY_LEN} bytes, not starting with '$')"));
+    }
+    Ok(())
+}
+
+fn promise_ref(r: Ref, role: &str) -> ApiResult<VRef> {
+    if r.0.kind != RefKind::Promise {
+        return api_err(format!("{role}: {} is not a promise", r.0));
+    }
+    Ok(r.0)
+}
+
+fn identifier(kind: &str) -> bool {
+    let mut chars = kind.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Register the vat API on `engine`; every function works on `session`.
+fn register_api(engine: &mut Engine, session: &Rc<RefCell<Session>>) {
+    engine.register_type_with_name::<Ref>("Ref");
+    engine.register_fn("to_string", |r: &mut Ref| r.0.to_string());
+    engine.register_fn("to_debug", |r: &mut Ref| format!("Ref({})", r.0));
+    engine.register_fn("==", |a: Ref, b: Ref| a == b);
+    engine.register_fn("!=", |a: Ref, b: Ref| a != b);
+    engine.register_fn("is_promise", |r: Ref| r.0.kind == RefKind::Promise);
+
+    let s = Rc::clone(session);
+    let send = move |target: Ref, method: &str, args: Array, with_result: bool| -> ApiResult<Dynamic> {
+        let mut s = s.borrow_mut();
+        s.check()?;
+        let args = codec::encode_args(args).map_err(|e| e.to_string())?;
+        let result = if with_result { Some(VRef::local_promise(s.allocate(NEXT_PROMISE)?)) } else { None };
+        s.effects.push(Effect::Send { target: target.0, method: method.to_owned(), args, result });
+        Ok(result.map(|p| Dynamic::from(Ref(p))).unwrap_or(Dynamic::UNIT))
+    };
+    let send = Rc::new(send);
+    let f = Rc::clone(&send);
+    engine.register_fn("send", move |t: Ref, m: &str, a: Array| f(t, m, a, true));
+    let f = Rc::clone(&send);
+    engine.register_fn("send", move |t: Ref, m: &str| f(t, m, Array::new(), true));
+    let f = Rc::clone(&send);
+    engine.register_fn("send_only", move |t: Ref, m: &str, a: Array| f(t, m, a, false).map(|_| ()));
+    let f = Rc::clone(&send);
+    engine.register_fn("send_only", move |t: Ref, m: &str| f(t, m, Array::new(), false).map(|_| ()));
+
+    let s = Rc::clone(session);
+    engine.register_fn("make_promise", move || -> ApiResult<Ref> {
+        let mut s = s.borrow_mut();
+        s.check()?;
+        Ok(Ref(VRef::local_promise(s.allocate(NEXT_PROMISE)?)))
+    });
+
+    let s = Rc::clone(session);
+    let settle = Rc::new(move |p: Ref, value: Dynamic, rejected: bool| -> ApiResult<()> {
+        let mut s = s.borrow_mut();
+        s.check()?;
+        let promise = promise_ref(p, if rejected { "reject" } else { "resolve" })?;
+        let data = s.encode(&value)?;
+        s.effects.push(Effect::Resolve { promise, rejected, data });
+        if s.result == Some(promise) {
+            s.result_taken = true;
+        }
+        Ok(())
+    });
+    let f = Rc::clone(&settle);
+    engine.register_fn("resolve", move |p: Ref, v: Dynamic| f(p, v, false));
+    let f = Rc::clone(&settle);
+    engine.register_fn("reject", move |p: Ref, v: Dynamic| f(p, v, true));
+
+    let s = Rc::clone(session);
+    engine.register_fn("take_result", move || -> ApiResult<Dynamic> {
+        let mut s = s.borrow_mut();
+        s.check()?;
+        s.result_taken = true;
+        Ok(s.result.map(|r| Dynamic::from(Ref(r))).unwrap_or(Dynamic::UNIT))
+    });
+
+    let s = Rc::clone(session);
+    let watch = Rc::new(move |p: Ref, handler: &str, context: Option<Dynamic>| -> ApiResult<()> {
+        let mut s = s.borrow_mut();
+        s.check()?;
+        let promise = promise_ref(p, "watch")?;
+        let arity = if context.is_some() { 2 } else { 1 };
+        if !s.script.has_function(handler, arity, false) {
+            return api_err(format!("watch: the script has no function {handler} with {arity} parameter(s)"));
+        }
+        let key = format!("{WATCH_PREFIX}{promise}");
+        let mut watchers = match s.get(&key) {
+            Some(text) => codec::store_decode(&text).ok().and_then(|d| d.try_cast::<Array>()).unwrap_or_default(),
+            None => {
+                s.effects.push(Effect::Subscribe(promise));
+                Array::new()
+            }
+        };
+        let mut w = Map::new();
+        w.insert("handler".into(), Dynamic::from(handler.to_owned()));
+        if let Some(c) = context {
+            w.insert("context".into(), c);
+        }
+        watchers.push(Dynamic::from_map(w));
+        let text = s.store_encode(&Dynamic::from_array(watchers))?;
+        s.set(&key, Some(text));
+        Ok(())
+    });
+    let f = Rc::clone(&watch);
+    engine.register_fn("watch", move |p: Ref, h: &str| f(p, h, None));
+    let f = Rc::clone(&watch);
+    engine.register_fn("watch", move |p: Ref, h: &str, c: Dynamic| f(p, h, Some(c)));
+
+    let s = Rc::clone(session);
+    engine.register_fn("make_object", move |kind: &str, state: Dynamic| -> ApiResult<Ref> {
+        let mut s = s.borrow_mut();
+        s.check()?;
+        if !identifier(kind) {
+            return api_err(format!("make_object: kind {kind:?} is not an identifier"));
+        }
+        let obj = VRef::export(s.allocate(NEXT_OBJECT)?);
+        s.set_object_record(obj, kind, state)?;
+        Ok(Ref(obj))
+    });
+    let s = Rc::clone(session);
+    engine.register_fn("get_state", move |obj: Ref| -> ApiResult<Dynamic> {
+        let s = s.borrow();
+        s.check()?;
+        Ok(s.object_record(obj.0)?.1)
+    });
+    let s = Rc::clone(session);
+    engine.register_fn("set_state", move |obj: Ref, state: Dynamic| -> ApiResult<()> {
+        let mut s = s.borrow_mut();
+        s.check()?;
+        let (kind, _) = s.object_record(obj.0)?;
+        s.set_object_record(obj.0, &kind, state)
+    });
+    let s = Rc::clone(session);
+    engine.register_fn("self_ref", move || -> ApiResult<Ref> {
+        let s = s.borrow();
+        s.check()?;
+        Ok(Ref(s.target))
+    });
+    engine.register_fn("root", || Ref(VRef::ROOT));
+
+    let s = Rc::clone(session);
+    engine.register_fn("store_get", move |key: &str| -> ApiResult<Dynamic> {
+        let s = s.borrow();
+        s.check()?;
+        user_key(key)?;
+        match s.get(key) {
+            None => Ok(Dynamic::UNIT),
+            Some(text) => codec::store_decode(&text).map_err(|e| format!("vatstore {key:?}: {e}").into()),
+        }
+    });
+    let s = Rc::clone(session);
+    engine.register_fn("store_set", move |key: &str, value: Dynamic| -> ApiResult<()> {
+        let mut s = s.borrow_mut();
+        s.check()?;
+        user_key(key)?;
+        let text = s.store_encode(&value)?;
+        s.set(key, Some(text));
+        Ok(())
+    });
+    let s = Rc::clone(session);
+    engine.register_fn("store_delete", move |key: &str| -> ApiResult<()> {
+        let mut s = s.borrow_mut();
+        s.check()?;
+        user_key(key)?;
+        s.set(key, None);
+        Ok(())
+    });
+    let s = Rc::clone(session);
+    engine.register_fn("store_keys", move |prefix: &str| -> ApiResult<Array> {
+        let s = s.borrow();
+        s.check()?;
+        Ok(s.keys_with_prefix(prefix).into_iter().map(Dynamic::from).collect())
+    });
+
+    let s = Rc::clone(session);
+    engine.register_fn("log", move |v: Dynamic| {
+        let s = s.borrow();
+        let text = match v.clone().into_string() {
+            Ok(text) => text,
+            Err(_) => codec::to_text(&v).unwrap_or_else(|_| v.to_string()),
+        };
+        s.log(text);
+    });
+    let s = Rc::clone(session);
+    engine.on_print(move |text| s.borrow().log(text.to_owned()));
+    let s = Rc::clone(session);
+    engine.on_debug(move |text, _, _| s.borrow().log(text.to_owned()));
+
+    let s = Rc::clone(session);
+    engine.register_fn("params", move || Dynamic::from_map(s.borrow().params.clone()));
+    let s = Rc::clone(session);
+    engine.register_fn("vat_name", move || s.borrow().vat.clone());
+
+    let s = Rc::clone(session);
+    engine.register_fn("exit", move |failure: bool, info: Dynamic| -> ApiResult<()> {
+        let mut s = s.borrow_mut();
+        s.check()?;
+        let info = s.encode(&info)?;
+        s.effects.push(Effect::Exit { failure, info });
+        s.exited = true;
+        api_err("exit")
+    });
+}
+
+/// Why a script call failed, for the crank's fault.
+enum Failure {
+    Meter(String),
+    Error(String),
+}
+
+/// The innermost error of a chain of function calls.
+fn root_cause(e: &EvalAltResult) -> &EvalAltResult {
+    match e {
+        EvalAltResult::ErrorInFunctionCall(_, _, inner, _) => root_cause(inner),
+        other => other,
+    }
+}
+
+fn describe(e: &EvalAltResult, limits: &ScriptLimits) -> Failure {
+    let root = root_cause(e);
+    let at = root.position().line().map(|l| format!(" (line {l})")).unwrap_or_default();
+    match root {
+        EvalAltResult::ErrorTooManyOperations(_) => {
+            Failure::Meter(format!("used more than {} operations in one crank{at}", limits.max_operations))
+        }
+        EvalAltResult::ErrorRuntime(v, _) => {
+            let v = if v.is_string() { format!("{:?}", v.to_string()) } else { codec::to_text(v).unwrap_or_else(|_| v.to_string()) };
+            Failure::Error(format!("threw {v}{at}"))
+        }
+        EvalAltResult::ErrorDataTooLarge(what, _) => Failure::Error(format!("limit breached: {what} exceeds the vat's limit{at}")),
+        EvalAltResult::ErrorStackOverflow(_) => {
+            Failure::Error(format!("limit breached: calls nested deeper than {} levels{at}", limits.max_call_levels))
+        }
+        EvalAltResult::ErrorFunctionNotFound(sig, _) => {
+            Failure::Error(format!("no function {sig}: a script reaches only its own functions and the vat API{at}"))
+        }
+        other => Failure::Error(other.to_string()),
+    }
+}
+
+/// A scripted vat. Wrap it with [`ScriptVat::endpoint`] to attach it to a kernel.
+pub struct ScriptVat {
+    name: String,
+    engine: Engine,
+    script: Script,
+    limits: ScriptLimits,
+    session: Rc<RefCell<Session>>,
+    /// Operations used by the running call (written by the progress callback).
+    ops: Rc<Cell<u64>>,
+    /// Set when a delivery failed by exhausting the meter.
+    meter_fault: Rc<Cell<bool>>,
+}
+
+impl ScriptVat {
+    /// A vat named `name` running `script` under `limits`, with `params` from the cluster file
+    /// and its log lines going to `logs`.
+    pub fn new(name: &str, script: Script, limits: ScriptLimits, params: Map, logs: LogSink) -> ScriptVat {
+        let session = Rc::new(RefCell::new(Session {
+            vat: name.to_owned(),
+            active: false,
+            committed: None,
+            overlay: BTreeMap::new(),
+            effects: Vec::new(),
+            target: VRef::ROOT,
+            result: None,
+            result_taken: false,
+            exited: false,
+            params,
+            script: script.clone(),
+            logs,
+        }));
+        let mut engine = sandbox(&limits);
+        register_api(&mut engine, &session);
+        let ops = Rc::new(Cell::new(0));
+        let seen = Rc::clone(&ops);
+        engine.on_progress(move |n| {
+            seen.set(n);
+            None
+        });
+        ScriptVat { name: name.to_owned(), engine, script, limits, session, ops, meter_fault: Rc::new(Cell::new(false)) }
+    }
+
+    /// This vat as a kernel endpoint: a [`VatEndpoint`] whose meter faults are reported as
+    /// [`Fault::MeterExhausted`].
+    pub fn endpoint(self) -> Box<dyn kernel_core::Endpoint> {
+        let meter = Rc::clone(&self.meter_fault);
+        Box::new(ScriptEndpoint { inner: VatEndpoint::new(self), meter })
+    }
+
+    fn load_mirror(&mut self, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        if self.session.borrow().committed.is_some() {
+            return Ok(());
+        }
+        let mut mirror = BTreeMap::new();
+        let mut after = String::new();
+        while let Some(key) = sys.vatstore_next_key(&after)? {
+            if let Some(v) = sys.vatstore_get(&key)? {
+                mirror.insert(key.clone(), String::from_utf8_lossy(&v).into_owned());
+            }
+            after = key;
+        }
+        self.session.borrow_mut().committed = Some(mirror);
+        Ok(())
+    }
+
+    fn begin(&mut self, target: VRef, result: Option<VRef>) {
+        let mut s = self.session.borrow_mut();
+        s.active = true;
+        s.overlay.clear();
+        s.effects.clear();
+        s.target = target;
+        s.result = result;
+        s.result_taken = false;
+        s.exited = false;
+        self.meter_fault.set(false);
+    }
+
+    fn end(&mut self) {
+        let mut s = self.session.borrow_mut();
+        s.active = false;
+        s.overlay.clear();
+        s.effects.clear();
+    }
+
+    /// Call script function `name` within the crank's remaining budget.
+    fn call(&mut self, budget: &mut u64, name: &str, args: Vec<Dynamic>, this: Option<&mut Dynamic>) -> Result<Dynamic, Failure> {
+        self.engine.set_max_operations((*budget).max(1));
+        self.ops.set(0);
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+        let options = match this {
+            Some(t) => options.bind_this_ptr(t),
+            None => options,
+        };
+        let r = self.engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.script.ast, name, args);
+        *budget = budget.saturating_sub(self.ops.get());
+        r.map_err(|e| describe(&e, &self.limits))
+    }
+
+    fn fail(&self, what: &str, f: Failure) -> VatError {
+        let (meter, why) = match f {
+            Failure::Meter(w) => (true, w),
+            Failure::Error(w) => (false, w),
+        };
+        self.meter_fault.set(meter);
+        VatError::new(format!("{}.{what}: {why}", self.name))
+    }
+
+    /// Make the recorded vatstore writes and syscalls through the real handle, then adopt the
+    /// writes into the mirror.
+    fn flush(&mut self, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let (overlay, effects) = {
+            let mut s = self.session.borrow_mut();
+            (std::mem::take(&mut s.overlay), std::mem::take(&mut s.effects))
+        };
+        for (k, v) in &overlay {
+            match v {
+                Some(v) => sys.vatstore_set(k, v.as_bytes())?,
+                None => sys.vatstore_delete(k)?,
+            }
+        }
+        for e in effects {
+            match e {
+                Effect::Send { target, method, args, result } => sys.send(target, &method, &args, result)?,
+                Effect::Subscribe(p) => sys.subscribe(p)?,
+                Effect::Resolve { promise, rejected, data } => sys.resolve(&[(promise, rejected, data)])?,
+                Effect::Exit { failure, info } => sys.exit(failure, &info)?,
+            }
+        }
+        let mut s = self.session.borrow_mut();
+        if let Some(c) = s.committed.as_mut() {
+            for (k, v) in overlay {
+                match v {
+                    Some(v) => c.insert(k, v),
+                    None => c.remove(&k),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver_inner(
+        &mut self,
+        target: VRef,
+        method: &str,
+        args: VatData,
+        result: Option<VRef>,
+        sys: &mut Syscall<'_, '_>,
+    ) -> Result<(), VatError> {
+        self.load_mirror(sys)?;
+        self.begin(target, result);
+        let (function, mut this, kind) = if target == VRef::ROOT {
+            (method.to_owned(), None, None)
+        } else {
+            match self.session.borrow().object_record(target) {
+                Ok((kind, state)) => (format!("{kind}_{method}"), Some(state), Some(kind)),
+                Err(_) => (String::new(), None, None),
+            }
+        };
+        let args = codec::decode_args(&args);
+        if function.is_empty() || !self.script.has_function(&function, args.len(), true) {
+            // The caller's mistake, not the vat's: reject the result, keep the vat.
+            let reason = format!("{}: no method {method} with {} argument(s) on {target}", self.name, args.len());
+            self.session.borrow().log(reason.clone());
+            if let Some(r) = result {
+                let data = VatData::plain(kernel_core::CapData::error(&reason).body);
+                self.session.borrow_mut().effects.push(Effect::Resolve { promise: r, rejected: true, data });
+            }
+            return self.flush(sys);
+        }
+        let mut budget = self.limits.max_operations;
+        let returned = self.call(&mut budget, &function, args, this.as_mut());
+        if self.session.borrow().exited {
+            return self.flush(sys);
+        }
+        let value = returned.map_err(|f| self.fail(&function, f))?;
+        {
+            let mut s = self.session.borrow_mut();
+            if let (Some(kind), Some(state)) = (&kind, this) {
+                s.set_object_record(target, kind, state).map_err(|e| VatError::new(format!("{}.{function}: {e}", self.name)))?;
+            }
+            if let (Some(r), false) = (result, s.result_taken) {
+                let data = s.encode(&value).map_err(|e| VatError::new(format!("{}.{function} returned: {e}", self.name)))?;
+                s.effects.push(Effect::Resolve { promise: r, rejected: false, data });
+            }
+        }
+        self.flush(sys)
+    }
+
+    fn notify_inner(&mut self, resolutions: Vec<Resolution>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        self.load_mirror(sys)?;
+        self.begin(VRef::ROOT, None);
+        let mut budget = self.limits.max_operations;
+        for r in resolutions {
+            let key = format!("{WATCH_PREFIX}{}", r.promise);
+            let watchers = {
+                let mut s = self.session.borrow_mut();
+                let Some(text) = s.get(&key) else { continue };
+                s.set(&key, None);
+                codec::store_decode(&text).ok().and_then(|d| d.try_cast::<Array>()).unwrap_or_default()
+            };
+            let value = codec::decode(&r.data);
+            let mut outcome = Map::new();
+            outcome.insert("ok".into(), Dynamic::from_bool(!r.rejected));
+            outcome.insert(if r.rejected { "reason" } else { "value" }.into(), value);
+            let outcome = Dynamic::from_map(outcome);
+            for w in watchers {
+                let Some(mut w) = w.try_cast::<Map>() else { continue };
+                let handler = w.remove("handler").and_then(|h| h.into_string().ok()).unwrap_or_default();
+                let mut args = vec![outcome.clone()];
+                if let Some(c) = w.remove("context") {
+                    args.push(c);
+                }
+                if !self.script.has_function(&handler, args.len(), false) {
+                    let s = self.session.borrow();
+                    s.log(format!("watch handler {handler}/{} is gone; settlement of {} dropped", args.len(), r.promise));
+                    continue;
+                }
+                let returned = self.call(&mut budget, &handler, args, None);
+                if self.session.borrow().exited {
+                    return self.flush(sys);
+                }
+                let _value = returned.map_err(|f| self.fail(&handler, f))?;
+            }
+        }
+        self.flush(sys)
+    }
+}
+
+impl Vat for ScriptVat {
+    fn deliver(
+        &mut self,
+        target: VRef,
+        method: &str,
+        args: VatData,
+        result: Option<VRef>,
+        sys: &mut Syscall<'_, '_>,
+    ) -> Result<(), VatError> {
+        let r = self.deliver_inner(target, method, args, result, sys);
+        self.end();
+        r
+    }
+
+    fn notify(&mut self, resolutions: Vec<Resolution>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let r = self.notify_inner(resolutions, sys);
+        self.end();
+        r
+    }
+}
+
+/// A [`VatEndpoint`] around a [`ScriptVat`] that reports meter exhaustion as such.
+struct ScriptEndpoint {
+    inner: VatEndpoint<ScriptVat>,
+    meter: Rc<Cell<bool>>,
+}
+
+impl kernel_core::Endpoint for ScriptEndpoint {
+    fn deliver(&mut self, d: kernel_core::KernelDelivery, ctx: &mut kernel_core::CrankContext<'_>) -> Result<(), Fault> {
+        self.inner.deliver(d, ctx).map_err(|f| match f {
+            Fault::VatError(why) if self.meter.get() => Fault::MeterExhausted(why),
+            other => other,
+        })
+    }
+
+    fn collect(&mut self, action: kernel_core::GcAction, ctx: &mut kernel_core::CrankContext<'_>) -> Result<(), Fault> {
+        self.inner.collect(action, ctx)
+    }
+}
