@@ -231,6 +231,15 @@ fn main() {
         ms(g.p99),
         ms(g.load_p50)
     );
+    let wide = Durability::Group { max_cranks: 20_000, max_delay: Duration::from_millis(10) };
+    let w = remote(Backing::Fjall(wide), group_total, window * 4, pings.min(200));
+    println!(
+        "remote: tcp loopback, group (20k / 10 ms) {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
+        w.rate,
+        w.rate / local,
+        ms(w.p50),
+        ms(w.p99)
+    );
     let s = remote(Backing::Fjall(Durability::Sync), sync_total, window.min(64), pings.min(200));
     println!(
         "remote: tcp loopback, sync               {:>10.0} msg/s ({:.4}x in-memory); round trip p50 {} p99 {} (one at a time) = {:.1} fdatasyncs",

@@ -251,7 +251,7 @@ impl Transport for TcpTransport {
 }
 
 /// One round of a host loop on TCP: handle every event waiting, run up to `max_cranks` cranks,
-/// do the due I/O ([`Node::pump`]); if the kernel has nothing queued, wait up to `idle_wait`
+/// do the due I/O ([`crate::Node::pump`]); if the kernel has nothing queued, wait up to `idle_wait`
 /// for the next event (less if a retransmission falls due). `now` is the host's clock.
 pub fn serve_once<S: crate::DurableStore>(
     node: &mut crate::Node<S>,
