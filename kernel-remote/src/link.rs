@@ -77,13 +77,17 @@ pub struct LinkEndpoint {
     index: usize,
     gate: Rc<RefCell<Gate>>,
     bootstrap: Rc<Cell<Option<KObjectId>>>,
+    max_message: usize,
 }
 
 impl LinkEndpoint {
-    pub(crate) fn new(index: usize, gate: Rc<RefCell<Gate>>, bootstrap: Rc<Cell<Option<KObjectId>>>) -> Self {
-        LinkEndpoint { index, gate, bootstrap }
+    pub(crate) fn new(index: usize, gate: Rc<RefCell<Gate>>, bootstrap: Rc<Cell<Option<KObjectId>>>, max_message: usize) -> Self {
+        LinkEndpoint { index, gate, bootstrap, max_message }
     }
 }
+
+/// The frame bytes around a message: version byte, variant tag, sequence and length varints.
+pub(crate) const FRAME_OVERHEAD: usize = 32;
 
 fn kernel_fault(e: SyscallError) -> Fault {
     // Outbound translation can only fail if the kernel (its store) failed; the kernel reports
@@ -136,8 +140,10 @@ impl Out<'_, '_> {
 impl Endpoint for LinkEndpoint {
     fn deliver(&mut self, delivery: KernelDelivery, ctx: &mut CrankContext<'_>) -> Result<(), Fault> {
         let mut out = Out { ctx, bootstrap: self.bootstrap.get(), subscribed: Vec::new() };
+        let mut result_kp = None;
         let message = match delivery {
             KernelDelivery::Message { target, message } => {
+                result_kp = message.result;
                 let target = out.rref(KRef::Object(target))?;
                 let args = out.data(message.args)?;
                 let result = match message.result {
@@ -163,7 +169,32 @@ impl Endpoint for LinkEndpoint {
             }
         };
         let ctx = out.ctx;
-        let bytes = message.encode().map_err(|e| Fault::VatError(e.to_string()))?;
+        let mut bytes = message.encode().map_err(|e| Fault::VatError(e.to_string()))?;
+        if bytes.len() > self.max_message {
+            // Too large for any peer to accept: refuse it here rather than lose the link to it.
+            let why = format!("a message of {} bytes exceeds the link's limit of {}", bytes.len(), self.max_message);
+            log::warn!("{}: {why}", message.describe());
+            match message {
+                WireMessage::Deliver { .. } => {
+                    if let Some(kp) = result_kp {
+                        ctx.resolve(vec![(kp, Settlement::Rejected(CapData::error(&why)))]).map_err(kernel_fault)?;
+                    }
+                    return Ok(());
+                }
+                WireMessage::Resolve { resolutions } => {
+                    let error = CapData::error(&why);
+                    let resolutions = resolutions
+                        .into_iter()
+                        .map(|r| WireResolution {
+                            promise: r.promise,
+                            rejected: true,
+                            data: WireData { body: error.body.clone(), slots: vec![] },
+                        })
+                        .collect();
+                    bytes = WireMessage::Resolve { resolutions }.encode().map_err(|e| Fault::VatError(e.to_string()))?;
+                }
+            }
+        }
         let seq = match ctx.vatstore_get(NEXT_SEQ_KEY).map_err(kernel_fault)? {
             None => 1,
             Some(v) => decode_u64(&v).ok_or_else(|| Fault::VatError("corrupt next-sequence record".into()))?,

@@ -212,7 +212,8 @@ impl<S: DurableStore> Node<S> {
             return Err(RemoteError::Refused(format!("peer {peer} is already attached")));
         }
         let index = self.links.len();
-        let endpoint = LinkEndpoint::new(index, Rc::clone(&self.gate), Rc::clone(&self.bootstrap));
+        let max_message = self.config.max_frame.saturating_sub(link::FRAME_OVERHEAD);
+        let endpoint = LinkEndpoint::new(index, Rc::clone(&self.gate), Rc::clone(&self.bootstrap), max_message);
         let ep = self.kernel.add_endpoint(&link_endpoint_name(&peer), Box::new(endpoint))?;
         let corrupt = |reason: String| RemoteError::Corrupt { peer: peer.clone(), reason };
         let mut unacked = VecDeque::new();

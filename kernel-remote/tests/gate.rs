@@ -169,7 +169,10 @@ fn a_crank_that_fails_to_commit_sends_nothing_and_its_retry_sends_once() {
 
 fn data(seq: u64, method: &str) -> Vec<u8> {
     // The sender's name for our bootstrap object is its `ro-0`.
-    let target = RRef::BOOTSTRAP.flip();
+    data_to(seq, RRef::BOOTSTRAP.flip(), method)
+}
+
+fn data_to(seq: u64, target: RRef, method: &str) -> Vec<u8> {
     let message =
         WireMessage::Deliver { target, method: method.into(), args: WireData { body: b"1".to_vec(), slots: vec![] }, result: None };
     Frame::Data { seq: PeerSeq(seq), message: message.encode().expect("encode") }.encode().expect("frame")
@@ -243,4 +246,46 @@ fn retransmission_backs_off_to_its_cap_and_never_gives_up() {
     a.handle(Duration::from_millis(5_001), TransportEvent::Connected(id("b")), &mut net).expect("reconnect");
     a.pump(Duration::from_millis(5_001), &mut net).expect("pump");
     assert_eq!(net.data(), vec![2]);
+}
+
+#[test]
+fn a_message_too_large_for_the_link_is_rejected_at_the_source() {
+    let config = RemoteConfig { max_frame: 200, ..RemoteConfig::default() };
+    let mut a = Node::new(Kernel::open(MemStore::new()).expect("open"), id("a"), config);
+    a.add_peer(id("b")).expect("peer");
+    let target = a.peer_root(&id("b")).expect("root");
+    let big = a.kernel_mut().queue_message(target.into(), "big", CapData::plain(vec![b'x'; 500])).expect("queue");
+    let small = a.kernel_mut().queue_message(target.into(), "small", CapData::plain("1")).expect("queue");
+    a.run(None).expect("run");
+    let refused = a.kernel().settlement(big).expect("read");
+    assert!(
+        matches!(&refused, Some(kernel_core::Settlement::Rejected(d)) if String::from_utf8_lossy(&d.body).contains("exceeds")),
+        "{refused:?}"
+    );
+    assert_eq!(a.kernel().settlement(small).expect("read"), None, "the small one is on its way");
+    assert_eq!(a.status()[0].written, PeerSeq(1), "only the small one took a sequence number");
+}
+
+#[test]
+fn a_refused_message_in_a_batch_stops_it_there_and_closes_the_connection() {
+    let mut b = node(MemStore::new(), "b", "a");
+    let mut net = Recorder::default();
+    let t = Duration::ZERO;
+    b.handle(t, TransportEvent::Connected(id("a")), &mut net).expect("connect");
+    // #2 names an object of b's that b never exported to a: forged.
+    let forged: RRef = "ro-7".parse().expect("rref");
+    for frame in [data(1, "one"), data_to(2, forged, "steal"), data(3, "three")] {
+        b.handle(t, TransportEvent::Frame(id("a"), frame), &mut net).expect("frame");
+    }
+    b.pump(t, &mut net).expect("pump");
+    assert_eq!(b.status()[0].applied, PeerSeq(1), "the good prefix is applied, nothing from the forged one on");
+    assert_eq!(b.kernel().queue_len(), 1);
+    assert_eq!(net.closed.len(), 1);
+    assert!(net.closed[0].1.contains("#2") && net.closed[0].1.contains("o-7"), "{}", net.closed[0].1);
+    assert_eq!(b.take_faults().len(), 1, "the reason is kept for the host");
+    // After reconnecting, the sender's resend of #2 (fixed or not) is considered afresh.
+    b.handle(t, TransportEvent::Connected(id("a")), &mut net).expect("reconnect");
+    b.handle(t, TransportEvent::Frame(id("a"), data(2, "two")), &mut net).expect("frame");
+    b.pump(t, &mut net).expect("pump");
+    assert_eq!(b.status()[0].applied, PeerSeq(2));
 }
