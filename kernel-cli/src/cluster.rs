@@ -180,7 +180,8 @@ fn limit(c: &Checker<'_>, vat: &str, key: &str, v: &Option<Spanned<u64>>, defaul
     match v {
         None => Ok(default),
         Some(s) if *s.get_ref() < 1 || *s.get_ref() > max => {
-            Err(c.at(s.span(), format!("vat {vat:?}.{key}"), format!("must be between 1 and {max}, not {}", s.get_ref())))
+            let range = if max == u64::MAX { "at least 1".to_owned() } else { format!("between 1 and {max}") };
+            Err(c.at(s.span(), format!("vat {vat:?}.{key}"), format!("must be {range}, not {}", s.get_ref())))
         }
         Some(s) => Ok(*s.get_ref()),
     }

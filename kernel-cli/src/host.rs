@@ -12,7 +12,8 @@ use crate::cluster::{Cluster, VatKind, VatSpec, SNAPSHOT_FILE};
 use crate::codec;
 use crate::script::{LogLine, LogSink, ScriptVat};
 use kernel_core::{
-    CapData, CrankInput, CrankOutcome, CrankReport, Endpoint, EndpointId, EndpointStatus, KPromiseId, Kernel, KernelError, Store,
+    CapData, CrankInput, CrankOutcome, CrankReport, Endpoint, EndpointId, EndpointStatus, KPromiseId, KRef, Kernel, KernelError,
+    PromiseState, Settlement, Store,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -109,13 +110,15 @@ impl<S: Store> Host<S> {
         }
         let logs = LogSink::default();
         let mut names = HashMap::new();
-        let mut roots = Vec::new();
+        let mut eps = Vec::new();
         for spec in &cluster.vats {
             let ep = kernel.add_endpoint(&spec.name, endpoint_for(spec, &logs)?)?;
             names.insert(ep, spec.name.clone());
-            roots.push((spec.name.clone(), kernel.root(ep)?));
+            eps.push((spec.name.clone(), ep));
         }
         let start = if fresh {
+            // Nothing has run, so no vat is terminated and every root is in its c-list.
+            let roots = eps.iter().map(|(n, ep)| Ok((n.clone(), kernel.root(*ep)?))).collect::<Result<Vec<_>, KernelError>>()?;
             let mut answer = None;
             if let Some(b) = &cluster.bootstrap {
                 let mut vats = serde_json::Map::new();
@@ -171,7 +174,7 @@ impl<S: Store> Host<S> {
     pub fn crank_line(&self, r: &CrankReport) -> String {
         let what = match &r.input {
             CrankInput::Send { target, method, delivered_to: Some(ep) } => format!("{} <- {target}.{method}", self.name(*ep)),
-            CrankInput::Send { target, method, delivered_to: None } => format!("kernel <- {target}.{method}"),
+            CrankInput::Send { target, method, delivered_to: None } => format!("kernel <- {target}.{method}{}", self.routed(*target)),
             CrankInput::Notify { endpoint, promise, delivered: true } => format!("{} <- notify {promise}", self.name(*endpoint)),
             CrankInput::Notify { endpoint, promise, delivered: false } => {
                 format!("kernel: notify {promise} for {} dropped", self.name(*endpoint))
@@ -188,6 +191,24 @@ impl<S: Store> Host<S> {
             CrankOutcome::Aborted { endpoint, fault } => format!("ABORTED: {fault}; {} terminated", self.name(*endpoint)),
         };
         format!("{:>5}  {what:<30} {outcome}", r.crank.0)
+    }
+
+    /// Where the kernel put a send it did not deliver: queued on an unresolved promise, or its
+    /// result rejected.
+    fn routed(&self, target: KRef) -> String {
+        let mut at = target;
+        for _ in 0..64 {
+            let KRef::Promise(kp) = at else { break };
+            match self.kernel.promise(kp) {
+                Ok(Some(PromiseState::Unresolved { .. })) => return format!(" (queued on {kp})"),
+                Ok(Some(PromiseState::Settled(Settlement::Fulfilled(d)))) => match d.as_reference() {
+                    Some(next) => at = next,
+                    None => break,
+                },
+                _ => break,
+            }
+        }
+        " (rejected)".to_owned()
     }
 
     /// The names of the terminated vats.

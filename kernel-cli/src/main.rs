@@ -10,7 +10,7 @@ use kernel_cli::cluster::Cluster;
 use kernel_cli::codec;
 use kernel_cli::host::{self, Host, HostError, Start};
 use kernel_cli::inspect::{self, View};
-use kernel_core::{CapData, CrankOutcome, KRef, Kernel, KernelError, MemStore, Store};
+use kernel_core::{CapData, CrankOutcome, EndpointStatus, KRef, Kernel, KernelError, MemStore, Store};
 use kernel_store::{FjallStore, OpenError, StoreOptions};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -292,14 +292,22 @@ fn drive<S: Store>(
     let dead = if terminated.is_empty() { String::new() } else { format!(" ({})", terminated.join(", ")) };
     writeln!(
         out,
-        "-- {cranks} cranks: {} committed, {aborted} aborted; {} vats terminated{dead}; {queue}",
+        "-- {cranks} cranks: {} committed, {aborted} aborted; {} terminated{dead}; {queue}",
         cranks - aborted,
-        terminated.len()
+        plural(terminated.len(), "vat")
     )
     .map_err(w)?;
     writeln!(out, "-- elapsed {}, {} cranks/s", human(elapsed), rate(cranks, elapsed)).map_err(w)?;
     out.flush().map_err(w)?;
     Ok(if stopped == Some("interrupted") { ExitCode::from(130) } else { ExitCode::SUCCESS })
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 fn human(d: Duration) -> String {
@@ -366,12 +374,24 @@ fn send(a: SendArgs, stop: &AtomicBool) -> Result<ExitCode, Failure> {
     let kernel = open_fjall(&a.store, &cluster)?;
     let (mut host, _) = Host::attach(kernel, &cluster)?;
     let ep = host.endpoint(vat).ok_or_else(|| Failure::input(format!("no vat is named {vat:?}")))?;
+    let live = |host: &Host<FjallStore>, name: &str, ep| -> Result<(), Failure> {
+        match host.kernel().endpoint(ep)?.map(|r| r.status) {
+            Some(EndpointStatus::Terminated { reason }) => {
+                Err(Failure::runtime(format!("vat {name:?} is terminated ({reason}); nothing was sent")))
+            }
+            _ => Ok(()),
+        }
+    };
+    live(&host, vat, ep)?;
     let mut slots = Vec::with_capacity(a.slots.len());
     for s in &a.slots {
         let r = match s.parse::<KRef>() {
             Ok(k) => k,
             Err(_) => match host.endpoint(s) {
-                Some(e) => host.kernel().root(e)?.into(),
+                Some(e) => {
+                    live(&host, s, e)?;
+                    host.kernel().root(e)?.into()
+                }
                 None => return Err(Failure::input(format!("--slot {s:?}: neither a kref nor a vat name"))),
             },
         };

@@ -501,6 +501,7 @@ fn describe(e: &EvalAltResult, limits: &ScriptLimits) -> Failure {
             Failure::Error(format!("limit breached: calls nested deeper than {} levels{at}", limits.max_call_levels))
         }
         EvalAltResult::ErrorFunctionNotFound(sig, _) => {
+            let sig = sig.replace("&str | ImmutableString | String", "string");
             Failure::Error(format!("no function {sig}: a script reaches only its own functions and the vat API{at}"))
         }
         other => Failure::Error(other.to_string()),
@@ -668,8 +669,9 @@ impl ScriptVat {
         let args = codec::decode_args(&args);
         if function.is_empty() || !self.script.has_function(&function, args.len(), true) {
             // The caller's mistake, not the vat's: reject the result, keep the vat.
-            let reason = format!("{}: no method {method} with {} argument(s) on {target}", self.name, args.len());
-            self.session.borrow().log(reason.clone());
+            let why = format!("no method {method} with {} argument(s) on {target}", args.len());
+            self.session.borrow().log(why.clone());
+            let reason = format!("{}: {why}", self.name);
             if let Some(r) = result {
                 let data = VatData::plain(kernel_core::CapData::error(&reason).body);
                 self.session.borrow_mut().effects.push(Effect::Resolve { promise: r, rejected: true, data });
@@ -695,11 +697,29 @@ impl ScriptVat {
         self.flush(sys)
     }
 
+    /// Add `watchers` to the watch record of `promise`, subscribing if it had none.
+    fn move_watchers(&mut self, promise: VRef, watchers: Array) -> ApiResult<()> {
+        let mut s = self.session.borrow_mut();
+        let key = format!("{WATCH_PREFIX}{promise}");
+        let mut all = match s.get(&key) {
+            Some(text) => codec::store_decode(&text).ok().and_then(|d| d.try_cast::<Array>()).unwrap_or_default(),
+            None => {
+                s.effects.push(Effect::Subscribe(promise));
+                Array::new()
+            }
+        };
+        all.extend(watchers);
+        let text = s.store_encode(&Dynamic::from_array(all))?;
+        s.set(&key, Some(text));
+        Ok(())
+    }
+
     fn notify_inner(&mut self, resolutions: Vec<Resolution>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
         self.load_mirror(sys)?;
         self.begin(VRef::ROOT, None);
         let mut budget = self.limits.max_operations;
-        for r in resolutions {
+        let settled: HashMap<VRef, (bool, VatData)> = resolutions.iter().map(|r| (r.promise, (r.rejected, r.data.clone()))).collect();
+        for r in &resolutions {
             let key = format!("{WATCH_PREFIX}{}", r.promise);
             let watchers = {
                 let mut s = self.session.borrow_mut();
@@ -707,6 +727,28 @@ impl ScriptVat {
                 s.set(&key, None);
                 codec::store_decode(&text).ok().and_then(|d| d.try_cast::<Array>()).unwrap_or_default()
             };
+            // A promise fulfilled to another promise forwards: follow the chain through the
+            // settlements this notify carries; if it ends at a promise still unresolved, the
+            // watch moves there (the kernel already made this vat a subscriber of it).
+            let (mut rejected, mut data) = (r.rejected, r.data.clone());
+            let mut hops = 0;
+            while let (false, Some(next)) = (rejected, data.as_reference().filter(|v| v.is_promise())) {
+                match settled.get(&next) {
+                    Some((rj, d)) if hops < settled.len() => {
+                        (rejected, data) = (*rj, d.clone());
+                        hops += 1;
+                    }
+                    Some(_) => break,
+                    None => {
+                        self.move_watchers(next, watchers.clone()).map_err(|e| VatError::new(format!("{}: {e}", self.name)))?;
+                        break;
+                    }
+                }
+            }
+            if !rejected && data.as_reference().is_some_and(|v| v.is_promise() && !settled.contains_key(&v)) {
+                continue;
+            }
+            let r = Resolution { promise: r.promise, rejected, data };
             let value = codec::decode(&r.data);
             let mut outcome = Map::new();
             outcome.insert("ok".into(), Dynamic::from_bool(!r.rejected));
