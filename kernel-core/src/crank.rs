@@ -374,7 +374,7 @@ impl<'s> CrankContext<'s> {
     fn retire_export(&mut self, ep: EndpointId, o: KObjectId) -> Result<(), KernelError> {
         self.work.db.clist_remove(ep, KRef::Object(o))?;
         self.work.db.delete_object(o);
-        for importer in gc::recognizers(&self.work.db, o, ep)? {
+        for importer in gc::recognizers(&self.work.db, o)? {
             self.work.buf.outputs.push(RunQueueItem::Gc { endpoint: importer, action: GcAction::RetireImports(vec![o]) });
         }
         Ok(())
@@ -389,10 +389,12 @@ impl<'s> CrankContext<'s> {
             let KRef::Object(o) = k else { return Err(self.illegal(format!("abandonExports of promise {k}"))) };
             match self.check(self.work.db.object(o))? {
                 Some(mut rec) if rec.owner == ep && !rec.abandoned && !rec.pinned => {
-                    rec.abandoned = true;
-                    self.work.db.set_object(o, &rec);
+                    // The exporter's own entry goes first, while it is still the export's
+                    // (it counts nothing).
                     let r = self.work.db.clist_remove(ep, k);
                     self.check(r)?;
+                    rec.abandoned = true;
+                    self.work.db.set_object(o, &rec);
                     self.work.db.maybe_free.push(k);
                 }
                 _ => return Err(self.illegal(format!("abandonExports of {k}, which is not an export of {ep}"))),

@@ -91,11 +91,12 @@ pub(crate) fn remove_data_refs(db: &mut KernelTxn<'_>, d: &CapData) -> Result<()
     Ok(())
 }
 
-/// The endpoints (other than `except`) whose c-list holds `o`.
-pub(crate) fn recognizers(db: &KernelTxn<'_>, o: KObjectId, except: EndpointId) -> Result<Vec<EndpointId>, KernelError> {
+/// The endpoints whose c-list holds `o` (called once its exporter no longer does: each of them
+/// imports it, the exporter too if it was handed back an object it abandoned).
+pub(crate) fn recognizers(db: &KernelTxn<'_>, o: KObjectId) -> Result<Vec<EndpointId>, KernelError> {
     let mut out = Vec::new();
     for ep in (1..db.counters.next_endpoint).map(EndpointId) {
-        if ep != except && db.clist_entry(ep, KRef::Object(o))?.is_some() {
+        if db.clist_entry(ep, KRef::Object(o))?.is_some() {
             out.push(ep);
         }
     }
@@ -138,7 +139,7 @@ pub(crate) fn collect(w: &mut Work<'_>) -> Result<(), KernelError> {
                 } else if rec.recognizable == 0 {
                     w.db.delete_object(o);
                 } else {
-                    for ep in recognizers(&w.db, o, rec.owner)? {
+                    for ep in recognizers(&w.db, o)? {
                         actions.entry((ep, 2)).or_default().push(o);
                     }
                 }

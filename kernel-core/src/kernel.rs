@@ -262,8 +262,7 @@ impl<S: Store> Kernel<S> {
             return Err(KernelError::UnknownRef(kref));
         }
         work.db.pin(kref, pinned)?;
-        gc::collect(&mut work)?;
-        let done = finish(work);
+        let done = close(work, &self.watchers)?;
         self.apply_finished(done)?;
         Ok(())
     }
@@ -446,8 +445,8 @@ impl<S: Store> Kernel<S> {
             }
         };
         let Some((endpoint, delivery)) = delivery else {
-            gc::collect(&mut work)?;
-            let flushed = self.commit(finish(work), crank)?;
+            let done = close(work, &self.watchers)?;
+            let flushed = self.commit(done, crank)?;
             return Ok(Some(CrankReport { crank, input, outcome: CrankOutcome::Committed, flushed, commit: CommitEvent { crank } }));
         };
         let notified: Vec<KPromiseId> = match &delivery {
@@ -508,8 +507,8 @@ impl<S: Store> Kernel<S> {
                     }
                     None => CrankOutcome::Committed,
                 };
-                gc::collect(&mut work)?;
-                let flushed = self.commit(finish(work), crank)?;
+                let done = close(work, &self.watchers)?;
+                let flushed = self.commit(done, crank)?;
                 Ok(Some(CrankReport { crank, input, outcome, flushed, commit: CommitEvent { crank } }))
             }
             Err(fault) => {
@@ -531,8 +530,8 @@ impl<S: Store> Kernel<S> {
                     Some(RunQueueItem::Notify { promise: kp, .. }) => work.db.decref(KRef::Promise(kp), true)?,
                     Some(RunQueueItem::Gc { .. }) | None => {}
                 }
-                gc::collect(&mut work)?;
-                let flushed = self.commit(finish(work), crank)?;
+                let done = close(work, &self.watchers)?;
+                let flushed = self.commit(done, crank)?;
                 Ok(Some(CrankReport {
                     crank,
                     input,
@@ -561,14 +560,10 @@ impl<S: Store> Kernel<S> {
         self.counters = done.end.counters;
         self.cache.absorb_fetched(done.end.fetched);
         self.cache.absorb(done.end.dirty);
-        if !self.watchers.is_empty() {
-            for kp in done.settled {
-                if let Some(callbacks) = self.watchers.remove(&kp) {
-                    if let Some(PromiseState::Settled(s)) = self.read().promise(kp)? {
-                        for cb in callbacks {
-                            cb(kp, &s);
-                        }
-                    }
+        for (kp, s) in done.watched {
+            if let Some(callbacks) = self.watchers.remove(&kp) {
+                for cb in callbacks {
+                    cb(kp, &s);
                 }
             }
         }
@@ -603,9 +598,7 @@ impl<S: Store> Kernel<S> {
             (Some(Verdict::Exit { .. }), _) => Ok(Err(Fault::IllegalSyscall("exit outside a delivery".into()))),
             (None, Err(fault)) => Ok(Err(fault)),
             (None, Ok(value)) => {
-                let mut work = work;
-                gc::collect(&mut work)?;
-                let done = finish(work);
+                let done = close(work, &self.watchers)?;
                 self.apply_finished(done)?;
                 Ok(Ok(value))
             }
@@ -622,19 +615,32 @@ enum Delivery {
 /// A crank's transaction closed, with its buffer flushed into the same batch.
 struct Finished {
     end: TxnEnd,
-    settled: Vec<KPromiseId>,
+    /// The settlements of the promises it settled that host watchers wait for.
+    watched: Vec<(KPromiseId, Settlement)>,
     flushed: usize,
 }
 
-/// Flush the buffer into the transaction (so the run-queue writes commit atomically with the
-/// rest) and close it.
-fn finish(work: Work<'_>) -> Finished {
+/// End a transaction: note the settlements host watchers wait for (read first: collection may
+/// delete a promise the same transaction settled), collect, then flush the buffer into the
+/// transaction (so the run-queue writes commit atomically with the rest) and close it.
+fn close(mut work: Work<'_>, watchers: &HashMap<KPromiseId, Vec<Watcher>>) -> Result<Finished, KernelError> {
+    let mut watched = Vec::new();
+    if !watchers.is_empty() {
+        for kp in &work.buf.settled {
+            if watchers.contains_key(kp) {
+                if let Some(PromiseState::Settled(s)) = work.db.promise(*kp)? {
+                    watched.push((*kp, s));
+                }
+            }
+        }
+    }
+    gc::collect(&mut work)?;
     let Work { mut db, buf } = work;
     let flushed = buf.outputs.len();
     for item in &buf.outputs {
         db.push_run_queue(item);
     }
-    Finished { end: db.finish(), settled: buf.settled, flushed }
+    Ok(Finished { end: db.finish(), watched, flushed })
 }
 
 fn set_decider(work: &mut Work<'_>, kp: KPromiseId, endpoint: EndpointId) -> Result<(), KernelError> {
@@ -663,6 +669,9 @@ fn terminate(work: &mut Work<'_>, ep: EndpointId, reason: &str, data: CapData) -
         }
     }
     for (kref, _) in entries {
+        // Removed before its export is marked abandoned: the exporter's own entry counts
+        // nothing, while an import of an object it abandoned earlier counts like any other.
+        work.db.clist_remove(ep, kref)?;
         if let KRef::Object(o) = kref {
             if let Some(mut obj) = work.db.object(o)? {
                 if obj.owner == ep {
@@ -672,7 +681,6 @@ fn terminate(work: &mut Work<'_>, ep: EndpointId, reason: &str, data: CapData) -
                 }
             }
         }
-        work.db.clist_remove(ep, kref)?;
     }
     Ok(())
 }

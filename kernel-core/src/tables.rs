@@ -557,10 +557,12 @@ impl<'s> KernelTxn<'s> {
         Ok(vref)
     }
 
-    /// True if `ep` exports `kref` (owns the object); promises have no exporter.
+    /// True if `ep` exports `kref` (owns the object and has not given it up); promises have no
+    /// exporter. An endpoint that abandoned an object and is handed it again holds it as an
+    /// import, counted like any other.
     fn is_exporter(&self, ep: EndpointId, kref: KRef) -> Result<bool, KernelError> {
         Ok(match kref {
-            KRef::Object(o) => self.object(o)?.is_some_and(|r| r.owner == ep),
+            KRef::Object(o) => self.object(o)?.is_some_and(|r| r.owner == ep && !r.abandoned),
             KRef::Promise(_) => false,
         })
     }

@@ -88,7 +88,7 @@ fn vref_from_key(b: &[u8]) -> Option<VRef> {
 /// Every way the kernel's tables disagree with each other (empty: consistent). Checks:
 /// - each c-list entry has its reverse row, and the host API's c-lists are the stored rows;
 /// - c-list krefs exist, their kinds match the vrefs', `o+N` names an object the endpoint owns
-///   and `o-N` one it does not; a terminated endpoint has no c-list;
+///   and `o-N` one it does not (or abandoned); a terminated endpoint has no c-list;
 /// - objects are owned by known endpoints;
 /// - an unresolved promise is decided by a live endpoint holding it in its c-list, or by the
 ///   kernel while exactly one queued message carries it as its result;
@@ -156,7 +156,8 @@ pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
                 let own = rec.owner == *ep;
                 match v.allocator {
                     Allocator::Endpoint if !own => problems.push(format!("{ep} exports {o} as {v} but {} owns it", rec.owner)),
-                    Allocator::Kernel if own => problems.push(format!("{ep} imports its own object {o} as {v}")),
+                    // An object its owner abandoned may come back to it, as an import.
+                    Allocator::Kernel if own && !rec.abandoned => problems.push(format!("{ep} imports its own object {o} as {v}")),
                     _ => {}
                 }
             }
@@ -312,13 +313,16 @@ impl Counts {
 
 /// Recompute every reference count from scratch: an importer's c-list entry counts toward its
 /// object's recognizable count, and toward its reachable count if flagged reachable (an
-/// exporter's own entry counts for nothing); every c-list entry of a promise counts one; every
+/// exporter's own entry counts for nothing, until it abandons the object); every c-list entry of a promise counts one; every
 /// queued message (on the run queue, or waiting on a promise: its target is that promise)
 /// counts its target, its argument slots and its result as reachable; a queued `notify` counts
 /// its promise; a settled promise's data counts each slot as reachable.
 pub fn recount<S: Store>(kernel: &Kernel<S>) -> Result<Counts, String> {
     let err = |e: kernel_core::KernelError| format!("the host API cannot read the tables: {e}");
-    let owners: BTreeMap<KObjectId, EndpointId> = kernel.objects().map_err(err)?.into_iter().map(|(o, r)| (o, r.owner)).collect();
+    // The endpoint whose own entry for an object counts for nothing: its exporter, until it
+    // abandons the object (if handed it back after that, it imports it like anyone else).
+    let exporters: BTreeMap<KObjectId, EndpointId> =
+        kernel.objects().map_err(err)?.into_iter().filter(|(_, r)| !r.abandoned).map(|(o, r)| (o, r.owner)).collect();
     let mut counts = Counts::default();
     let mut problems = Vec::new();
     let raw = read_clists(kernel.store(), &mut problems);
@@ -328,7 +332,7 @@ pub fn recount<S: Store>(kernel: &Kernel<S>) -> Result<Counts, String> {
     for ((ep, kref), entry) in raw.kref_rows {
         counts.flags.insert((ep, kref), entry.reachable);
         match kref {
-            KRef::Object(o) if owners.get(&o) == Some(&ep) => {}
+            KRef::Object(o) if exporters.get(&o) == Some(&ep) => {}
             _ => counts.add(kref, entry.reachable),
         }
     }
