@@ -20,7 +20,7 @@ fn crash_test(mode: &str, kills: u32, seed: u32, rounds: u32) {
 
 #[test]
 fn sync_mode_survives_30_kills() {
-    crash_test("sync", 30, 11, 12);
+    crash_test("sync", 30, 11, 8);
 }
 
 #[test]
