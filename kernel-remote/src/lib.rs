@@ -14,6 +14,12 @@
 //! by the simulation ([`sim::run_seed`], `cargo xtask sim`), and [`tcp::TcpTransport`] (tokio,
 //! length-prefixed frames, a `Hello` handshake, a [`tcp::Handshake`] seam for authentication).
 //!
+//! Secure links: each kernel has an [`Identity`] (an x25519 key pair kept in its store
+//! directory; the public key is its identity), and [`NoiseSecurity`] runs a mutually
+//! authenticated Noise handshake whose peer key must be in an [`AllowList`] that binds it to one
+//! [`KernelId`]; the `Hello` must name that kernel ([`check_hello`]), so Ken state keyed by
+//! kernel id is reached only with the peer's key. [`InboundLimits`] bound what a peer can cost.
+//!
 //! ```
 //! use kernel_core::{CapData, Kernel, MemStore, Settlement};
 //! use kernel_remote::{sim::LoopbackPair, Node, RemoteConfig};
@@ -46,8 +52,12 @@
 
 mod durable;
 mod error;
+mod hello;
+mod identity;
+mod limits;
 mod link;
 mod node;
+mod noise;
 mod rref;
 pub mod sim;
 pub mod tcp;
@@ -56,8 +66,12 @@ mod wire;
 
 pub use durable::DurableStore;
 pub use error::{ParseError, ProtocolError, RemoteError, WireError};
+pub use hello::{check_hello, HelloError};
+pub use identity::{AllowList, Identity, IdentityError, PublicKey, IDENTITY_FILE, IDENTITY_FORMAT, KEY_LEN};
+pub use limits::{ConnectionGate, InboundLimits, TokenBucket};
 pub use link::{apply_inbound, outbox_key, LinkEndpoint, APPLIED_KEY, NEXT_SEQ_KEY, OUTBOX_PREFIX};
 pub use node::{link_endpoint_name, Node, NodeStats, PeerStatus, RemoteConfig};
+pub use noise::{sealed_len, LinkSecurityError, NoiseCipher, NoiseHandshake, NoiseSecurity, NOISE_PROTOCOL, PROLOGUE};
 pub use rref::{KernelId, PeerSeq, RRef, MAX_KERNEL_ID_LEN};
 pub use transport::{Transport, TransportEvent};
 pub use wire::{Frame, WireData, WireMessage, WireResolution, DEFAULT_MAX_FRAME, WIRE_VERSION};

@@ -9,19 +9,30 @@
 //! `close` queue a command, events arrive on a channel the host polls ([`Transport::poll_event`])
 //! or waits on ([`TcpTransport::wait_event`]). The side given a peer's address dials it and
 //! redials with capped backoff whenever the connection drops; the other side accepts.
+//!
+//! With [`crate::NoiseSecurity`] the handshake authenticates both kernels' keys against an
+//! allow-list, and the `Hello` must name the kernel the peer's key is allowed as
+//! ([`crate::check_hello`]). [`InboundLimits`] bound what one peer can cost: handshakes in
+//! progress per address, connections per peer per window, inbound bytes per second, and the
+//! bytes waiting for the host (past which the reader stops reading and TCP holds the sender back).
 
 use crate::error::RemoteError;
+use crate::hello::check_hello;
+pub use crate::limits::InboundLimits;
+use crate::limits::{ConnectionGate, TokenBucket};
 use crate::rref::KernelId;
 use crate::transport::{Transport, TransportEvent};
 use crate::wire::{Frame, DEFAULT_MAX_FRAME};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc as tmpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Seals and opens frames after the handshake (identity for plaintext; an AEAD for Noise).
 pub trait FrameCipher: Send {
@@ -29,6 +40,10 @@ pub trait FrameCipher: Send {
     fn seal(&mut self, plain: Vec<u8>) -> Result<Vec<u8>, String>;
     /// Check and unwrap an incoming frame; an error closes the connection.
     fn open(&mut self, sealed: Vec<u8>) -> Result<Vec<u8>, String>;
+    /// The longest sealed frame a plain frame of `max_plain` bytes can become.
+    fn max_sealed(&self, max_plain: usize) -> usize {
+        max_plain
+    }
 }
 
 /// One side of a connection's handshake, driven message by message by the transport (the shape
@@ -39,6 +54,11 @@ pub trait Handshake: Send {
     fn step(&mut self, incoming: Option<&[u8]>) -> Result<(Option<Vec<u8>>, bool), String>;
     /// The cipher for the session (called once `step` reported completion).
     fn finish(self: Box<Self>) -> Box<dyn FrameCipher>;
+    /// The kernel the completed handshake authenticated (its key's allow-list entry), which the
+    /// peer's `Hello` must then name; `None` for a security that does not authenticate.
+    fn authenticated(&self) -> Option<KernelId> {
+        None
+    }
 }
 
 /// Authentication and encryption of connections: makes a [`Handshake`] per connection.
@@ -91,6 +111,8 @@ pub struct TcpConfig {
     pub handshake_timeout: Duration,
     /// Connection security.
     pub security: Arc<dyn Security>,
+    /// What one peer may cost this kernel.
+    pub limits: InboundLimits,
 }
 
 impl Default for TcpConfig {
@@ -101,13 +123,18 @@ impl Default for TcpConfig {
             redial_max: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),
             security: Arc::new(Plaintext),
+            limits: InboundLimits::default(),
         }
     }
 }
 
 impl std::fmt::Debug for TcpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpConfig").field("max_frame", &self.max_frame).field("redial_max", &self.redial_max).finish_non_exhaustive()
+        f.debug_struct("TcpConfig")
+            .field("max_frame", &self.max_frame)
+            .field("redial_max", &self.redial_max)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -116,24 +143,59 @@ enum Cmd {
     Close(String),
 }
 
+/// A live connection as the transport's handle sees it.
+struct Conn {
+    id: u64,
+    tx: tmpsc::UnboundedSender<Cmd>,
+    /// Bytes queued in `tx` and not yet written.
+    queued: Arc<AtomicUsize>,
+}
+
 #[derive(Default)]
 struct Conns {
     next_id: u64,
-    /// The live connection per peer: (connection id, its command queue).
-    by_peer: HashMap<KernelId, (u64, tmpsc::UnboundedSender<Cmd>)>,
+    /// The live connection per peer.
+    by_peer: HashMap<KernelId, Conn>,
 }
+
+/// An event on its way to the host, holding its share of the connection's inbound budget.
+type Queued = (TransportEvent, Option<OwnedSemaphorePermit>);
 
 struct Inner {
     me: KernelId,
     config: TcpConfig,
     conns: Mutex<Conns>,
-    events: Mutex<mpsc::Sender<TransportEvent>>,
+    gate: Mutex<ConnectionGate>,
+    events: Mutex<mpsc::Sender<Queued>>,
+    /// Bytes of frames waiting for the host, all connections together.
+    queued_in: AtomicUsize,
 }
 
 impl Inner {
     fn emit(&self, e: TransportEvent) {
         if let Ok(tx) = self.events.lock() {
-            let _ = tx.send(e);
+            let _ = tx.send((e, None));
+        }
+    }
+
+    fn emit_frame(&self, peer: KernelId, frame: Vec<u8>, permit: OwnedSemaphorePermit) {
+        self.queued_in.fetch_add(frame.len(), Ordering::Relaxed);
+        if let Ok(tx) = self.events.lock() {
+            let _ = tx.send((TransportEvent::Frame(peer, frame), Some(permit)));
+        }
+    }
+}
+
+/// A handshake in progress from an address, counted until dropped.
+struct HandshakeSlot {
+    inner: Arc<Inner>,
+    addr: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.inner.gate.lock() {
+            g.end_handshake(self.addr);
         }
     }
 }
@@ -142,7 +204,7 @@ impl Inner {
 pub struct TcpTransport {
     inner: Arc<Inner>,
     runtime: tokio::runtime::Runtime,
-    events: mpsc::Receiver<TransportEvent>,
+    events: mpsc::Receiver<Queued>,
     local: SocketAddr,
 }
 
@@ -169,15 +231,34 @@ impl TcpTransport {
         let listener = runtime.block_on(TcpListener::bind(listen)).map_err(|e| io_err(&format!("binding {listen}"), e))?;
         let local = listener.local_addr().map_err(|e| io_err("reading the bound address", e))?;
         let (tx, rx) = mpsc::channel();
-        let inner = Arc::new(Inner { me, config, conns: Mutex::new(Conns::default()), events: Mutex::new(tx) });
+        let inner = Arc::new(Inner {
+            me,
+            config,
+            conns: Mutex::new(Conns::default()),
+            gate: Mutex::new(ConnectionGate::default()),
+            events: Mutex::new(tx),
+            queued_in: AtomicUsize::new(0),
+        });
         let acceptor = Arc::clone(&inner);
         runtime.spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, from)) => {
+                        let limit = acceptor.config.limits.handshakes_per_address;
+                        let admitted = acceptor.gate.lock().is_ok_and(|mut g| g.begin_handshake(from.ip(), limit));
+                        if !admitted {
+                            log::warn!(
+                                "{}: refusing a connection from {from}: {limit} handshakes from {} in progress",
+                                acceptor.me,
+                                from.ip()
+                            );
+                            drop(stream);
+                            continue;
+                        }
                         let inner = Arc::clone(&acceptor);
+                        let slot = HandshakeSlot { inner: Arc::clone(&acceptor), addr: from.ip() };
                         tokio::spawn(async move {
-                            let reason = connection(&inner, stream, None).await;
+                            let reason = connection(&inner, stream, None, Some(slot)).await;
                             log::info!("{}: connection from {from} ended: {reason}", inner.me);
                         });
                     }
@@ -207,7 +288,7 @@ impl TcpTransport {
                     Ok(stream) => {
                         let _ = stream.set_nodelay(true);
                         let started = tokio::time::Instant::now();
-                        let reason = connection(&inner, stream, Some(peer.clone())).await;
+                        let reason = connection(&inner, stream, Some(peer.clone()), None).await;
                         log::info!("{}: connection to {peer} at {addr} ended: {reason}", inner.me);
                         if started.elapsed() > Duration::from_secs(1) {
                             delay = inner.config.redial_min;
@@ -223,15 +304,39 @@ impl TcpTransport {
 
     /// Wait up to `timeout` for the next event.
     pub fn wait_event(&mut self, timeout: Duration) -> Option<TransportEvent> {
-        self.events.recv_timeout(timeout).ok()
+        self.events.recv_timeout(timeout).ok().map(|q| self.taken(q))
+    }
+
+    /// Bytes of received frames waiting for the host to take them (bounded by
+    /// [`InboundLimits::queued_bytes`] per connection).
+    pub fn queued_inbound(&self) -> usize {
+        self.inner.queued_in.load(Ordering::Relaxed)
+    }
+
+    /// An event leaves the queue: its bytes no longer count, and its permit goes back to its
+    /// connection's reader.
+    fn taken(&self, (event, permit): Queued) -> TransportEvent {
+        if let TransportEvent::Frame(_, f) = &event {
+            self.inner.queued_in.fetch_sub(f.len(), Ordering::Relaxed);
+        }
+        drop(permit);
+        event
     }
 }
 
 impl Transport for TcpTransport {
     fn send(&mut self, peer: &KernelId, frame: Vec<u8>) {
         if let Ok(conns) = self.inner.conns.lock() {
-            if let Some((_, tx)) = conns.by_peer.get(peer) {
-                let _ = tx.send(Cmd::Frame(frame));
+            if let Some(c) = conns.by_peer.get(peer) {
+                // A peer that does not read gets nothing more queued (Ken resends later); one
+                // frame always fits an empty queue.
+                let queued = c.queued.load(Ordering::Relaxed);
+                if queued > 0 && queued + frame.len() > self.inner.config.limits.outbound_queued_bytes {
+                    log::debug!("{}: {peer} is not reading; dropping a frame of {} bytes", self.inner.me, frame.len());
+                    return;
+                }
+                c.queued.fetch_add(frame.len(), Ordering::Relaxed);
+                let _ = c.tx.send(Cmd::Frame(frame));
             }
         }
     }
@@ -239,20 +344,21 @@ impl Transport for TcpTransport {
     fn close(&mut self, peer: &KernelId, reason: &str) {
         log::warn!("{}: closing the connection to {peer}: {reason}", self.inner.me);
         if let Ok(conns) = self.inner.conns.lock() {
-            if let Some((_, tx)) = conns.by_peer.get(peer) {
-                let _ = tx.send(Cmd::Close(reason.to_owned()));
+            if let Some(c) = conns.by_peer.get(peer) {
+                let _ = c.tx.send(Cmd::Close(reason.to_owned()));
             }
         }
     }
 
     fn poll_event(&mut self) -> Option<TransportEvent> {
-        self.events.try_recv().ok()
+        self.events.try_recv().ok().map(|q| self.taken(q))
     }
 }
 
-/// One round of a host loop on TCP: handle every event waiting, run up to `max_cranks` cranks,
-/// do the due I/O ([`crate::Node::pump`]); if the kernel has nothing queued, wait up to `idle_wait`
-/// for the next event (less if a retransmission falls due). `now` is the host's clock.
+/// One round of a host loop on TCP: handle the events waiting (at most
+/// [`InboundLimits::events_per_round`]), run up to `max_cranks` cranks, do the due I/O
+/// ([`crate::Node::pump`]); if the kernel has nothing queued, wait up to `idle_wait` for the next
+/// event (less if a retransmission falls due). `now` is the host's clock.
 pub fn serve_once<S: crate::DurableStore>(
     node: &mut crate::Node<S>,
     net: &mut TcpTransport,
@@ -260,7 +366,8 @@ pub fn serve_once<S: crate::DurableStore>(
     max_cranks: u64,
     idle_wait: Duration,
 ) -> Result<(), RemoteError> {
-    while let Some(e) = net.poll_event() {
+    for _ in 0..net.inner.config.limits.events_per_round {
+        let Some(e) = net.poll_event() else { break };
         node.handle(now(), e, net)?;
     }
     node.run(Some(max_cranks))?;
@@ -297,7 +404,8 @@ async fn write_frame(w: &mut (impl AsyncWriteExt + Unpin), frame: &[u8]) -> Resu
 
 /// Security handshake, then `Hello` both ways. Returns the peer and the session cipher.
 async fn handshake(inner: &Inner, stream: &mut TcpStream, expected: Option<&KernelId>) -> Result<(KernelId, Box<dyn FrameCipher>), String> {
-    let max = inner.config.max_frame;
+    // Before the peer is known, it may make us read only small frames.
+    let max_message = inner.config.limits.max_handshake_message;
     let mut hs = inner.config.security.begin(expected.is_some());
     let mut incoming: Option<Vec<u8>> = None;
     loop {
@@ -308,31 +416,20 @@ async fn handshake(inner: &Inner, stream: &mut TcpStream, expected: Option<&Kern
         if done {
             break;
         }
-        incoming = Some(read_frame(stream, max).await?);
+        incoming = Some(read_frame(stream, max_message).await?);
     }
+    let authenticated = hs.authenticated();
     let mut cipher = hs.finish();
     let hello = Frame::Hello { kernel: inner.me.clone() }.encode().map_err(|e| e.to_string())?;
     write_frame(stream, &cipher.seal(hello)?).await?;
-    let theirs = cipher.open(read_frame(stream, max).await?)?;
-    match Frame::decode(&theirs, max) {
-        Ok(Frame::Hello { kernel }) => {
-            if let Some(e) = expected {
-                if *e != kernel {
-                    return Err(format!("handshake from {kernel}, expected {e}"));
-                }
-            }
-            if kernel == inner.me {
-                return Err("handshake from a kernel with our own id".into());
-            }
-            Ok((kernel, cipher))
-        }
-        Ok(_) => Err("the first frame was not a hello".into()),
-        Err(e) => Err(format!("bad hello: {e}")),
-    }
+    let theirs = cipher.open(read_frame(stream, cipher.max_sealed(max_message)).await?)?;
+    let peer = check_hello(&inner.me, expected, authenticated.as_ref(), &theirs, max_message).map_err(|e| e.to_string())?;
+    Ok((peer, cipher))
 }
 
-/// Run one connection to its end; returns why it ended.
-async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<KernelId>) -> String {
+/// Run one connection to its end; returns why it ended. `slot` counts an accepted connection's
+/// handshake against its address until the handshake is over.
+async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<KernelId>, slot: Option<HandshakeSlot>) -> String {
     let _ = stream.set_nodelay(true);
     let timeout = inner.config.handshake_timeout;
     let (peer, cipher) = match tokio::time::timeout(timeout, handshake(inner, &mut stream, expected.as_ref())).await {
@@ -341,19 +438,36 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
             log::warn!("{}: closing a connection during the handshake: {reason}", inner.me);
             return reason;
         }
-        Err(_) => return "handshake timed out".into(),
+        Err(_) => {
+            log::warn!("{}: closing a connection: handshake timed out", inner.me);
+            return "handshake timed out".into();
+        }
     };
+    drop(slot);
+    let limits = &inner.config.limits;
+    if expected.is_none() {
+        let admitted = match inner.gate.lock() {
+            Ok(mut g) => g.admit(&peer, std::time::Instant::now(), limits.connects_per_peer, limits.connect_window),
+            Err(_) => Err("lock poisoned".into()),
+        };
+        if let Err(reason) = admitted {
+            log::warn!("{}: refusing a connection from {peer}: {reason}", inner.me);
+            return reason;
+        }
+    }
     let (tx, mut rx) = tmpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
     let id = {
         let Ok(mut conns) = inner.conns.lock() else { return "lock poisoned".into() };
         conns.next_id += 1;
         let id = conns.next_id;
-        if let Some((_, old)) = conns.by_peer.insert(peer.clone(), (id, tx)) {
-            let _ = old.send(Cmd::Close("replaced by a newer connection".into()));
+        if let Some(old) = conns.by_peer.insert(peer.clone(), Conn { id, tx, queued: Arc::clone(&queued) }) {
+            let _ = old.tx.send(Cmd::Close("replaced by a newer connection".into()));
         }
         id
     };
     inner.emit(TransportEvent::Connected(peer.clone()));
+    let sealed_max = cipher.max_sealed(inner.config.max_frame);
     let cipher = Arc::new(Mutex::new(cipher));
     let (reader, writer) = stream.into_split();
     let mut reader = tokio::io::BufReader::with_capacity(64 << 10, reader);
@@ -361,12 +475,27 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
     let read_cipher = Arc::clone(&cipher);
     let read_inner = Arc::clone(inner);
     let read_peer = peer.clone();
+    // The bytes this connection may have waiting for the host, and its inbound rate.
+    let budget = limits.queued_bytes.clamp(1, u32::MAX as usize);
+    let permits = Arc::new(Semaphore::new(budget));
+    let mut bucket = TokenBucket::new(limits.bytes_per_sec, limits.burst_bytes, std::time::Instant::now());
+    let min_cost = limits.min_frame_cost;
     let mut read_task = tokio::spawn(async move {
         loop {
-            let sealed = match read_frame(&mut reader, max).await {
+            let sealed = match read_frame(&mut reader, sealed_max).await {
                 Ok(f) => f,
-                Err(reason) => return reason,
+                Err(reason) => {
+                    if !reason.starts_with("reading") {
+                        log::warn!("{}: closing the connection to {read_peer}: {reason}", read_inner.me);
+                    }
+                    return reason;
+                }
             };
+            // Over its rate, the peer waits: nothing more is read from it meanwhile.
+            let wait = bucket.take((sealed.len() as u64).max(min_cost), std::time::Instant::now());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
             let opened = match read_cipher.lock() {
                 Ok(mut c) => c.open(sealed),
                 Err(_) => Err("cipher lock poisoned".into()),
@@ -379,9 +508,17 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
                         log::warn!("{}: closing the connection to {read_peer}: {e}", read_inner.me);
                         return e.to_string();
                     }
-                    read_inner.emit(TransportEvent::Frame(read_peer.clone(), frame));
+                    // Wait for room among this connection's frames waiting for the host.
+                    let cost = u32::try_from(frame.len().clamp(1, budget)).unwrap_or(u32::MAX);
+                    let Ok(permit) = Arc::clone(&permits).acquire_many_owned(cost).await else {
+                        return "inbound budget closed".into();
+                    };
+                    read_inner.emit_frame(read_peer.clone(), frame, permit);
                 }
-                Err(reason) => return format!("unreadable frame: {reason}"),
+                Err(reason) => {
+                    log::warn!("{}: closing the connection to {read_peer}: unreadable frame: {reason}", read_inner.me);
+                    return format!("unreadable frame: {reason}");
+                }
             }
         }
     });
@@ -396,6 +533,7 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
                 loop {
                     match next {
                         Some(Cmd::Frame(f)) => {
+                            queued.fetch_sub(f.len(), Ordering::Relaxed);
                             let sealed = match cipher.lock() {
                                 Ok(mut c) => c.seal(f),
                                 Err(_) => Err("cipher lock poisoned".into()),
@@ -436,7 +574,7 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
     let _ = w.shutdown().await;
     let current = match inner.conns.lock() {
         Ok(mut conns) => {
-            let current = conns.by_peer.get(&peer).is_some_and(|(cid, _)| *cid == id);
+            let current = conns.by_peer.get(&peer).is_some_and(|c| c.id == id);
             if current {
                 conns.by_peer.remove(&peer);
             }
