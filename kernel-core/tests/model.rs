@@ -1791,6 +1791,32 @@ impl Model {
                 }
             }
         }
+        // Once the run queue is empty every GC delivery has been made, so nothing collectable
+        // is left (whatever the trigger rule missed, kernel and model alike, shows up here): no
+        // unpinned promise nobody refers to; no unpinned object nobody reaches, unless it is
+        // an export still served whose exporter was told so and keeps it (it may, until no
+        // one recognises it).
+        if self.run_queue.is_empty() {
+            let counts = self.recount();
+            for (kp, p) in &self.promises {
+                if !p.pinned && counts.promise(KPromiseId(*kp)) == 0 {
+                    return Err(format!("kp{kp} is left with no references"));
+                }
+            }
+            for (o, obj) in &self.objects {
+                let (reachable, recognizable) = counts.object(KObjectId(*o));
+                if obj.pinned || reachable > 0 {
+                    continue;
+                }
+                let served = !obj.abandoned && self.is_live(obj.owner);
+                let told = self.vat(obj.owner).clist.get(&KRef::Object(KObjectId(*o))).is_some_and(|(_, flag)| !flag);
+                if !served || !told || recognizable == 0 {
+                    return Err(format!(
+                        "ko{o} is left unreachable (recognizable {recognizable}, served {served}, dropExports told {told})"
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
