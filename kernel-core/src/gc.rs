@@ -191,6 +191,10 @@ pub(crate) fn after_delivery(db: &mut KernelTxn<'_>, ep: EndpointId, action: &Gc
     match action {
         GcAction::RetireExports(objects) => {
             for &o in objects {
+                // An export the endpoint sent again during this very delivery is alive again.
+                if db.object(o)?.is_some_and(|r| r.reachable > 0 || r.recognizable > 0) {
+                    continue;
+                }
                 db.clist_remove(ep, KRef::Object(o))?;
                 db.delete_object(o);
             }

@@ -2,8 +2,18 @@
 //!
 //! Several vats make random syscalls through [`Syscall::execute`], with vref strings that are
 //! mostly forged or malformed (random text, out-of-range numbers, wrong kinds, other vats'
-//! vrefs, stale vrefs), and random vatstore keys. Each vat keeps a model of what its c-list and
-//! vatstore must be, and predicts every syscall's answer before making it. After every crank
+//! vrefs, stale vrefs), and random vatstore keys; the GC syscalls (`dropImports`,
+//! `retireImports`, `retireExports`, `abandonExports`) among them. Each vat keeps a model of what
+//! its c-list and vatstore must be, and predicts every syscall's answer before making it.
+//!
+//! GC makes a few answers depend on what other vats did: whether an export can still be reached
+//! (`retireExports` needs it unreachable), whether the vat is subscribed to a promise it resolves
+//! (the resolver forgets it at once unless it awaits the notify), and how many messages wait on a
+//! promise it resolves to one of its objects (each then reaches that object). Before every crank
+//! the host reads these facts from the kernel for each vat (as of the delivery's start), and the
+//! vat's model carries them through the delivery; the periodic table check recomputes every
+//! reference count from scratch, so the facts are not taken on trust. GC deliveries reach the
+//! vats' GC hooks, which check what they are told and make random syscalls too. After every crank
 //! the host checks: `step` never fails or panics; a crank with an illegal syscall aborts and
 //! terminates exactly the vat that made it, with that syscall's reason; every other vat stays
 //! as it was; legal syscalls keep working; the vatstore holds exactly the committed writes.
@@ -16,11 +26,12 @@ use kernel_core::{
     Allocator, CapData, CrankInput, CrankOutcome, CrankReport, EndpointId, EndpointStatus, Fault, KRef, Kernel, MemStore, RefKind,
     SyscallError, VRef,
 };
+use kernel_core::{PromiseState, RunQueueItem, Store};
 use kernel_syscall::{RawData, RawSyscall, Resolution, Syscall, Vat, VatData, VatEndpoint, VatError, MAX_KEY_LEN, MAX_VALUE_LEN};
 use proptest::prelude::any;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::rc::Rc;
 
@@ -32,6 +43,14 @@ const CASES: u32 = 12;
 const LIVE_VATS: usize = 4;
 /// Above this many queued items, vats stop sending (so the queue does not grow without bound).
 const BUSY_QUEUE: u64 = 150;
+/// The chance that a vref a vat does not forge names a new object of its own (`o+N`, next N).
+const FRESH_EXPORT_RATE: f64 = 0.1;
+/// A careful vat makes fewer syscalls per delivery (below this), so that most stay forged.
+const CAREFUL_SYSCALLS: u64 = 5;
+/// How many syscalls a careful vat (forge rate 0) considers before making one.
+const CAREFUL_TRIES: usize = 6;
+/// The chance, per crank, that the host asks a live vat to bring out its dead.
+const REAP_RATE: f64 = 0.03;
 /// Tables are checked every this many cranks (and at the end).
 const CHECK_EVERY: u64 = 400;
 const PANIC_TAG: &str = "fuzz vat panics on purpose";
@@ -82,22 +101,32 @@ struct VatModel {
     forge_rate: f64,
     /// The c-list: every vref held, and (for promises) whether this vat decides it.
     known: BTreeMap<VRef, bool>,
-    /// Promise vrefs forgotten after a notify: stale.
+    /// Imports (`o-N`) in the c-list that this vat dropped: recognised, no longer reachable.
+    dropped: BTreeSet<VRef>,
+    /// Promises this vat decides and is subscribed to: resolving one keeps it in the c-list
+    /// until its notify. From the kernel at each delivery's start, then kept by the model.
+    subscribed: BTreeSet<VRef>,
+    /// For each export (`o+N`) with a kernel object: how many references can reach it. From the
+    /// kernel at each delivery's start, then counted by the model.
+    reach: BTreeMap<VRef, u32>,
+    /// For each unresolved promise held: how many messages wait on it (at the delivery's start).
+    queued: BTreeMap<VRef, u32>,
+    /// Vrefs forgotten (after a notify, a resolve, a drop or a retirement): stale.
     forgotten: Vec<VRef>,
     vatstore: BTreeMap<String, String>,
     /// The last `o-N` and `p-N` the kernel allocated here.
     last_import: (u64, u64),
-    /// The highest `o+N` and `p+N` this vat has exported.
+    /// The highest `o+N` and `p+N` this vat has exported: the kernel refuses a first export
+    /// at or below it as stale.
     last_export: (u64, u64),
-    /// Whether the kernel refuses a first export at or below `last_export` as stale.
-    watermark: bool,
 }
 
 impl VatModel {
-    /// The kref for `v` as the c-list would give it: held, or allocated on a first export.
+    /// The kref for `v` as the c-list would give it: held (and not a dropped import), or
+    /// allocated on a first export.
     fn export(&mut self, v: VRef) -> bool {
         if self.known.contains_key(&v) {
-            return true;
+            return !self.dropped.contains(&v);
         }
         if v.allocator == Allocator::Kernel {
             return false;
@@ -106,7 +135,7 @@ impl VatModel {
             RefKind::Object => &mut self.last_export.0,
             RefKind::Promise => &mut self.last_export.1,
         };
-        if self.watermark && v.index <= *last {
+        if v.index <= *last {
             return false;
         }
         *last = (*last).max(v.index);
@@ -118,6 +147,26 @@ impl VatModel {
         self.known.get(&v).copied().unwrap_or(false)
     }
 
+    /// Forget `v` (gone from the c-list); naming it later is stale.
+    fn forget(&mut self, v: VRef) {
+        self.known.remove(&v);
+        self.dropped.remove(&v);
+        self.subscribed.remove(&v);
+        self.reach.remove(&v);
+        self.queued.remove(&v);
+        if self.forgotten.len() >= 64 {
+            self.forgotten.remove(0);
+        }
+        self.forgotten.push(v);
+    }
+
+    /// One more reference reaches `v`, if it is one of this vat's exported objects.
+    fn reached(&mut self, v: VRef) {
+        if is_export(v) {
+            *self.reach.entry(v).or_default() += 1;
+        }
+    }
+
     /// A random held vref of `kind` (any kind if `None`).
     fn pick_known(&self, rng: &mut Rng, kind: Option<RefKind>) -> Option<VRef> {
         let of_kind = |v: &&VRef| kind.is_none_or(|k| v.kind == k);
@@ -127,6 +176,33 @@ impl VatModel {
         }
         self.known.keys().filter(of_kind).nth(rng.below(n as u64) as usize).copied()
     }
+
+    /// Random held vrefs for a GC syscall: mostly ones it could apply to.
+    fn pick_where(&self, rng: &mut Rng, ok: impl Fn(&VRef) -> bool) -> Option<VRef> {
+        let fits: Vec<VRef> = self.known.keys().copied().filter(|v| ok(v)).collect();
+        rng.pick(&fits)
+    }
+}
+
+/// An object the vat exports (`o+N`).
+fn is_export(v: VRef) -> bool {
+    v.kind == RefKind::Object && v.allocator == Allocator::Endpoint
+}
+
+/// What the host read from the kernel for one vat before a crank: see the module doc.
+#[derive(Clone, Debug, Default)]
+struct Facts {
+    reach: BTreeMap<VRef, u32>,
+    subscribed: BTreeSet<VRef>,
+    queued: BTreeMap<VRef, u32>,
+}
+
+/// The result promise of the message at the head of the run queue, if any: its subscribers and
+/// how many messages wait on it.
+#[derive(Clone, Debug, Default)]
+struct HeadResult {
+    subscribers: Vec<EndpointId>,
+    queued: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,6 +223,9 @@ struct Delivery {
     vat: usize,
     pending: VatModel,
     forget: Vec<VRef>,
+    /// Refs a GC delivery retires: the kernel removes them from the c-list after it commits
+    /// (an export only if still unreferenced then).
+    retire: Vec<VRef>,
     verdict: Option<Verdict>,
     end: End,
     legal: u64,
@@ -167,6 +246,12 @@ struct Stats {
     exited: u64,
     committed_with_legal_syscalls: u64,
     vats: u64,
+    gc_syscalls: u64,
+    gc_legal: u64,
+    gc_deliveries: u64,
+    /// GC deliveries other than bringOutYourDead: dropExports, retireExports, retireImports.
+    gc_told: u64,
+    stale_illegal: u64,
 }
 
 impl Stats {
@@ -184,6 +269,11 @@ impl Stats {
         self.exited += o.exited;
         self.committed_with_legal_syscalls += o.committed_with_legal_syscalls;
         self.vats += o.vats;
+        self.gc_syscalls += o.gc_syscalls;
+        self.gc_legal += o.gc_legal;
+        self.gc_deliveries += o.gc_deliveries;
+        self.gc_told += o.gc_told;
+        self.stale_illegal += o.stale_illegal;
     }
 }
 
@@ -198,6 +288,9 @@ struct World {
     stats: Stats,
     /// Draining the run queue at the end: vats make no syscalls.
     quiet: bool,
+    /// Read from the kernel before the crank now running, per vat.
+    facts: BTreeMap<EndpointId, Facts>,
+    head_result: Option<HeadResult>,
 }
 
 type Shared = Rc<RefCell<World>>;
@@ -258,6 +351,10 @@ impl Gen<'_> {
     fn vref(&mut self, want: Want) -> String {
         self.refs += 1;
         if !self.rng.chance(self.me.forge_rate) {
+            if !matches!(want, Want::Promise) && self.rng.chance(FRESH_EXPORT_RATE) {
+                return VRef::export(self.me.last_export.0.saturating_add(1)).to_string();
+                // a new object
+            }
             if let Some(v) = self.me.pick_known(self.rng, want.kind()) {
                 return v.to_string();
             }
@@ -308,8 +405,38 @@ impl Gen<'_> {
         RawData { body: format!("\"v{}\"", self.rng.below(100)), slots: (0..n).map(|_| self.vref(Want::Any)).collect() }
     }
 
+    /// 1..=3 vrefs for a GC syscall: per the forge rate, held ones it could apply to (`fits`),
+    /// else any vref string the generator makes (held of another kind, forged, malformed, stale).
+    fn gc_vrefs(&mut self, fits: impl Fn(&VatModel, &VRef) -> bool) -> Vec<String> {
+        let n = 1 + self.rng.below(3) * u64::from(self.rng.chance(0.3));
+        (0..n)
+            .map(|_| {
+                if !self.rng.chance(self.me.forge_rate) {
+                    let me = self.me;
+                    if let Some(v) = me.pick_where(self.rng, |v| fits(me, v)) {
+                        self.refs += 1;
+                        return v.to_string();
+                    }
+                }
+                self.vref(Want::Any)
+            })
+            .collect()
+    }
+
+    fn gc_syscall(&mut self) -> RawSyscall {
+        match self.rng.below(4) {
+            0 => RawSyscall::DropImports {
+                vrefs: self
+                    .gc_vrefs(|m, v| (v.is_promise() && !m.decides(*v)) || (v.allocator == Allocator::Kernel && !m.dropped.contains(v))),
+            },
+            1 => RawSyscall::RetireImports { vrefs: self.gc_vrefs(|m, v| m.dropped.contains(v)) },
+            2 => RawSyscall::RetireExports { vrefs: self.gc_vrefs(|m, v| is_export(*v) && m.reach.get(v).is_none_or(|r| *r == 0)) },
+            _ => RawSyscall::AbandonExports { vrefs: self.gc_vrefs(|_, v| is_export(*v) && *v != VRef::ROOT) },
+        }
+    }
+
     fn syscall(&mut self, result: Option<VRef>, busy: bool) -> RawSyscall {
-        let roll = self.rng.below(100);
+        let roll = self.rng.below(112);
         match roll {
             0..=29 if !busy => {
                 let want = if self.rng.chance(0.3) { Want::Object } else { Want::Any };
@@ -350,6 +477,7 @@ impl Gen<'_> {
                 RawSyscall::Other { kind: kind.to_owned() }
             }
             92 if self.rng.chance(0.25) => RawSyscall::Exit { failure: self.rng.chance(0.5), info: self.data() },
+            100.. => self.gc_syscall(),
             _ => RawSyscall::VatstoreGet { key: self.key() },
         }
     }
@@ -409,7 +537,7 @@ fn predict(m: &mut VatModel, call: &RawSyscall) -> Expect {
                 Some(Some(r)) => Some(r),
                 None => None,
             };
-            if !m.export(t) || !slots.into_iter().all(|s| m.export(s)) {
+            if !m.export(t) || !slots.iter().all(|s| m.export(*s)) {
                 return Expect::Illegal;
             }
             if let Some(r) = r {
@@ -418,30 +546,55 @@ fn predict(m: &mut VatModel, call: &RawSyscall) -> Expect {
                 }
                 m.known.insert(r, false); // the kernel decides it now, then the receiver
             }
+            // The queued message reaches its target and every object in its arguments.
+            for v in std::iter::once(t).chain(slots) {
+                m.reached(v);
+            }
             Expect::Ok(None)
         }
         RawSyscall::Subscribe { promise } => match parse(promise) {
-            Some(p) if p.is_promise() && m.export(p) => Expect::Ok(None),
+            Some(p) if p.is_promise() && m.export(p) => {
+                if m.decides(p) {
+                    m.subscribed.insert(p); // unresolved, since it decides it
+                }
+                Expect::Ok(None)
+            }
             _ => Expect::Illegal,
         },
         RawSyscall::Resolve { resolutions } => {
             let mut parsed = Vec::new();
-            for (p, _, data) in resolutions {
+            for (p, rejected, data) in resolutions {
                 let (Some(p), Some(slots)) = (parse(p), parse_all(&data.slots)) else { return Expect::Illegal };
-                parsed.push((p, slots));
+                // Fulfilled to exactly one reference: messages waiting on it go there.
+                let single = (!rejected && data.body.as_bytes() == CapData::REF_BODY && slots.len() == 1).then(|| slots[0]);
+                parsed.push((p, slots, single));
             }
-            for (p, slots) in &parsed {
+            for (p, slots, _) in &parsed {
                 if !p.is_promise() || !m.export(*p) || !slots.iter().all(|s| m.export(*s)) {
                     return Expect::Illegal;
                 }
             }
-            for (i, (p, _)) in parsed.iter().enumerate() {
-                if parsed[..i].iter().any(|(q, _)| q == p) || !m.decides(*p) {
+            for (i, (p, _, _)) in parsed.iter().enumerate() {
+                if parsed[..i].iter().any(|(q, _, _)| q == p) || !m.decides(*p) {
                     return Expect::Illegal;
                 }
             }
-            for (p, _) in parsed {
-                m.known.insert(p, false);
+            for (p, slots, single) in parsed {
+                // The settlement reaches every object in its data; the messages queued on the
+                // promise are sent on to the object it was fulfilled to.
+                for v in slots {
+                    m.reached(v);
+                }
+                if let Some(target) = single.filter(|v| is_export(*v)) {
+                    *m.reach.entry(target).or_default() += m.queued.get(&p).copied().unwrap_or(0);
+                }
+                // The resolver forgets it, unless it awaits its notify (which forgets it then).
+                if m.subscribed.remove(&p) {
+                    m.known.insert(p, false);
+                    m.queued.remove(&p);
+                } else {
+                    m.forget(p);
+                }
             }
             Expect::Ok(None)
         }
@@ -466,8 +619,53 @@ fn predict(m: &mut VatModel, call: &RawSyscall) -> Expect {
             };
             Expect::Ok(next.cloned())
         }
+        RawSyscall::DropImports { vrefs } => gc(m, vrefs, |m, v| {
+            if v.is_promise() && !m.decides(v) {
+                m.forget(v); // a promise is forgotten at once
+                true
+            } else {
+                v.kind == RefKind::Object && v.allocator == Allocator::Kernel && m.dropped.insert(v)
+            }
+        }),
+        RawSyscall::RetireImports { vrefs } => gc(m, vrefs, |m, v| {
+            let ok = m.dropped.contains(&v);
+            if ok {
+                m.forget(v);
+            }
+            ok
+        }),
+        RawSyscall::RetireExports { vrefs } => gc(m, vrefs, |m, v| {
+            // Unreachable, and not the (pinned) root.
+            let ok = is_export(v) && v != VRef::ROOT && m.reach.get(&v).copied().unwrap_or(0) == 0;
+            if ok {
+                m.forget(v);
+            }
+            ok
+        }),
+        RawSyscall::AbandonExports { vrefs } => gc(m, vrefs, |m, v| {
+            let ok = is_export(v) && v != VRef::ROOT;
+            if ok {
+                m.forget(v);
+            }
+            ok
+        }),
         _ => Expect::Illegal,
     }
+}
+
+/// A GC syscall: every vref well formed and in the c-list (looked up, never allocated), then
+/// each in turn legal for `apply` (which updates the model), else the whole call is illegal.
+fn gc(m: &mut VatModel, vrefs: &[String], apply: impl Fn(&mut VatModel, VRef) -> bool) -> Expect {
+    let Some(vrefs) = parse_all(vrefs) else { return Expect::Illegal };
+    if !vrefs.iter().all(|v| m.known.contains_key(v)) {
+        return Expect::Illegal;
+    }
+    for v in vrefs {
+        if !m.known.contains_key(&v) || !apply(m, v) {
+            return Expect::Illegal;
+        }
+    }
+    Expect::Ok(None)
 }
 
 fn matches(expect: &Expect, got: &Result<Option<String>, SyscallError>) -> bool {
@@ -491,6 +689,8 @@ impl Delivery {
     /// Check a vref the kernel hands the vat: held already, or a new import numbered next.
     fn observe(&mut self, v: VRef, failures: &mut Vec<String>) {
         if self.pending.known.contains_key(&v) {
+            // The kernel importing it again makes a dropped import reachable again.
+            self.pending.dropped.remove(&v);
             return;
         }
         let ep = self.pending.ep;
@@ -518,19 +718,46 @@ impl FuzzVat {
             w.failures.push(format!("{ep} got a delivery after it was terminated"));
         }
         w.stats.deliveries += 1;
-        let n = if w.quiet { 0 } else { w.rng.below(17) };
+        let most = if d.pending.forge_rate == 0.0 { CAREFUL_SYSCALLS } else { 17 };
+        let n = if w.quiet { 0 } else { w.rng.below(most) };
         for _ in 0..n {
             let World { rng, vats, queue_len, stats, failures, .. } = &mut *w;
             if d.verdict.is_some() && rng.chance(0.15) {
                 break; // a vat that ignores its error may carry on for a while, or not
             }
-            let mut g = Gen { rng, me: &d.pending, vats, refs: 0, forged: 0 };
-            let call = g.syscall(result, *queue_len > BUSY_QUEUE);
-            stats.refs += g.refs;
-            stats.forged_refs += g.forged;
+            // A careful vat (forge rate 0) tries a few syscalls and makes the first its model
+            // deems legal: it lives long, so GC deliveries reach it.
+            let tries = if d.pending.forge_rate == 0.0 { CAREFUL_TRIES } else { 1 };
+            let mut call = None;
+            for _ in 0..tries {
+                let mut g = Gen { rng, me: &d.pending, vats, refs: 0, forged: 0 };
+                let c = g.syscall(result, *queue_len > BUSY_QUEUE);
+                let (refs, forged) = (g.refs, g.forged);
+                let legal = predict(&mut d.pending.clone(), &c) != Expect::Illegal;
+                call = Some((c, refs, forged));
+                if legal {
+                    break;
+                }
+            }
+            let Some((call, refs, forged)) = call else { break };
+            stats.refs += refs;
+            stats.forged_refs += forged;
             let expect = if d.verdict.is_some() { Expect::Refused } else { predict(&mut d.pending, &call) };
             let got = sys.execute(&call);
             stats.syscalls += 1;
+            let is_gc = matches!(
+                call,
+                RawSyscall::DropImports { .. }
+                    | RawSyscall::RetireImports { .. }
+                    | RawSyscall::RetireExports { .. }
+                    | RawSyscall::AbandonExports { .. }
+            );
+            if is_gc && d.verdict.is_none() {
+                stats.gc_syscalls += 1;
+                if expect == Expect::Ok(None) {
+                    stats.gc_legal += 1;
+                }
+            }
             if !matches(&expect, &got) {
                 failures.push(format!("{} made {call:?}: expected {expect:?}, got {got:?}", d.pending.ep));
                 continue;
@@ -538,6 +765,9 @@ impl FuzzVat {
             match (expect, got) {
                 (Expect::Illegal, Err(SyscallError::Illegal(reason))) => {
                     stats.judged_illegal += 1;
+                    if reason.contains("stale") {
+                        stats.stale_illegal += 1;
+                    }
                     d.verdict = Some(Verdict::Illegal(reason));
                 }
                 (Expect::Exit(failure), _) => {
@@ -572,9 +802,55 @@ impl FuzzVat {
         }
     }
 
+    /// A delivery begins: the model as last committed, with the facts the host read from the
+    /// kernel for it. The vat's own subscriptions to promises it still decides must be among
+    /// the kernel's.
     fn start(&self) -> Delivery {
-        let w = self.world.borrow();
-        Delivery { vat: self.idx, pending: w.vats[self.idx].clone(), forget: Vec::new(), verdict: None, end: End::Returned, legal: 0 }
+        let mut w = self.world.borrow_mut();
+        let mut pending = w.vats[self.idx].clone();
+        let facts = w.facts.get(&pending.ep).cloned().unwrap_or_default();
+        for p in &pending.subscribed {
+            if pending.decides(*p) && !facts.subscribed.contains(p) {
+                let ep = pending.ep;
+                w.failures.push(format!("{ep} subscribed to {p}, which it decides, but the kernel has it unsubscribed"));
+            }
+        }
+        pending.reach = facts.reach;
+        pending.subscribed = facts.subscribed;
+        pending.queued = facts.queued;
+        Delivery { vat: self.idx, pending, forget: Vec::new(), retire: Vec::new(), verdict: None, end: End::Returned, legal: 0 }
+    }
+
+    /// A GC delivery about `vrefs`: each must be in the c-list, and `ok` for the action.
+    fn gc_delivery(
+        &mut self,
+        action: &str,
+        vrefs: &[VRef],
+        ok: impl Fn(&VatModel, VRef) -> bool,
+        retire: bool,
+        sys: &mut Syscall<'_, '_>,
+    ) -> Result<(), VatError> {
+        let mut d = self.start();
+        {
+            let mut w = self.world.borrow_mut();
+            w.stats.gc_deliveries += 1;
+            if !vrefs.is_empty() {
+                w.stats.gc_told += 1;
+            }
+            let ep = d.pending.ep;
+            if vrefs.is_empty() && action != "bringOutYourDead" {
+                w.failures.push(format!("{ep} was told {action} of nothing"));
+            }
+            for v in vrefs {
+                if !d.pending.known.contains_key(v) || !ok(&d.pending, *v) {
+                    w.failures.push(format!("{ep} was told {action} of {v}, which does not qualify (model {:?})", d.pending));
+                }
+            }
+            if retire {
+                d.retire = vrefs.to_vec();
+            }
+        }
+        self.run(d, None, sys)
     }
 }
 
@@ -603,6 +879,15 @@ impl Vat for FuzzVat {
                 }
                 d.observe(r, &mut w.failures);
                 d.pending.known.insert(r, true);
+                match w.head_result.clone() {
+                    Some(head) => {
+                        if head.subscribers.contains(&ep) {
+                            d.pending.subscribed.insert(r);
+                        }
+                        d.pending.queued.insert(r, head.queued);
+                    }
+                    None => w.failures.push(format!("{ep} got result {r}, but the queued message had none")),
+                }
             }
         }
         self.run(d, result, sys)
@@ -630,43 +915,38 @@ impl Vat for FuzzVat {
         }
         self.run(d, None, sys)
     }
+
+    fn drop_exports(&mut self, exports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let unreachable = |m: &VatModel, v: VRef| is_export(v) && v != VRef::ROOT && m.reach.get(&v).copied().unwrap_or(0) == 0;
+        self.gc_delivery("dropExports", exports, unreachable, false, sys)
+    }
+
+    fn retire_exports(&mut self, exports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let unreachable = |m: &VatModel, v: VRef| is_export(v) && v != VRef::ROOT && m.reach.get(&v).copied().unwrap_or(0) == 0;
+        self.gc_delivery("retireExports", exports, unreachable, true, sys)
+    }
+
+    fn retire_imports(&mut self, imports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        self.gc_delivery("retireImports", imports, |m, v| m.dropped.contains(&v), true, sys)
+    }
+
+    fn bring_out_your_dead(&mut self, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        self.gc_delivery("bringOutYourDead", &[], |_, _| true, false, sys)
+    }
 }
 
 // ---- the host ----
 
-/// Whether the kernel refuses, as stale, a vat's first export of a ref numbered at or below one
-/// it exported before (`o+3` after `o+5`): the export watermark that comes with GC. The oracle
-/// follows whichever rule the kernel under test has.
-fn kernel_refuses_stale_exports() -> bool {
-    struct Probe(Rc<RefCell<Option<bool>>>);
-    impl Vat for Probe {
-        fn deliver(&mut self, _: VRef, _: &str, _: VatData, _: Option<VRef>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
-            let with = |index| VatData { body: b"[]".to_vec(), slots: vec![VRef::export(index)] };
-            sys.send(VRef::ROOT, "probe", &with(5), None)?;
-            *self.0.borrow_mut() = Some(sys.send(VRef::ROOT, "probe", &with(3), None).is_err());
-            Ok(())
-        }
-        fn notify(&mut self, _: Vec<Resolution>, _: &mut Syscall<'_, '_>) -> Result<(), VatError> {
-            Ok(())
-        }
-    }
-    let seen: Rc<RefCell<Option<bool>>> = Rc::default();
-    let mut kernel = Kernel::open(MemStore::new()).expect("open");
-    let ep = kernel.add_endpoint("probe", VatEndpoint::boxed(Probe(Rc::clone(&seen)))).expect("add");
-    let root = kernel.root(ep).expect("root");
-    kernel.queue_message(root.into(), "go", CapData::plain("[]")).expect("queue");
-    kernel.step().expect("step");
-    let refused = seen.borrow().expect("the probe ran");
-    refused
-}
-
-fn add_vat(kernel: &mut Kernel<MemStore>, world: &Shared, watermark: bool) -> Result<usize, String> {
+fn add_vat(kernel: &mut Kernel<MemStore>, world: &Shared) -> Result<usize, String> {
     let idx = world.borrow().vats.len();
     let ep =
         kernel.add_endpoint(&format!("v{idx}"), VatEndpoint::boxed(FuzzVat { idx, world: Rc::clone(world) })).map_err(|e| e.to_string())?;
     let root = KRef::Object(kernel.root(ep).map_err(|e| e.to_string())?);
     let mut w = world.borrow_mut();
-    let forge_rate = w.rng.pick(&[0.05, 0.6, 0.8, 0.95]).unwrap_or(0.6);
+    // At most one careful vat at a time: the others keep most syscalls forged.
+    let careful_live = w.live.iter().any(|i| w.vats[*i].forge_rate == 0.0);
+    let rates: &[f64] = if careful_live { &[0.05, 0.6, 0.8, 0.95] } else { &[0.0, 0.05, 0.6, 0.8, 0.95] };
+    let forge_rate = w.rng.pick(rates).unwrap_or(0.6);
     let known = BTreeMap::from([(VRef::ROOT, false)]);
     w.vats.push(VatModel {
         ep,
@@ -675,11 +955,14 @@ fn add_vat(kernel: &mut Kernel<MemStore>, world: &Shared, watermark: bool) -> Re
         reason: None,
         forge_rate,
         known,
+        dropped: BTreeSet::new(),
+        subscribed: BTreeSet::new(),
+        reach: BTreeMap::new(),
+        queued: BTreeMap::new(),
         forgotten: Vec::new(),
         vatstore: BTreeMap::new(),
         last_import: (0, 0),
         last_export: (0, 0),
-        watermark,
     });
     w.live.push(idx);
     w.stats.vats += 1;
@@ -701,6 +984,83 @@ fn poke(kernel: &mut Kernel<MemStore>, world: &Shared, vat: usize) -> Result<(),
         (w.vats[vat].root, slots)
     };
     kernel.queue_message(target, "poke", CapData { body: b"[]".to_vec(), slots }).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Read, before a crank, what the model of the vat about to run needs from the kernel (see the
+/// module doc): its exports' reachable counts, its subscriptions and its promises' queue
+/// lengths, as of the start of the delivery of the item at the head of the run queue (whose own
+/// references the kernel releases before the vat runs).
+fn gather_facts(kernel: &Kernel<MemStore>, world: &Shared) -> Result<(), String> {
+    let err = |e: kernel_core::KernelError| e.to_string();
+    // The run queue's first row (`q/<seq>`, lowest sequence first).
+    let head: Option<RunQueueItem> = match kernel.store().next(b"q/", None).map_err(|e| e.to_string())? {
+        Some((k, v)) => Some(postcard::from_bytes(&v).map_err(|e| format!("run-queue row {}: {e}", k.escape_ascii()))?),
+        None => None,
+    };
+    let mut released: BTreeMap<KRef, u32> = BTreeMap::new();
+    let mut head_result = None;
+    let receiver = match &head {
+        None => None,
+        Some(RunQueueItem::Notify { endpoint, .. } | RunQueueItem::Gc { endpoint, .. }) => Some(*endpoint),
+        Some(RunQueueItem::Send { target, message }) => {
+            if let KRef::Object(_) = target {
+                *released.entry(*target).or_default() += 1;
+            }
+            for s in &message.args.slots {
+                *released.entry(*s).or_default() += 1;
+            }
+            if let Some(kp) = message.result {
+                head_result = Some(match kernel.promise(kp).map_err(err)? {
+                    Some(PromiseState::Unresolved { subscribers, queue, .. }) => {
+                        HeadResult { subscribers, queued: u32::try_from(queue.len()).unwrap_or(u32::MAX) }
+                    }
+                    other => return Err(format!("the queued message's result {kp} is {other:?}")),
+                });
+            }
+            // Follow promises fulfilled to a reference, as routing will.
+            let mut t = *target;
+            loop {
+                match t {
+                    KRef::Object(o) => break kernel.object(o).map_err(err)?.map(|r| r.owner),
+                    KRef::Promise(p) => match kernel.promise(p).map_err(err)? {
+                        Some(PromiseState::Settled(kernel_core::Settlement::Fulfilled(d))) if d.as_reference().is_some() => {
+                            t = d.as_reference().unwrap_or(t);
+                        }
+                        _ => break None,
+                    },
+                }
+            }
+        }
+    };
+    let mut w = world.borrow_mut();
+    w.facts.clear();
+    w.head_result = head_result;
+    let Some(ep) = receiver.filter(|ep| w.live.iter().any(|i| w.vats[*i].ep == *ep)) else { return Ok(()) };
+    let mut f = Facts::default();
+    for (kref, vref) in kernel.clist(ep).map_err(err)? {
+        match kref {
+            KRef::Object(o) if is_export(vref) => {
+                let rec = kernel.object(o).map_err(err)?.ok_or_else(|| format!("{ep}'s {vref} names {o}, which does not exist"))?;
+                let gone = released.get(&kref).copied().unwrap_or(0);
+                let reach = rec
+                    .reachable
+                    .checked_sub(gone)
+                    .ok_or_else(|| format!("{o} counts {} references, the head message alone holds {gone}", rec.reachable))?;
+                f.reach.insert(vref, reach);
+            }
+            KRef::Promise(p) => {
+                if let Some(PromiseState::Unresolved { subscribers, queue, .. }) = kernel.promise(p).map_err(err)? {
+                    if subscribers.contains(&ep) {
+                        f.subscribed.insert(vref);
+                    }
+                    f.queued.insert(vref, u32::try_from(queue.len()).unwrap_or(u32::MAX));
+                }
+            }
+            KRef::Object(_) => {}
+        }
+    }
+    w.facts.insert(ep, f);
     Ok(())
 }
 
@@ -727,6 +1087,8 @@ fn judge(kernel: &Kernel<MemStore>, world: &Shared, report: &CrankReport) -> Res
     let delivered = if let CrankInput::Send { delivered_to, .. } = &report.input {
         *delivered_to
     } else if let CrankInput::Notify { endpoint, delivered: true, .. } = &report.input {
+        Some(*endpoint)
+    } else if let CrankInput::Gc { endpoint, delivered: true, .. } = &report.input {
         Some(*endpoint)
     } else {
         None
@@ -757,13 +1119,15 @@ fn judge(kernel: &Kernel<MemStore>, world: &Shared, report: &CrankReport) -> Res
             let m = &mut w.vats[vat];
             match &report.outcome {
                 CrankOutcome::Committed => {
-                    let Delivery { mut pending, forget, legal, .. } = d;
+                    let Delivery { mut pending, forget, retire, legal, .. } = d;
                     for p in forget {
-                        pending.known.remove(&p);
-                        if pending.forgotten.len() >= 64 {
-                            pending.forgotten.remove(0);
+                        pending.forget(p);
+                    }
+                    // Retired imports go; a retired export goes unless the delivery sent it again.
+                    for v in retire {
+                        if !is_export(v) || pending.reach.get(&v).copied().unwrap_or(0) == 0 {
+                            pending.forget(v);
                         }
-                        pending.forgotten.push(p);
                     }
                     *m = pending;
                     if legal > 0 {
@@ -851,13 +1215,14 @@ fn run_case(seed: u64, budget: u64) -> Result<Stats, String> {
         failures: Vec::new(),
         stats: Stats::default(),
         quiet: false,
+        facts: BTreeMap::new(),
+        head_result: None,
     }));
     let mut kernel = Kernel::open(MemStore::new()).map_err(|e| e.to_string())?;
-    let watermark = kernel_refuses_stale_exports();
     let mut cranks = 0u64;
     while world.borrow().stats.syscalls < budget {
         while world.borrow().live.len() < LIVE_VATS {
-            let idx = add_vat(&mut kernel, &world, watermark)?;
+            let idx = add_vat(&mut kernel, &world)?;
             poke(&mut kernel, &world, idx)?;
         }
         let poke_now = { kernel.queue_len() == 0 || world.borrow_mut().rng.chance(0.03) };
@@ -871,7 +1236,21 @@ fn run_case(seed: u64, budget: u64) -> Result<Stats, String> {
                 poke(&mut kernel, &world, t)?;
             }
         }
+        // Now and then ask a vat to bring out its dead (a GC delivery its model sees).
+        let reap = {
+            let mut w = world.borrow_mut();
+            let live = w.live.clone();
+            if w.rng.chance(REAP_RATE) {
+                w.rng.pick(&live).map(|i| w.vats[i].ep)
+            } else {
+                None
+            }
+        };
+        if let Some(ep) = reap {
+            kernel.reap(ep).map_err(|e| e.to_string())?;
+        }
         world.borrow_mut().queue_len = kernel.queue_len();
+        gather_facts(&kernel, &world)?;
         let report = match kernel.step() {
             Ok(Some(r)) => r,
             Ok(None) => return Err("the run queue was empty after a poke".into()),
@@ -888,7 +1267,10 @@ fn run_case(seed: u64, budget: u64) -> Result<Stats, String> {
     }
     // Drain the queue (vats now quiet), still judging every crank, then check everything.
     world.borrow_mut().quiet = true;
-    while let Some(report) = kernel.step().map_err(|e| format!("step failed while draining: {e}"))? {
+    while let Some(report) = {
+        gather_facts(&kernel, &world)?;
+        kernel.step().map_err(|e| format!("step failed while draining: {e}"))?
+    } {
         judge(&kernel, &world, &report).map_err(|e| format!("crank {} (draining): {e}", report.crank.0))?;
         cranks += 1;
         if cranks > budget * 5 {
@@ -936,4 +1318,6 @@ fn random_syscalls_never_break_the_kernel_and_each_illegal_one_terminates_exactl
     assert!(t.forged_refs * 2 > t.refs, "most vref strings should be forged: {} of {}", t.forged_refs, t.refs);
     assert!(t.judged_illegal > 5_000 && t.aborted_illegal > 1_000, "too few illegal syscalls: {t:?}");
     assert!(t.judged_legal > 20_000 && t.committed_with_legal_syscalls > 1_000, "too few legal syscalls: {t:?}");
+    assert!(t.gc_syscalls > 2_000 && t.gc_legal > 200, "too few GC syscalls: {t:?}");
+    assert!(t.gc_told > 100 && t.stale_illegal > 50, "too few GC deliveries or stale refs: {t:?}");
 }

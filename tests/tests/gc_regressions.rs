@@ -20,11 +20,14 @@ struct Scripted {
     next: u64,
     held: Option<VRef>,
     retire_on_drop: bool,
+    /// The first time it is told to retire exports, send them to itself (`o+0.hold(export)`)
+    /// during that delivery.
+    resend_on_retire: bool,
 }
 
 impl Scripted {
     fn boxed(name: &'static str, log: &Log, retire_on_drop: bool) -> Box<dyn kernel_core::Endpoint> {
-        VatEndpoint::boxed(Scripted { name, log: Rc::clone(log), next: 1, held: None, retire_on_drop })
+        VatEndpoint::boxed(Scripted { name, log: Rc::clone(log), next: 1, held: None, retire_on_drop, resend_on_retire: false })
     }
 }
 
@@ -77,8 +80,13 @@ impl Vat for Scripted {
         Ok(())
     }
 
-    fn retire_exports(&mut self, exports: &[VRef], _: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+    fn retire_exports(&mut self, exports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
         self.log.borrow_mut().push(format!("{} retireExports {exports:?}", self.name));
+        if std::mem::take(&mut self.resend_on_retire) {
+            for e in exports {
+                sys.send(VRef::ROOT, "hold", &VatData { body: b"[{\"$slot\":0}]".to_vec(), slots: vec![*e] }, None)?;
+            }
+        }
         Ok(())
     }
 
@@ -215,4 +223,78 @@ fn a_vat_cannot_name_an_import_it_dropped() {
     w.check();
     assert!(w.k.clist(t).expect("clist").iter().all(|(_, v)| *v == VRef::ROOT), "{:?}", w.k.clist(t));
     assert_eq!(w.k.object(thing.as_object().expect("object")).expect("read"), None);
+}
+
+/// An exporter told `retireExports` sends the export again during that very delivery: the
+/// message keeps the object alive, so the kernel must not delete it after the delivery (the
+/// message would otherwise carry a deleted object, and its receiver's c-list name it forever).
+/// Once that message is delivered the object is unreferenced again and retired for good.
+#[test]
+fn an_export_sent_again_while_being_retired_survives() {
+    let log: Log = Rc::default();
+    let mut k = Kernel::open(MemStore::new()).expect("open");
+    let e = k
+        .add_endpoint(
+            "exporter",
+            VatEndpoint::boxed(Scripted {
+                name: "exporter",
+                log: Rc::clone(&log),
+                next: 1,
+                held: None,
+                retire_on_drop: false,
+                resend_on_retire: true,
+            }),
+        )
+        .expect("add");
+    let i = k.add_endpoint("importer", Scripted::boxed("importer", &log, false)).expect("add");
+    let mut w = World { k, log };
+    let thing = w.export_to(e, i);
+    w.queue(w.root(i), "dropOnly", &[thing]);
+    w.queue(w.root(i), "retire", &[thing]);
+    let ko = thing.as_object().expect("object");
+    let mut alive_after_first_retire = false;
+    while let Some(report) = w.k.step().expect("step") {
+        w.check();
+        let retires = w.log.borrow().iter().filter(|l| l.starts_with("exporter retireExports")).count();
+        if retires == 1 && matches!(report.input, kernel_core::CrankInput::Gc { action: "retireExports", .. }) {
+            alive_after_first_retire = w.k.object(ko).expect("read").is_some_and(|r| r.owner == e && r.reachable == 1);
+        }
+    }
+    assert!(alive_after_first_retire, "{:?}", w.log.borrow());
+    let retires = w.log.borrow().iter().filter(|l| l.starts_with("exporter retireExports")).count();
+    assert_eq!(retires, 2, "{:?}", w.log.borrow());
+    assert_eq!(w.k.object(ko).expect("read"), None);
+}
+
+/// An exporter abandons an export, and an importer hands it back: the exporter now imports it
+/// (`o-N`) like anyone else — an abandoned object has no exporter — and that import counts as a
+/// reference, so the object lives while the former exporter holds it and goes when it lets go.
+#[test]
+fn an_abandoned_export_handed_back_is_an_ordinary_import() {
+    let (mut w, eps) = World::new(&[("exporter", false), ("importer", false)]);
+    let (e, i) = (eps[0], eps[1]);
+    let thing = w.export_to(e, i);
+    let ko = thing.as_object().expect("object");
+    w.queue(w.root(e), "abandonFirst", &[]);
+    w.queue(w.root(i), "give", &[w.root(e)]);
+    w.run();
+    w.check();
+    let back = w.k.clist(e).expect("clist").into_iter().find(|(k, _)| *k == thing).map(|(_, v)| v);
+    assert!(back.is_some_and(|v| v.allocator == kernel_core::Allocator::Kernel), "the exporter imports it: {back:?}");
+    // The importer lets go; the former exporter's import keeps it.
+    w.queue(w.root(i), "dropOnly", &[thing]);
+    w.queue(w.root(i), "retire", &[thing]);
+    w.run();
+    w.check();
+    let rec = w.k.object(ko).expect("read").expect("the former exporter still holds it");
+    assert_eq!((rec.reachable, rec.recognizable), (1, 1));
+    // And then it lets go too.
+    w.queue(w.root(e), "dropOnly", &[thing]);
+    w.queue(w.root(e), "retire", &[thing]);
+    w.run();
+    w.check();
+    assert_eq!(w.k.object(ko).expect("read"), None);
+    for ep in [e, i] {
+        assert!(w.k.clist(ep).expect("clist").iter().all(|(_, v)| *v == VRef::ROOT), "{:?}", w.k.clist(ep));
+    }
 }
