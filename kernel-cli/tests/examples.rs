@@ -1,17 +1,45 @@
 //! Golden tests: each example under `examples/` is driven through the real binary by the
 //! commands in `tests/golden/<example>.cmds` (one per line; `$CLUSTER` is the example's cluster
 //! file, `$STORE` a fresh store directory), and the transcript and the final `inspect --json` of
-//! every table are compared with `tests/golden/<example>.transcript` and `.inspect.json`.
+//! every table are compared with `tests/golden/<example>.transcript` and `.inspect.json`. An
+//! example runs from a copy, scaled down by `tests/golden/<example>.patch` where it has one.
 //! Adding a case is adding a `.cmds` file; `BLESS=1` writes the expectations.
 
 mod support;
 
 use support::*;
 
+/// A copy of `examples/<example>` in `dir`, with the replacements of
+/// `tests/golden/<example>.patch` (lines `FROM => TO`) made in its cluster file: how a test runs
+/// an example at a smaller scale. Returns the copy's cluster file.
+fn example_copy(example: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let from = crate_dir().join("examples").join(example);
+    let to = dir.join(example);
+    std::fs::create_dir_all(&to).expect("copy dir");
+    for entry in std::fs::read_dir(&from).expect("example dir") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, to.join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let cluster = to.join("cluster.toml");
+    if let Ok(patch) = std::fs::read_to_string(crate_dir().join(format!("tests/golden/{example}.patch"))) {
+        let mut text = std::fs::read_to_string(&cluster).expect("cluster file");
+        for line in patch.lines().filter(|l| !l.trim().is_empty()) {
+            let (a, b) = line.split_once(" => ").expect("FROM => TO");
+            assert!(text.contains(a), "{example}.patch: {a:?} not in the cluster file");
+            text = text.replace(a, b);
+        }
+        std::fs::write(&cluster, text).expect("write cluster file");
+    }
+    cluster
+}
+
 fn golden(example: &str) {
     let dir = tempdir();
     let store = dir.path().join("store");
-    let cluster = format!("examples/{example}/cluster.toml");
+    let cluster = example_copy(example, dir.path());
+    let cluster = arg(&cluster).to_owned();
     let cmds = std::fs::read_to_string(crate_dir().join(format!("tests/golden/{example}.cmds"))).expect("commands file");
     let mut out = String::new();
     for line in cmds.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
@@ -21,7 +49,7 @@ fn golden(example: &str) {
         let o = kernel(&args);
         out.push_str(&transcript(&o));
         for l in stderr(&o).lines() {
-            out.push_str(&format!("stderr: {}\n", l.replace(arg(&store), "$STORE")));
+            out.push_str(&format!("stderr: {}\n", l.replace(arg(&store), "$STORE").replace(&cluster, "$CLUSTER")));
         }
         if !o.status.success() {
             out.push_str(&format!("exit: {}\n", o.status.code().unwrap_or(-1)));
@@ -61,8 +89,9 @@ fn crash_resume() {
 fn crash_resume_survives_kill_9() {
     let dir = tempdir();
     let store = dir.path().join("store");
+    let cluster = example_copy("crash-resume", dir.path());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kernel"))
-        .args(["run", "examples/crash-resume/cluster.toml", "--quiet", "--store", arg(&store)])
+        .args(["run", arg(&cluster), "--quiet", "--store", arg(&store)])
         .current_dir(crate_dir())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -71,7 +100,7 @@ fn crash_resume_survives_kill_9() {
     std::thread::sleep(std::time::Duration::from_millis(400));
     child.kill().expect("kill -9");
     child.wait().expect("reap");
-    let resumed = kernel(&["run", "examples/crash-resume/cluster.toml", "--quiet", "--store", arg(&store)]);
+    let resumed = kernel(&["run", arg(&cluster), "--quiet", "--store", arg(&store)]);
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     let t = transcript(&resumed);
     assert!(t.contains("run queue empty"), "{t}");
