@@ -383,6 +383,15 @@ pub fn serve_once<S: crate::DurableStore>(
     Ok(())
 }
 
+/// What a connection's reader does with each sealed frame it reads: open it with the session
+/// `cipher` and check that it decodes as a [`Frame`] of at most `max` bytes. An error is the
+/// reason the connection closes; nothing from that frame (or after it) reaches the node.
+pub fn receive_frame(cipher: &mut dyn FrameCipher, sealed: Vec<u8>, max: usize) -> Result<Vec<u8>, String> {
+    let frame = cipher.open(sealed).map_err(|reason| format!("unreadable frame: {reason}"))?;
+    Frame::decode(&frame, max).map_err(|e| e.to_string())?;
+    Ok(frame)
+}
+
 /// Read one length-prefixed frame; an oversized length is refused before reading its body.
 async fn read_frame(r: &mut (impl AsyncReadExt + Unpin), max: usize) -> Result<Vec<u8>, String> {
     let mut len = [0u8; 4];
@@ -496,18 +505,12 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            let opened = match read_cipher.lock() {
-                Ok(mut c) => c.open(sealed),
+            let received = match read_cipher.lock() {
+                Ok(mut c) => receive_frame(&mut **c, sealed, max),
                 Err(_) => Err("cipher lock poisoned".into()),
             };
-            match opened {
+            match received {
                 Ok(frame) => {
-                    // A frame that does not decode ends the connection here, before anything
-                    // after it is delivered.
-                    if let Err(e) = Frame::decode(&frame, max) {
-                        log::warn!("{}: closing the connection to {read_peer}: {e}", read_inner.me);
-                        return e.to_string();
-                    }
                     // Wait for room among this connection's frames waiting for the host.
                     let cost = u32::try_from(frame.len().clamp(1, budget)).unwrap_or(u32::MAX);
                     let Ok(permit) = Arc::clone(&permits).acquire_many_owned(cost).await else {
@@ -516,8 +519,9 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
                     read_inner.emit_frame(read_peer.clone(), frame, permit);
                 }
                 Err(reason) => {
-                    log::warn!("{}: closing the connection to {read_peer}: unreadable frame: {reason}", read_inner.me);
-                    return format!("unreadable frame: {reason}");
+                    // It ends the connection here, before anything after it is delivered.
+                    log::warn!("{}: closing the connection to {read_peer}: {reason}", read_inner.me);
+                    return reason;
                 }
             }
         }
