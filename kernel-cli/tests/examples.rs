@@ -110,3 +110,30 @@ fn crash_resume_survives_kill_9() {
         assert_eq!(v["vatstore"][key], "2000", "{vat} {key}: {t}");
     }
 }
+
+/// Ctrl-C (SIGINT) stops the run after the crank in progress commits, with exit code 130; a
+/// later run resumes and ends with exact totals.
+#[test]
+fn ctrl_c_stops_after_the_current_crank_and_the_run_resumes() {
+    let dir = tempdir();
+    let store = dir.path().join("store");
+    let cluster = example_copy("crash-resume", dir.path());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kernel"))
+        .args(["run", arg(&cluster), "--quiet", "--store", arg(&store)])
+        .current_dir(crate_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill -INT");
+    assert!(sent.success());
+    let out = child.wait_with_output().expect("wait");
+    let t = transcript(&out);
+    assert_eq!(out.status.code(), Some(130), "{t}");
+    assert!(t.contains("queued (interrupted)"), "{t}");
+    let resumed = kernel(&["run", arg(&cluster), "--quiet", "--store", arg(&store)]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let o = kernel(&["inspect", arg(&store), "vat", "counter", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["vatstore"]["count"], "2000");
+}

@@ -18,9 +18,12 @@
 //! `sleep`, `eval`, modules), and limits per vat: operations per crank, string, array and map
 //! sizes, call depth and expression depth ([`ScriptLimits`]).
 
-use crate::codec::{self, Ref};
-use kernel_core::{Fault, RefKind, VRef};
-use kernel_syscall::{Resolution, Syscall, Vat, VatData, VatEndpoint, VatError, MAX_KEY_LEN, MAX_VALUE_LEN};
+mod api;
+
+use crate::codec;
+use api::{register_api, ApiResult, Effect, Session, WATCH_PREFIX};
+use kernel_core::{Fault, VRef};
+use kernel_syscall::{Resolution, Syscall, Vat, VatData, VatEndpoint, VatError};
 use rhai::packages::{
     ArithmeticPackage, BasicArrayPackage, BasicBlobPackage, BasicFnPackage, BasicIteratorPackage, BasicMapPackage, BasicMathPackage,
     BasicStringPackage, BitFieldPackage, LogicPackage, MoreStringPackage, Package,
@@ -139,337 +142,6 @@ pub struct LogLine {
 
 /// Where vats' log lines go; the host drains it after each crank.
 pub type LogSink = Rc<RefCell<Vec<LogLine>>>;
-
-/// A recorded syscall, made through the real handle once the script has returned.
-#[derive(Debug)]
-enum Effect {
-    Send { target: VRef, method: String, args: VatData, result: Option<VRef> },
-    Subscribe(VRef),
-    Resolve { promise: VRef, rejected: bool, data: VatData },
-    Exit { failure: bool, info: VatData },
-}
-
-/// State shared between the vat and the engine's registered functions.
-struct Session {
-    vat: String,
-    /// True only while a delivery runs a script function.
-    active: bool,
-    /// The committed vatstore (`None` until loaded after attach).
-    committed: Option<BTreeMap<String, String>>,
-    /// This delivery's vatstore writes (`None`: delete).
-    overlay: BTreeMap<String, Option<String>>,
-    effects: Vec<Effect>,
-    target: VRef,
-    result: Option<VRef>,
-    result_taken: bool,
-    exited: bool,
-    params: Map,
-    script: Script,
-    logs: LogSink,
-}
-
-const NEXT_OBJECT: &str = "$next-object";
-const NEXT_PROMISE: &str = "$next-promise";
-const WATCH_PREFIX: &str = "$watch/";
-const OBJECT_PREFIX: &str = "$obj/";
-
-type ApiResult<T> = Result<T, Box<EvalAltResult>>;
-
-fn api_err<T>(msg: impl Into<String>) -> ApiResult<T> {
-    Err(msg.into().into())
-}
-
-impl Session {
-    fn check(&self) -> ApiResult<()> {
-        if !self.active {
-            return api_err("the vat API is only available while the vat handles a delivery");
-        }
-        if self.exited {
-            return api_err("the vat has exited: nothing more is done in this delivery");
-        }
-        Ok(())
-    }
-
-    fn get(&self, key: &str) -> Option<String> {
-        match self.overlay.get(key) {
-            Some(v) => v.clone(),
-            None => self.committed.as_ref().and_then(|c| c.get(key).cloned()),
-        }
-    }
-
-    fn set(&mut self, key: &str, value: Option<String>) {
-        self.overlay.insert(key.to_owned(), value);
-    }
-
-    fn allocate(&mut self, key: &str) -> ApiResult<u64> {
-        let n = match self.get(key) {
-            Some(v) => v.parse::<u64>().map_err(|_| format!("corrupt vatstore counter {key}: {v:?}"))?,
-            None => 1,
-        };
-        self.set(key, Some((n + 1).to_string()));
-        Ok(n)
-    }
-
-    fn encode(&self, v: &Dynamic) -> ApiResult<VatData> {
-        codec::encode(v).map_err(|e| e.to_string().into())
-    }
-
-    fn store_encode(&self, v: &Dynamic) -> ApiResult<String> {
-        let text = codec::store_encode(v).map_err(|e| e.to_string())?;
-        if text.len() > MAX_VALUE_LEN {
-            return api_err(format!("a vatstore value of {} bytes exceeds {MAX_VALUE_LEN}", text.len()));
-        }
-        Ok(text)
-    }
-
-    fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
-        let mut keys: BTreeMap<&str, bool> = BTreeMap::new();
-        if let Some(c) = &self.committed {
-            for k in c.range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded)).map(|(k, _)| k) {
-                if !k.starts_with(prefix) {
-                    break;
-                }
-                keys.insert(k, true);
-            }
-        }
-        for (k, v) in &self.overlay {
-            if k.starts_with(prefix) {
-                keys.insert(k, v.is_some());
-            }
-        }
-        keys.into_iter().filter(|(k, live)| *live && !k.starts_with('$')).map(|(k, _)| k.to_owned()).collect()
-    }
-
-    fn object_record(&self, obj: VRef) -> ApiResult<(String, Dynamic)> {
-        let Some(text) = self.get(&format!("{OBJECT_PREFIX}{obj}")) else {
-            return api_err(format!("{obj} is not an object this vat made with make_object"));
-        };
-        let rec = codec::store_decode(&text).map_err(|e| format!("corrupt object record {obj}: {e}"))?;
-        let mut map = rec.try_cast::<Map>().ok_or_else(|| format!("corrupt object record {obj}"))?;
-        let kind = map.remove("kind").and_then(|k| k.into_string().ok()).ok_or_else(|| format!("corrupt object record {obj}"))?;
-        Ok((kind, map.remove("state").unwrap_or(Dynamic::UNIT)))
-    }
-
-    fn set_object_record(&mut self, obj: VRef, kind: &str, state: Dynamic) -> ApiResult<()> {
-        let mut rec = Map::new();
-        rec.insert("kind".into(), Dynamic::from(kind.to_owned()));
-        rec.insert("state".into(), state);
-        let text = self.store_encode(&Dynamic::from_map(rec))?;
-        self.set(&format!("{OBJECT_PREFIX}{obj}"), Some(text));
-        Ok(())
-    }
-
-    fn log(&self, text: String) {
-        self.logs.borrow_mut().push(LogLine { vat: self.vat.clone(), text });
-    }
-}
-
-fn user_key(key: &str) -> ApiResult<()> {
-    if key.is_empty() || key.starts_with('$') || key.len() > MAX_KEY_LEN {
-        return api_err(format!("vatstore key {key:?} is not allowed (1..={MAX_KEY_LEN} bytes, not starting with '$')"));
-    }
-    Ok(())
-}
-
-fn promise_ref(r: Ref, role: &str) -> ApiResult<VRef> {
-    if r.0.kind != RefKind::Promise {
-        return api_err(format!("{role}: {} is not a promise", r.0));
-    }
-    Ok(r.0)
-}
-
-fn identifier(kind: &str) -> bool {
-    let mut chars = kind.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// Register the vat API on `engine`; every function works on `session`.
-fn register_api(engine: &mut Engine, session: &Rc<RefCell<Session>>) {
-    engine.register_type_with_name::<Ref>("Ref");
-    engine.register_fn("to_string", |r: &mut Ref| r.0.to_string());
-    engine.register_fn("to_debug", |r: &mut Ref| format!("Ref({})", r.0));
-    engine.register_fn("==", |a: Ref, b: Ref| a == b);
-    engine.register_fn("!=", |a: Ref, b: Ref| a != b);
-    engine.register_fn("is_promise", |r: Ref| r.0.kind == RefKind::Promise);
-
-    let s = Rc::clone(session);
-    let send = move |target: Ref, method: &str, args: Array, with_result: bool| -> ApiResult<Dynamic> {
-        let mut s = s.borrow_mut();
-        s.check()?;
-        let args = codec::encode_args(args).map_err(|e| e.to_string())?;
-        let result = if with_result { Some(VRef::local_promise(s.allocate(NEXT_PROMISE)?)) } else { None };
-        s.effects.push(Effect::Send { target: target.0, method: method.to_owned(), args, result });
-        Ok(result.map(|p| Dynamic::from(Ref(p))).unwrap_or(Dynamic::UNIT))
-    };
-    let send = Rc::new(send);
-    let f = Rc::clone(&send);
-    engine.register_fn("send", move |t: Ref, m: &str, a: Array| f(t, m, a, true));
-    let f = Rc::clone(&send);
-    engine.register_fn("send", move |t: Ref, m: &str| f(t, m, Array::new(), true));
-    let f = Rc::clone(&send);
-    engine.register_fn("send_only", move |t: Ref, m: &str, a: Array| f(t, m, a, false).map(|_| ()));
-    let f = Rc::clone(&send);
-    engine.register_fn("send_only", move |t: Ref, m: &str| f(t, m, Array::new(), false).map(|_| ()));
-
-    let s = Rc::clone(session);
-    engine.register_fn("make_promise", move || -> ApiResult<Ref> {
-        let mut s = s.borrow_mut();
-        s.check()?;
-        Ok(Ref(VRef::local_promise(s.allocate(NEXT_PROMISE)?)))
-    });
-
-    let s = Rc::clone(session);
-    let settle = Rc::new(move |p: Ref, value: Dynamic, rejected: bool| -> ApiResult<()> {
-        let mut s = s.borrow_mut();
-        s.check()?;
-        let promise = promise_ref(p, if rejected { "reject" } else { "resolve" })?;
-        let data = s.encode(&value)?;
-        s.effects.push(Effect::Resolve { promise, rejected, data });
-        if s.result == Some(promise) {
-            s.result_taken = true;
-        }
-        Ok(())
-    });
-    let f = Rc::clone(&settle);
-    engine.register_fn("resolve", move |p: Ref, v: Dynamic| f(p, v, false));
-    let f = Rc::clone(&settle);
-    engine.register_fn("reject", move |p: Ref, v: Dynamic| f(p, v, true));
-
-    let s = Rc::clone(session);
-    engine.register_fn("take_result", move || -> ApiResult<Dynamic> {
-        let mut s = s.borrow_mut();
-        s.check()?;
-        s.result_taken = true;
-        Ok(s.result.map(|r| Dynamic::from(Ref(r))).unwrap_or(Dynamic::UNIT))
-    });
-
-    let s = Rc::clone(session);
-    let watch = Rc::new(move |p: Ref, handler: &str, context: Option<Dynamic>| -> ApiResult<()> {
-        let mut s = s.borrow_mut();
-        s.check()?;
-        let promise = promise_ref(p, "watch")?;
-        let arity = if context.is_some() { 2 } else { 1 };
-        if !s.script.has_function(handler, arity, false) {
-            return api_err(format!("watch: the script has no function {handler} with {arity} parameter(s)"));
-        }
-        let key = format!("{WATCH_PREFIX}{promise}");
-        let mut watchers = match s.get(&key) {
-            Some(text) => codec::store_decode(&text).ok().and_then(|d| d.try_cast::<Array>()).unwrap_or_default(),
-            None => {
-                s.effects.push(Effect::Subscribe(promise));
-                Array::new()
-            }
-        };
-        let mut w = Map::new();
-        w.insert("handler".into(), Dynamic::from(handler.to_owned()));
-        if let Some(c) = context {
-            w.insert("context".into(), c);
-        }
-        watchers.push(Dynamic::from_map(w));
-        let text = s.store_encode(&Dynamic::from_array(watchers))?;
-        s.set(&key, Some(text));
-        Ok(())
-    });
-    let f = Rc::clone(&watch);
-    engine.register_fn("watch", move |p: Ref, h: &str| f(p, h, None));
-    let f = Rc::clone(&watch);
-    engine.register_fn("watch", move |p: Ref, h: &str, c: Dynamic| f(p, h, Some(c)));
-
-    let s = Rc::clone(session);
-    engine.register_fn("make_object", move |kind: &str, state: Dynamic| -> ApiResult<Ref> {
-        let mut s = s.borrow_mut();
-        s.check()?;
-        if !identifier(kind) {
-            return api_err(format!("make_object: kind {kind:?} is not an identifier"));
-        }
-        let obj = VRef::export(s.allocate(NEXT_OBJECT)?);
-        s.set_object_record(obj, kind, state)?;
-        Ok(Ref(obj))
-    });
-    let s = Rc::clone(session);
-    engine.register_fn("get_state", move |obj: Ref| -> ApiResult<Dynamic> {
-        let s = s.borrow();
-        s.check()?;
-        Ok(s.object_record(obj.0)?.1)
-    });
-    let s = Rc::clone(session);
-    engine.register_fn("set_state", move |obj: Ref, state: Dynamic| -> ApiResult<()> {
-        let mut s = s.borrow_mut();
-        s.check()?;
-        let (kind, _) = s.object_record(obj.0)?;
-        s.set_object_record(obj.0, &kind, state)
-    });
-    let s = Rc::clone(session);
-    engine.register_fn("self_ref", move || -> ApiResult<Ref> {
-        let s = s.borrow();
-        s.check()?;
-        Ok(Ref(s.target))
-    });
-    engine.register_fn("root", || Ref(VRef::ROOT));
-
-    let s = Rc::clone(session);
-    engine.register_fn("store_get", move |key: &str| -> ApiResult<Dynamic> {
-        let s = s.borrow();
-        s.check()?;
-        user_key(key)?;
-        match s.get(key) {
-            None => Ok(Dynamic::UNIT),
-            Some(text) => codec::store_decode(&text).map_err(|e| format!("vatstore {key:?}: {e}").into()),
-        }
-    });
-    let s = Rc::clone(session);
-    engine.register_fn("store_set", move |key: &str, value: Dynamic| -> ApiResult<()> {
-        let mut s = s.borrow_mut();
-        s.check()?;
-        user_key(key)?;
-        let text = s.store_encode(&value)?;
-        s.set(key, Some(text));
-        Ok(())
-    });
-    let s = Rc::clone(session);
-    engine.register_fn("store_delete", move |key: &str| -> ApiResult<()> {
-        let mut s = s.borrow_mut();
-        s.check()?;
-        user_key(key)?;
-        s.set(key, None);
-        Ok(())
-    });
-    let s = Rc::clone(session);
-    engine.register_fn("store_keys", move |prefix: &str| -> ApiResult<Array> {
-        let s = s.borrow();
-        s.check()?;
-        Ok(s.keys_with_prefix(prefix).into_iter().map(Dynamic::from).collect())
-    });
-
-    let s = Rc::clone(session);
-    engine.register_fn("log", move |v: Dynamic| {
-        let s = s.borrow();
-        let text = match v.clone().into_string() {
-            Ok(text) => text,
-            Err(_) => codec::to_text(&v).unwrap_or_else(|_| v.to_string()),
-        };
-        s.log(text);
-    });
-    let s = Rc::clone(session);
-    engine.on_print(move |text| s.borrow().log(text.to_owned()));
-    let s = Rc::clone(session);
-    engine.on_debug(move |text, _, _| s.borrow().log(text.to_owned()));
-
-    let s = Rc::clone(session);
-    engine.register_fn("params", move || Dynamic::from_map(s.borrow().params.clone()));
-    let s = Rc::clone(session);
-    engine.register_fn("vat_name", move || s.borrow().vat.clone());
-
-    let s = Rc::clone(session);
-    engine.register_fn("exit", move |failure: bool, info: Dynamic| -> ApiResult<()> {
-        let mut s = s.borrow_mut();
-        s.check()?;
-        let info = s.encode(&info)?;
-        s.effects.push(Effect::Exit { failure, info });
-        s.exited = true;
-        api_err("exit")
-    });
-}
 
 /// Why a script call failed, for the crank's fault.
 enum Failure {
@@ -814,5 +486,143 @@ impl kernel_core::Endpoint for ScriptEndpoint {
 
     fn collect(&mut self, action: kernel_core::GcAction, ctx: &mut kernel_core::CrankContext<'_>) -> Result<(), Fault> {
         self.inner.collect(action, ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernel_core::{CapData, CrankOutcome, EndpointId, EndpointStatus, Kernel, MemStore, Settlement};
+
+    fn cluster(scripts: &[(&str, &str)]) -> (Kernel<MemStore>, Vec<EndpointId>, LogSink) {
+        let mut kernel = Kernel::open(MemStore::new()).expect("kernel");
+        let logs = LogSink::default();
+        let eps = scripts
+            .iter()
+            .map(|(name, src)| {
+                let limits = ScriptLimits::default();
+                let script = Script::compile(src, &limits).expect("compiles");
+                let vat = ScriptVat::new(name, script, limits, Map::new(), LogSink::clone(&logs));
+                kernel.add_endpoint(name, vat.endpoint()).expect("add")
+            })
+            .collect();
+        (kernel, eps, logs)
+    }
+
+    fn call(kernel: &mut Kernel<MemStore>, ep: EndpointId, method: &str, args: &str) -> kernel_core::KPromiseId {
+        let root = kernel.root(ep).expect("root");
+        kernel.queue_message(root.into(), method, CapData::plain(args)).expect("queue")
+    }
+
+    fn vatstore(kernel: &Kernel<MemStore>, ep: EndpointId) -> BTreeMap<String, String> {
+        kernel
+            .vatstore(ep)
+            .expect("vatstore")
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn exit_keeps_what_came_before_and_nothing_after_even_if_caught() {
+        let src = r#"fn quit() { store_set("before", 1); try { exit(false, "bye"); } catch { store_set("after", 1); } 5 }"#;
+        let (mut k, eps, _) = cluster(&[("q", src)]);
+        let answer = call(&mut k, eps[0], "quit", "[]");
+        let report = k.step().expect("step").expect("a crank");
+        assert_eq!(report.outcome, CrankOutcome::Exited { endpoint: eps[0], failure: false });
+        let store = vatstore(&k, eps[0]);
+        assert_eq!(store.get("before").map(String::as_str), Some("1"));
+        assert!(!store.contains_key("after"), "{store:?}");
+        assert!(matches!(k.endpoint(eps[0]).expect("rec").map(|r| r.status), Some(EndpointStatus::Terminated { .. })));
+        assert!(matches!(k.settlement(answer).expect("settlement"), Some(Settlement::Rejected(_))));
+    }
+
+    #[test]
+    fn rejecting_the_result_keeps_the_vat_and_a_throw_terminates_it() {
+        let src = r#"
+            fn no(x) { store_set("seen", x); reject(take_result(), `no ${x}`); }
+            fn boom() { store_set("boom", true); throw "boom"; }
+        "#;
+        let (mut k, eps, _) = cluster(&[("v", src)]);
+        let no = call(&mut k, eps[0], "no", "[3]");
+        k.run(None).expect("run");
+        assert_eq!(k.settlement(no).expect("s"), Some(Settlement::Rejected(CapData::plain("\"no 3\""))));
+        assert_eq!(vatstore(&k, eps[0]).get("seen").map(String::as_str), Some("3"));
+        let boom = call(&mut k, eps[0], "boom", "[]");
+        let summary = k.run(None).expect("run");
+        assert_eq!(summary.aborted, 1);
+        assert!(!vatstore(&k, eps[0]).contains_key("boom"));
+        let Some(Settlement::Rejected(reason)) = k.settlement(boom).expect("s") else { panic!("boom must be rejected") };
+        assert!(String::from_utf8_lossy(&reason.body).contains(r#"v.boom: threw \"boom\" (line 3)"#), "{reason:?}");
+    }
+
+    #[test]
+    fn objects_keep_their_state_and_watches_carry_their_context() {
+        let maker = r#"
+            fn make(n) { make_object("cell", #{ n: n }) }
+            fn cell_add(d) { this.n += d; this.n }
+        "#;
+        let user = r#"
+            fn start(maker) {
+                store_set("maker", maker);
+                watch(send(maker, "make", [40]), "made", "first");
+            }
+            fn made(outcome, tag) {
+                store_set("tag", tag);
+                watch(send(outcome.value, "add", [2]), "added");
+            }
+            private fn added(outcome) { store_set("total", outcome.value); store_set("keys", store_keys("t")); }
+        "#;
+        let (mut k, eps, _) = cluster(&[("maker", maker), ("user", user)]);
+        let maker_root = k.root(eps[0]).expect("root");
+        let user_root = k.root(eps[1]).expect("root");
+        let args = CapData { body: br#"[{"$slot":0}]"#.to_vec(), slots: vec![maker_root.into()] };
+        k.queue_message(user_root.into(), "start", args).expect("queue");
+        let summary = k.run(None).expect("run");
+        assert_eq!(summary.aborted, 0);
+        let user = vatstore(&k, eps[1]);
+        assert_eq!(user.get("tag").map(String::as_str), Some("\"first\""));
+        assert_eq!(user.get("total").map(String::as_str), Some("42"));
+        assert_eq!(user.get("keys").map(String::as_str), Some(r#"["tag","total"]"#));
+        let maker = vatstore(&k, eps[0]);
+        assert_eq!(maker.get("$obj/o+1").map(String::as_str), Some(r#"{"kind":"cell","state":{"n":42}}"#));
+        assert!(!user.keys().any(|k| k.starts_with(WATCH_PREFIX)), "watches are forgotten once they fire: {user:?}");
+    }
+
+    #[test]
+    fn a_stale_reference_is_an_illegal_syscall_through_the_same_validation() {
+        let echo = "fn ping(n) { n }";
+        let user = r#"
+            fn start(peer) {
+                let p = send(peer, "ping", [1]);
+                store_set("p", p);
+                watch(p, "done");
+            }
+            fn done(outcome) { }
+            fn reuse() { send(store_get("p"), "ping", [2]) }
+        "#;
+        let (mut k, eps, _) = cluster(&[("echo", echo), ("user", user)]);
+        let echo_root = k.root(eps[0]).expect("root");
+        let user_root = k.root(eps[1]).expect("root");
+        let args = CapData { body: br#"[{"$slot":0}]"#.to_vec(), slots: vec![echo_root.into()] };
+        k.queue_message(user_root.into(), "start", args).expect("queue");
+        assert_eq!(k.run(None).expect("run").aborted, 0);
+        call(&mut k, eps[1], "reuse", "[]");
+        let summary = k.run(None).expect("run");
+        assert_eq!(summary.aborted, 1);
+        let Some(EndpointStatus::Terminated { reason }) = k.endpoint(eps[1]).expect("rec").map(|r| r.status) else {
+            panic!("user must be terminated")
+        };
+        assert!(reason.starts_with("illegal syscall"), "{reason}");
+    }
+
+    #[test]
+    fn keys_starting_with_a_dollar_belong_to_the_runtime() {
+        let src = r#"fn sneak() { store_set("$next-promise", 1) }"#;
+        let (mut k, eps, _) = cluster(&[("s", src)]);
+        call(&mut k, eps[0], "sneak", "[]");
+        assert_eq!(k.run(None).expect("run").aborted, 1);
+        let Some(EndpointStatus::Terminated { reason }) = k.endpoint(eps[0]).expect("rec").map(|r| r.status) else { panic!("terminated") };
+        assert!(reason.contains("is not allowed"), "{reason}");
     }
 }
