@@ -2376,10 +2376,10 @@ fn benign_action() -> impl Strategy<Value = Action> {
         2 => any::<u8>().prop_map(|key| Action::VatstoreGet { key }),
         1 => Just(Action::VatstoreScan),
         4 => any::<u8>().prop_map(|index| Action::DropImport { index }),
-        3 => any::<u8>().prop_map(|index| Action::RetireImport { index }),
+        1 => any::<u8>().prop_map(|index| Action::RetireImport { index }),
         6 => any::<u8>().prop_map(|index| Action::RetireExport { index }),
         2 => any::<u8>().prop_map(|index| Action::AbandonExport { index }),
-        2 => (any::<u8>(), any::<bool>()).prop_map(|(mask, retire)| Action::Reap { mask, retire }),
+        2 => (any::<u8>(), prop::bool::weighted(0.3)).prop_map(|(mask, retire)| Action::Reap { mask, retire }),
     ]
 }
 
