@@ -455,6 +455,7 @@ impl World {
             if let Some(first) = get("bad/first") {
                 found.push(format!("k{i}: app saw {} violations, first: {first}", get("bad").unwrap_or_default()));
             }
+            let callbacks = self.work.count / 4;
             for peer in self.slots.iter().filter(|p| p.name != s.name) {
                 for what in ["in", "got", "sent"] {
                     let v = get(&format!("{what}/{}", peer.name));
@@ -462,6 +463,14 @@ impl World {
                         found.push(format!("k{i}: {what}/{} is {v:?}, expected {}", peer.name, self.work.count));
                     }
                 }
+                let cb = get(&format!("cb/{}", peer.name)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                if cb != callbacks {
+                    found.push(format!("k{i}: {cb} callbacks answered by {}, expected {callbacks}", peer.name));
+                }
+            }
+            let served = get("served").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if served != callbacks * (k as u64 - 1) {
+                found.push(format!("k{i}: served {served} callbacks, expected {}", callbacks * (k as u64 - 1)));
             }
             if kernel.queue_len() != 0 {
                 found.push(format!("k{i}: run queue not empty"));

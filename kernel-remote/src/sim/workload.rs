@@ -6,7 +6,8 @@
 //!
 //! Some messages carry references: every third the receiver's own bootstrap object (it comes
 //! back as the receiver's `ro+0`), every fifth a promise the sender resolves at once (its
-//! settlement follows it across the link).
+//! settlement follows it across the link), every fourth a fresh object the sender exports, which
+//! the receiver calls back (`cb`, with a result) across the link.
 
 use kernel_core::VRef;
 use kernel_syscall::{Answer, Behavior, Cx, VatData, VatError};
@@ -16,7 +17,8 @@ pub const APP_NAME: &str = "app";
 
 /// The workload vat. Its state is all in its vatstore: `me`, `count`, `peer/<name>` (the peer's
 /// root vref), `sent/<name>`, `in/<name>` (the last number received), `got/<name>` (the last
-/// answer received), `total`, and `bad` (protocol violations it saw; absent when none).
+/// answer received), `cb/<name>` (callbacks answered by that peer), `served` (callbacks this app
+/// answered), `total`, and `bad` (protocol violations it saw; absent when none).
 #[derive(Debug, Default)]
 pub struct App;
 
@@ -43,6 +45,9 @@ fn send_incr(cx: &mut Cx<'_, '_, '_>, peer: &str, n: u64) -> Result<(), VatError
         let p = cx.new_promise()?;
         args.slots.push(p);
         resolve_after = Some(p);
+    }
+    if n.is_multiple_of(4) {
+        args.slots.push(cx.export()?);
     }
     let result = cx.send(target, "incr", args)?;
     cx.watch(result, &format!("{peer}|{n}"))?;
@@ -90,14 +95,24 @@ impl Behavior for App {
                 if n != last + 1 {
                     bad(cx, &format!("incr {n} from {from} after {last}"))?;
                 }
-                let expect_slots = u64::from(n.is_multiple_of(3)) + u64::from(n.is_multiple_of(5));
+                let expect_slots = u64::from(n.is_multiple_of(3)) + u64::from(n.is_multiple_of(5)) + u64::from(n.is_multiple_of(4));
                 if args.slots.len() as u64 != expect_slots {
                     bad(cx, &format!("incr {n} from {from} carried {} slots", args.slots.len()))?;
+                } else if n.is_multiple_of(4) {
+                    // Call the sender's fresh object back, across the link.
+                    let callback = args.slots[args.slots.len() - 1];
+                    let answer = cx.send(callback, "cb", VatData::plain(n.to_string()))?;
+                    cx.watch(answer, &format!("cb:{from}|{n}"))?;
                 }
                 cx.set(&key, &n.to_string())?;
                 let total = cx.get_u64("total")? + 1;
                 cx.set("total", &total.to_string())?;
                 Ok(Answer::Value(VatData::plain(n.to_string())))
+            }
+            "cb" => {
+                let served = cx.get_u64("served")? + 1;
+                cx.set("served", &served.to_string())?;
+                Ok(Answer::Value(args))
             }
             other => Err(VatError::new(format!("no method {other}"))),
         }
@@ -105,6 +120,15 @@ impl Behavior for App {
 
     fn settled(&mut self, cx: &mut Cx<'_, '_, '_>, watch: &str, outcome: Result<VatData, VatData>) -> Result<(), VatError> {
         let Some((peer, n)) = parse_pair(watch) else { return Err(VatError::new(format!("bad watch {watch}"))) };
+        if let Some(from) = peer.strip_prefix("cb:") {
+            match outcome {
+                Ok(v) if v.text() == n.to_string() => {}
+                _ => bad(cx, &format!("callback {n} to {from} went wrong"))?,
+            }
+            let key = format!("cb/{from}");
+            let got = cx.get_u64(&key)? + 1;
+            return cx.set(&key, &got.to_string());
+        }
         match outcome {
             Ok(v) if v.text() == n.to_string() => {}
             Ok(v) => bad(cx, &format!("answer {n} from {peer} was {}", v.text()))?,
