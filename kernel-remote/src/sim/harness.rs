@@ -12,7 +12,7 @@
 //!   promise is left unresolved;
 //! - recovery (§10.5): the apps' state and the links' sequence numbers equal the fault-free run's.
 
-use super::net::{NetFaults, SimNet, Transmission};
+use super::net::{NetFaults, SimIdentities, SimNet, Transmission};
 use super::rng::Rng;
 use super::store::{SimClock, SimDurability, SimStore};
 use super::workload::{App, APP_NAME};
@@ -175,7 +175,7 @@ impl World {
         Ok(World {
             rng,
             clock,
-            net: SimNet::new(all, net_rng, faults),
+            net: SimNet::new(all.clone(), net_rng, faults).with_identities(SimIdentities::derived(&all, seed)),
             slots,
             partitioned: BTreeSet::new(),
             work,

@@ -1,7 +1,7 @@
 //! [`LoopbackPair`]: two nodes on a perfect simulated network, run until nothing moves. For
 //! examples and unit tests.
 
-use super::net::{NetFaults, SimNet};
+use super::net::{NetFaults, SimIdentities, SimNet};
 use super::rng::Rng;
 use crate::durable::DurableStore;
 use crate::error::RemoteError;
@@ -19,7 +19,9 @@ pub struct LoopbackPair {
 impl LoopbackPair {
     /// Connect `a` (index 0) and `b` (index 1).
     pub fn connected<S: DurableStore, T: DurableStore>(a: &mut Node<S>, b: &mut Node<T>) -> Result<Self, RemoteError> {
-        let mut net = SimNet::new(vec![a.id().clone(), b.id().clone()], Rng::new(0), NetFaults::NONE);
+        let names = vec![a.id().clone(), b.id().clone()];
+        let ids = SimIdentities::derived(&names, 0);
+        let mut net = SimNet::new(names, Rng::new(0), NetFaults::NONE).with_identities(ids);
         net.connect(0, 1);
         Ok(LoopbackPair { net, now: Duration::ZERO })
     }

@@ -15,7 +15,7 @@ mod workload;
 
 pub use harness::{run_seed, run_seeds, SeedReport, SimOptions};
 pub use loopback::LoopbackPair;
-pub use net::{NetFaults, SimNet, SimPort, Transmission};
+pub use net::{NetFaults, SimIdentities, SimNet, SimPort, Transmission};
 pub use rng::Rng;
 pub use store::{SimClock, SimDurability, SimStore};
 pub use workload::{App, APP_NAME};
