@@ -21,7 +21,7 @@
 mod api;
 
 use crate::codec;
-use api::{register_api, ApiResult, Effect, Session, WATCH_PREFIX};
+use api::{register_api, ApiResult, Effect, Session, OBJECT_PREFIX, WATCH_PREFIX};
 use kernel_core::{Fault, VRef};
 use kernel_syscall::{Resolution, Syscall, Vat, VatData, VatEndpoint, VatError};
 use rhai::packages::{
@@ -284,6 +284,7 @@ impl ScriptVat {
             Failure::Error(w) => (false, w),
         };
         self.meter_fault.set(meter);
+        tracing::debug!(vat = %self.name, function = what, meter, "script failed: {why}");
         VatError::new(format!("{}.{what}: {why}", self.name))
     }
 
@@ -465,6 +466,24 @@ impl Vat for ScriptVat {
 
     fn notify(&mut self, resolutions: Vec<Resolution>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
         let r = self.notify_inner(resolutions, sys);
+        self.end();
+        r
+    }
+
+    /// No one can reach or recognise these objects any more: forget their state.
+    fn retire_exports(&mut self, exports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        self.load_mirror(sys)?;
+        self.begin(VRef::ROOT, None);
+        {
+            let mut s = self.session.borrow_mut();
+            for e in exports {
+                let key = format!("{OBJECT_PREFIX}{e}");
+                if s.get(&key).is_some() {
+                    s.set(&key, None);
+                }
+            }
+        }
+        let r = self.flush(sys);
         self.end();
         r
     }
