@@ -41,7 +41,7 @@ enum Command {
 struct RunArgs {
     /// The cluster file (TOML).
     cluster: PathBuf,
-    /// The store directory (default: the cluster file's `store`, else <stem>.store beside it).
+    /// The store directory (default: the cluster file's `store`, else `<stem>.store` beside it).
     #[arg(long, conflicts_with = "memory")]
     store: Option<PathBuf>,
     /// Keep everything in memory: nothing is written, every run starts afresh.
