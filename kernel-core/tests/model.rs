@@ -29,9 +29,15 @@
 //! §10.6 (a forged or stale vref is an illegal syscall that terminates exactly its vat), and the
 //! kernel's reference counts and GC deliveries against a from-scratch recount. Each of the first
 //! three was seen to fail when broken on purpose (an abort keeping a vatstore write, a commit
-//! flushing its outputs in reverse, `export` accepting an unknown `o-N`). The model also checks
-//! its own state after every transition ([`Model::sanity`]): no live reference to a deleted
-//! object or promise.
+//! flushing its outputs in reverse, `export` accepting an unknown `o-N`), and so was each of
+//! these GC breakages: no `dropExports`, a decref not marking its kref, `retireImports` keeping
+//! the entry, a resolver keeping its promise, message slots or a retargeted promise not
+//! released, a stale `o+N` accepted, an abandon not marking, a revived export deleted at
+//! `retireExports`. The model also checks its own state after every transition
+//! ([`Model::sanity`]): no live reference to a deleted object or promise, and once the run queue
+//! is empty nothing collectable left (seen to fail when unpinning stops marking in kernel and
+//! model alike, which the comparison cannot see). It found two kernel bugs, pinned in
+//! `gc_found.rs`.
 //!
 //! Kernel-made error texts are compared exactly, except the detail after `illegal syscall: `,
 //! which is the kernel's own wording ([`normalise`]). `PROPTEST_CASES=N` searches deeper.
