@@ -20,6 +20,11 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
+/// Delete acknowledged outbox entries once this many wait...
+const DELETE_BATCH: u64 = 256;
+/// ...or this long after the last deletion.
+const DELETE_EVERY: Duration = Duration::from_millis(50);
+
 /// Tuning of the remote layer.
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
@@ -109,6 +114,8 @@ struct PeerLink {
     acked: u64,
     /// Acknowledged entries are deleted from the store up to here.
     deleted: u64,
+    /// When acknowledged entries were last deleted.
+    last_delete: Duration,
     /// The next sequence to transmit on this connection.
     next_send: u64,
     /// Sequences below this were transmitted before on some connection (resends are counted).
@@ -240,6 +247,7 @@ impl<S: DurableStore> Node<S> {
             written,
             acked,
             deleted: acked,
+            last_delete: Duration::ZERO,
             next_send: acked + 1,
             high_sent: written,
             connected: false,
@@ -490,7 +498,12 @@ impl<S: DurableStore> Node<S> {
         self.kernel.store().flush_due()?;
         for i in 0..self.links.len() {
             let l = &self.links[i];
-            if l.acked > l.deleted {
+            // Deleting acknowledged entries costs a store batch (an fsync under sync durability):
+            // do it for many at once, or every so often, off the path of each message. Entries
+            // not yet deleted when the kernel stops are resent after a restart and dropped as
+            // duplicates.
+            let due = l.acked - l.deleted >= DELETE_BATCH || now >= l.last_delete + DELETE_EVERY;
+            if l.acked > l.deleted && due {
                 let (ep, from, to) = (l.ep, l.deleted + 1, l.acked);
                 let r = self.kernel.apply_external(ep, |ctx| {
                     for seq in from..=to {
@@ -502,6 +515,7 @@ impl<S: DurableStore> Node<S> {
                     return Err(RemoteError::Refused(format!("deleting acknowledged entries for {}: {fault}", self.links[i].peer)));
                 }
                 self.links[i].deleted = to;
+                self.links[i].last_delete = now;
             }
         }
         let durable = if self.config.wait_for_durable { self.kernel.store().durable_mark() } else { u64::MAX };
