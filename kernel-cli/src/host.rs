@@ -8,7 +8,7 @@
 //!   re-creates the vats from it, so the store directory alone is enough to talk to the cluster.
 
 use crate::builtins;
-use crate::cluster::{Cluster, VatKind, VatSpec, SNAPSHOT_FILE};
+use crate::cluster::{Cluster, VatKind, VatSpec, SNAPSHOT_FILE, SNAPSHOT_SCRIPTS};
 use crate::codec;
 use crate::script::{LogLine, LogSink, ScriptVat};
 use kernel_core::{
@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 
 /// The kernel store inside a store directory.
 pub const KERNEL_DIR: &str = "kernel";
+
+/// Everything a store directory may hold (with the temporaries of an interrupted snapshot).
+pub const STORE_DIR_ENTRIES: &[&str] = &[KERNEL_DIR, SNAPSHOT_FILE, SNAPSHOT_SCRIPTS, "cluster.tmp"];
 
 /// Why a cluster cannot be attached to a store.
 #[derive(Debug, thiserror::Error)]

@@ -185,17 +185,21 @@ fn dispatch(cli: Cli, stop: &AtomicBool) -> Result<ExitCode, Failure> {
     }
 }
 
-/// Refuse a directory that is neither empty nor a store directory: `run` would write into it.
+/// Refuse a directory holding anything but what a store directory holds (`run` would write
+/// into it). A store directory cut short by a crash while it was being made is accepted.
 fn check_store_dir(store: &Path) -> Result<(), Failure> {
-    if host::is_store_dir(store) || host::snapshot_file(store).is_file() {
-        return Ok(());
-    }
-    match std::fs::read_dir(store).map(|mut entries| entries.next().is_some()) {
-        Ok(true) => {
-            Err(Failure::input(format!("{}: not a kernel store directory, and not empty; refusing to write into it", store.display())))
+    let Ok(entries) = std::fs::read_dir(store) else { return Ok(()) };
+    for entry in entries {
+        let name = entry.map_err(io_failure(store))?.file_name();
+        if !host::STORE_DIR_ENTRIES.iter().any(|ok| name == *ok) {
+            return Err(Failure::input(format!(
+                "{}: not a kernel store directory (it holds {:?}); refusing to write into it",
+                store.display(),
+                name.to_string_lossy()
+            )));
         }
-        _ => Ok(()),
     }
+    Ok(())
 }
 
 fn open_fjall(store: &Path, cluster: &Cluster) -> Result<Kernel<FjallStore>, Failure> {

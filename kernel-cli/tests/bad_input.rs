@@ -52,7 +52,7 @@ fn send_and_inspect_refuse_what_is_not_a_store() {
 #[test]
 fn run_refuses_to_write_into_a_foreign_directory() {
     let err = refused(&["run", "examples/ping-pong/cluster.toml", "--store", "tests/bad"]);
-    assert!(err.contains("not a kernel store directory, and not empty"), "{err}");
+    assert!(err.contains("not a kernel store directory (it holds"), "{err}");
 }
 
 #[test]
@@ -82,4 +82,15 @@ fn send_refuses_bad_arguments() {
         let err = refused(&args);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn a_store_directory_cut_short_while_being_made_is_accepted() {
+    let dir = tempdir();
+    let store = dir.path().join("s");
+    std::fs::create_dir_all(store.join("kernel")).expect("mkdir");
+    std::fs::write(store.join("kernel").join("kernel-store.lock"), b"").expect("lock file");
+    let out = kernel(&["run", "examples/ping-pong/cluster.toml", "--store", arg(&store), "--quiet"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(transcript(&out).starts_with("new store"), "{}", transcript(&out));
 }
