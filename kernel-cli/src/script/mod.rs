@@ -644,4 +644,21 @@ mod tests {
         let Some(EndpointStatus::Terminated { reason }) = k.endpoint(eps[0]).expect("rec").map(|r| r.status) else { panic!("terminated") };
         assert!(reason.contains("is not allowed"), "{reason}");
     }
+
+    #[test]
+    fn a_result_taken_now_is_resolved_in_a_later_crank() {
+        let src = r#"
+            fn ask() { store_set("pending", take_result()); }
+            fn answer(v) { resolve(store_get("pending"), v); store_delete("pending"); "done" }
+        "#;
+        let (mut k, eps, _) = cluster(&[("v", src)]);
+        let asked = call(&mut k, eps[0], "ask", "[]");
+        k.run(None).expect("run");
+        assert_eq!(k.settlement(asked).expect("s"), None, "still unresolved");
+        let answered = call(&mut k, eps[0], "answer", r#"["yes"]"#);
+        k.run(None).expect("run");
+        assert_eq!(k.settlement(asked).expect("s"), Some(Settlement::Fulfilled(CapData::plain("\"yes\""))));
+        assert_eq!(k.settlement(answered).expect("s"), Some(Settlement::Fulfilled(CapData::plain("\"done\""))));
+        assert!(!vatstore(&k, eps[0]).contains_key("pending"));
+    }
 }
