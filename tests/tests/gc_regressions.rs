@@ -298,3 +298,32 @@ fn an_abandoned_export_handed_back_is_an_ordinary_import() {
         assert!(w.k.clist(ep).expect("clist").iter().all(|(_, v)| *v == VRef::ROOT), "{:?}", w.k.clist(ep));
     }
 }
+
+/// The host pins an object (it holds it), and its exporter abandons it: that is the exporter's
+/// right — it cannot know who holds its objects — so the syscall is legal (only a vat's root
+/// may not be abandoned). Messages to it are then rejected, and it goes when the host unpins it.
+#[test]
+fn an_exporter_may_abandon_an_object_the_host_pinned() {
+    let (mut w, eps) = World::new(&[("exporter", false)]);
+    let e = eps[0];
+    let kp = w.k.queue_message(w.root(e), "make", args(&[])).expect("queue");
+    w.run();
+    let thing = match w.k.settlement(kp).expect("read") {
+        Some(Settlement::Fulfilled(d)) => d.as_reference().expect("a reference"),
+        other => panic!("make answered {other:?}"),
+    };
+    w.k.set_pinned(thing, true).expect("pin");
+    w.k.set_pinned(kp.into(), false).expect("unpin");
+    w.queue(w.root(e), "abandonFirst", &[]);
+    let reports = w.run();
+    assert!(reports.iter().all(|r| !matches!(r.outcome, CrankOutcome::Aborted { .. })), "{reports:#?}");
+    w.check();
+    let ping = w.k.queue_message(thing, "ping", args(&[])).expect("queue");
+    w.run();
+    assert!(matches!(w.k.settlement(ping).expect("read"), Some(Settlement::Rejected(_))));
+    w.k.set_pinned(ping.into(), false).expect("unpin");
+    w.k.set_pinned(thing, false).expect("unpin");
+    w.run();
+    w.check();
+    assert_eq!(w.k.object(thing.as_object().expect("object")).expect("read"), None);
+}

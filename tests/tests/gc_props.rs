@@ -1,0 +1,721 @@
+//! GC property test (DESIGN §6, §10.7; issue 7): random graphs of objects passed between 2–5
+//! vats, random drops, random reaps, random crank faults; then everyone lets go and the tables
+//! must hold nothing but pinned roots.
+//!
+//! Each vat ([`GcVat`]) makes objects, hands what it holds to other vats (directly, or as the
+//! answer to a request, with a message pipelined on that answer), pings what it holds, abandons
+//! some of its objects, and lets
+//! go of things: at once (`dropImports` in the same delivery) or at its next
+//! `bringOutYourDead`, which drops every import it no longer holds and retires those it had
+//! dropped before (two phases, so dropped-but-recognised imports linger). The host also asks vats
+//! for objects, pins them, pings them and unpins them. A fault armed on a vat makes its next
+//! delivery (of any kind, GC ones included) fail, which terminates it.
+//!
+//! Checked throughout, so that nothing still reachable is ever collected:
+//! - a vat is never handed a retired reference: every `o+N` it is delivered is one of its live
+//!   objects, every `o-N` is either held in its c-list or a new import numbered past all earlier
+//!   ones, every GC delivery names refs it has (dropExports/retireExports: its objects;
+//!   retireImports: imports it dropped);
+//! - a vat's syscalls on what it holds always succeed (a vat only fails when a fault was armed);
+//! - a message to a held object (by a vat or the host) is delivered, or rejected only because its
+//!   exporter was terminated or abandoned it (or, pipelined on an answer that was plain data, "not an object"),
+//!   never as "no such object/promise"; every answer a vat awaits arrives;
+//! - `tests::check_tables` (c-lists both ways, deciders, and every reference count recomputed
+//!   from scratch) holds after every operation.
+//!
+//! At the end every live vat drops everything, the host unpins everything it pinned, and every
+//! live vat is reaped until nothing changes: then the object table holds only the (pinned) vat
+//! roots, the promise table is empty, every live vat's c-list is just its root `o+0`, and every
+//! terminated vat's c-list is empty.
+
+use kernel_core::{CapData, EndpointId, EndpointStatus, KPromiseId, KRef, Kernel, MemStore, Settlement, VRef};
+use kernel_syscall::{Resolution, Syscall, Vat, VatData, VatEndpoint, VatError};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+/// What a vat awaits an answer for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Await {
+    /// An object asked for: hold it when it comes.
+    Thing,
+    /// A ping of an object: must be delivered.
+    Pong,
+    /// A ping pipelined on an answer: delivered, or rejected because the answer was data.
+    PipelinedPong,
+}
+
+/// Something a vat holds: an object of its own not yet sent anywhere (it gets its `o+N` when
+/// first sent: the kernel requires a vat's first exports in increasing order, as liveslots makes
+/// them), or a ref in its c-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Thing {
+    Local(u64),
+    Ref(VRef),
+}
+
+/// One vat's state, kept by the test (outside the kernel) so the host can arm faults and read it.
+#[derive(Debug, Default)]
+struct VatState {
+    ep: Option<EndpointId>,
+    /// What the vat holds (its own objects and imports), in a stable order.
+    held: BTreeSet<Thing>,
+    next_local: u64,
+    /// Its own objects the kernel has not retired (`o+N`, the root included).
+    objects: BTreeSet<VRef>,
+    /// Its imports in the c-list, and whether still reachable (not dropped).
+    imports: BTreeMap<VRef, bool>,
+    /// The highest `o-N` it was ever given.
+    last_import: u64,
+    next_object: u64,
+    next_promise: u64,
+    /// Result promises it subscribed to, and what for.
+    awaiting: BTreeMap<VRef, Await>,
+    /// The next delivery fails.
+    fault_armed: bool,
+    /// Terminated (as far as the test knows: an armed fault went off).
+    dead: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    vats: Vec<VatState>,
+    failures: Vec<String>,
+    /// Settlements of host requests, as their watchers saw them: `(promise, settlement, ping?)`.
+    host_settled: Vec<(KPromiseId, Settlement, bool)>,
+    /// What happened, by kind (over all cases).
+    seen: Rc<RefCell<BTreeMap<&'static str, u64>>>,
+}
+
+impl Shared {
+    fn saw(&self, what: &'static str) {
+        *self.seen.borrow_mut().entry(what).or_default() += 1;
+    }
+}
+
+type SharedRef = Rc<RefCell<Shared>>;
+
+struct GcVat {
+    idx: usize,
+    shared: SharedRef,
+}
+
+fn one(r: VRef) -> VatData {
+    VatData { body: br#"[{"$slot":0}]"#.to_vec(), slots: vec![r] }
+}
+
+/// An allowed reason for a ping not to be answered: the object's exporter is gone, or (for a
+/// pipelined ping) the answer it was sent to was not an object.
+fn excused(reason: &VatData, pipelined: bool) -> bool {
+    let text = reason.text();
+    text.contains("vat terminated")
+        || text.contains("delivery failed")
+        || text.contains("abandoned by its exporter")
+        || (pipelined && text.contains("not an object"))
+}
+
+impl GcVat {
+    /// Run `f` on this vat's state, with the failure list; an armed fault makes the delivery
+    /// fail before anything else happens.
+    fn with<T>(&self, what: &'static str, f: impl FnOnce(&mut VatState, &mut Vec<String>) -> T) -> Result<T, VatError> {
+        let mut sh = self.shared.borrow_mut();
+        sh.saw(what);
+        let Shared { vats, failures, seen, .. } = &mut *sh;
+        let st = &mut vats[self.idx];
+        if st.dead {
+            failures.push(format!("vat {} got a delivery after it was terminated", self.idx));
+        }
+        if std::mem::take(&mut st.fault_armed) {
+            st.dead = true;
+            *seen.borrow_mut().entry("fault").or_default() += 1;
+            return Err(VatError::new("armed fault"));
+        }
+        Ok(f(st, failures))
+    }
+
+    fn fail(&self, what: String) {
+        self.shared.borrow_mut().failures.push(format!("vat {}: {what}", self.idx));
+    }
+}
+
+impl VatState {
+    /// A ref the kernel hands this vat must be live for it (see the module doc).
+    fn observe(&mut self, v: VRef, failures: &mut Vec<String>, who: usize) {
+        match (v.kind, v.allocator) {
+            (kernel_core::RefKind::Object, kernel_core::Allocator::Endpoint) if !self.objects.contains(&v) => {
+                failures.push(format!("vat {who} was handed {v}, an object of its own the kernel retired (or never had)"));
+            }
+            (kernel_core::RefKind::Object, kernel_core::Allocator::Kernel) => {
+                if let Some(reachable) = self.imports.get_mut(&v) {
+                    *reachable = true; // the kernel importing it again revives a dropped import
+                } else if v.index > self.last_import {
+                    self.last_import = v.index;
+                    self.imports.insert(v, true);
+                } else {
+                    failures.push(format!("vat {who} was handed {v}, an import it retired (new imports are past o-{})", self.last_import));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The `n`-th thing held (modulo), as a ref: a local object gets its `o+N` now.
+    fn pick(&mut self, n: u64) -> Option<VRef> {
+        if self.held.is_empty() {
+            return None;
+        }
+        let thing = self.held.iter().nth((n % self.held.len() as u64) as usize).copied()?;
+        Some(match thing {
+            Thing::Ref(v) => v,
+            Thing::Local(_) => {
+                self.held.remove(&thing);
+                let o = self.new_object();
+                self.held.insert(Thing::Ref(o));
+                o
+            }
+        })
+    }
+
+    fn new_object(&mut self) -> VRef {
+        self.next_object += 1;
+        let o = VRef::export(self.next_object);
+        self.objects.insert(o);
+        o
+    }
+
+    fn new_promise(&mut self) -> VRef {
+        self.next_promise += 1;
+        VRef::local_promise(self.next_promise)
+    }
+}
+
+fn number(args: &VatData) -> u64 {
+    args.text().trim_matches(|c: char| !c.is_ascii_digit()).parse().unwrap_or(0)
+}
+
+impl Vat for GcVat {
+    fn deliver(
+        &mut self,
+        target: VRef,
+        method: &str,
+        args: VatData,
+        result: Option<VRef>,
+        sys: &mut Syscall<'_, '_>,
+    ) -> Result<(), VatError> {
+        let idx = self.idx;
+        // What the vat does, decided on its state; the syscalls follow.
+        enum Act {
+            Answer(VatData),
+            Send { to: VRef, method: &'static str, args: VatData, wait: Option<Await>, then_ping: bool },
+            Drop(Option<VRef>),
+            Abandon(VRef),
+            Nothing,
+        }
+        let act = self.with("message", |st, failures| {
+            st.observe(target, failures, idx);
+            for s in &args.slots {
+                st.observe(*s, failures, idx);
+            }
+            let n = number(&args);
+            match method {
+                "make" => {
+                    st.next_local += 1;
+                    st.held.insert(Thing::Local(st.next_local));
+                    Act::Nothing
+                }
+                "take" => {
+                    st.held.extend(args.slots.iter().map(|v| Thing::Ref(*v)));
+                    Act::Nothing
+                }
+                "give" => match (st.pick(n), args.slots.first()) {
+                    (Some(thing), Some(to)) => Act::Send { to: *to, method: "take", args: one(thing), wait: None, then_ping: false },
+                    _ => Act::Nothing,
+                },
+                "ask" => match args.slots.first() {
+                    Some(to) => Act::Send {
+                        to: *to,
+                        method: "provide",
+                        args: VatData::plain(n.to_string()),
+                        wait: Some(Await::Thing),
+                        then_ping: n % 2 == 1,
+                    },
+                    None => Act::Nothing,
+                },
+                "provide" => Act::Answer(st.pick(n).map(VatData::reference).unwrap_or_else(|| VatData::plain("\"nothing\""))),
+                "pingOut" => match st.pick(n) {
+                    Some(thing) => {
+                        Act::Send { to: thing, method: "ping", args: VatData::plain("[]"), wait: Some(Await::Pong), then_ping: false }
+                    }
+                    None => Act::Nothing,
+                },
+                "ping" => Act::Answer(VatData::plain("\"pong\"")),
+                "drop" => {
+                    let thing = st.pick(n);
+                    if let Some(t) = thing {
+                        st.held.remove(&Thing::Ref(t));
+                    }
+                    // `n` even: drop an import at once, else wait for bringOutYourDead.
+                    let now = thing.filter(|t| n % 2 == 0 && st.imports.get(t) == Some(&true));
+                    if let Some(t) = now {
+                        st.imports.insert(t, false);
+                    }
+                    Act::Drop(now)
+                }
+                "abandon" => {
+                    let exported: Vec<VRef> = st
+                        .held
+                        .iter()
+                        .filter_map(|t| match t {
+                            Thing::Ref(v) if st.objects.contains(v) && *v != VRef::ROOT => Some(*v),
+                            _ => None,
+                        })
+                        .collect();
+                    match exported.get((n % exported.len().max(1) as u64) as usize) {
+                        Some(v) => {
+                            st.objects.remove(v);
+                            st.held.remove(&Thing::Ref(*v));
+                            Act::Abandon(*v)
+                        }
+                        None => Act::Nothing,
+                    }
+                }
+                "dropAll" => {
+                    st.held.clear();
+                    Act::Nothing
+                }
+                other => {
+                    failures.push(format!("vat {idx} got unknown method {other}"));
+                    Act::Nothing
+                }
+            }
+        })?;
+        let outcome: Result<(), kernel_core::SyscallError> = (|| {
+            match act {
+                Act::Answer(v) => {
+                    if let Some(r) = result {
+                        sys.resolve(&[(r, false, v)])?;
+                    }
+                    return Ok(());
+                }
+                Act::Send { to, method, args, wait, then_ping } => {
+                    let r = wait.map(|w| {
+                        let mut sh = self.shared.borrow_mut();
+                        let st = &mut sh.vats[idx];
+                        let p = st.new_promise();
+                        st.awaiting.insert(p, w);
+                        p
+                    });
+                    sys.send(to, method, &args, r)?;
+                    if let Some(p) = r {
+                        sys.subscribe(p)?;
+                        if then_ping {
+                            // Pipelined: sent to the answer before it exists.
+                            let q = {
+                                let mut sh = self.shared.borrow_mut();
+                                let st = &mut sh.vats[idx];
+                                let q = st.new_promise();
+                                st.awaiting.insert(q, Await::PipelinedPong);
+                                q
+                            };
+                            sys.send(p, "ping", &VatData::plain("[]"), Some(q))?;
+                            sys.subscribe(q)?;
+                        }
+                    }
+                }
+                Act::Drop(Some(t)) => sys.drop_imports(&[t])?,
+                Act::Abandon(v) => sys.abandon_exports(&[v])?,
+                Act::Drop(None) | Act::Nothing => {}
+            }
+            if let Some(r) = result {
+                sys.resolve(&[(r, false, VatData::plain("null"))])?;
+            }
+            Ok(())
+        })();
+        outcome.map_err(|e| {
+            self.fail(format!("{method}: a syscall on what it holds failed: {e}"));
+            VatError::new(e.to_string())
+        })
+    }
+
+    fn notify(&mut self, resolutions: Vec<Resolution>, _sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let idx = self.idx;
+        let pongs = self.with("notify", |st, failures| {
+            let mut pongs = 0;
+            for r in resolutions {
+                for s in &r.data.slots {
+                    st.observe(*s, failures, idx);
+                }
+                let Some(why) = st.awaiting.remove(&r.promise) else {
+                    failures.push(format!("vat {idx} was notified of {}, which it does not await", r.promise));
+                    continue;
+                };
+                match (why, r.rejected) {
+                    (Await::Thing, false) => {
+                        if let Some(thing) = r.data.as_reference() {
+                            st.held.insert(Thing::Ref(thing));
+                        }
+                    }
+                    (Await::Thing, true) => {}
+                    (Await::Pong | Await::PipelinedPong, false) => pongs += 1,
+                    (Await::Pong, true) if excused(&r.data, false) => {}
+                    (Await::PipelinedPong, true) if excused(&r.data, true) => {}
+                    (why, true) => failures.push(format!("vat {idx}: a {why:?} was rejected: {}", r.data.text())),
+                }
+            }
+            pongs
+        })?;
+        for _ in 0..pongs {
+            self.shared.borrow().saw("pong");
+        }
+        Ok(())
+    }
+
+    fn drop_exports(&mut self, exports: &[VRef], _sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let idx = self.idx;
+        self.with("dropExports", |st, failures| {
+            for e in exports {
+                if !st.objects.contains(e) || *e == VRef::ROOT {
+                    failures.push(format!("vat {idx} was told dropExports of {e}, not a live object of its own"));
+                }
+            }
+        })
+    }
+
+    fn retire_exports(&mut self, exports: &[VRef], _sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let idx = self.idx;
+        self.with("retireExports", |st, failures| {
+            for e in exports {
+                if !st.objects.remove(e) || *e == VRef::ROOT {
+                    failures.push(format!("vat {idx} was told retireExports of {e}, not a live object of its own"));
+                }
+                // Still used here: it lives on, and gets a new ref should it be sent again.
+                if st.held.remove(&Thing::Ref(*e)) {
+                    st.next_local += 1;
+                    st.held.insert(Thing::Local(st.next_local));
+                }
+            }
+        })
+    }
+
+    fn retire_imports(&mut self, imports: &[VRef], _sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let idx = self.idx;
+        self.with("retireImports", |st, failures| {
+            for i in imports {
+                if st.imports.remove(i) != Some(false) {
+                    failures.push(format!("vat {idx} was told retireImports of {i}, which it had not dropped"));
+                }
+                if st.held.contains(&Thing::Ref(*i)) {
+                    failures.push(format!("vat {idx} was told retireImports of {i}, which it holds"));
+                }
+            }
+        })
+    }
+
+    fn bring_out_your_dead(&mut self, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let (drop, retire) = self.with("bringOutYourDead", |st, _| {
+            let dead: Vec<(VRef, bool)> =
+                st.imports.iter().filter(|(v, _)| !st.held.contains(&Thing::Ref(**v))).map(|(v, r)| (*v, *r)).collect();
+            // Two-phase, like a lazy collector: drop what it no longer holds now, retire only what
+            // it had dropped before (so dropped-but-recognised imports stay around for a while).
+            let drop: Vec<VRef> = dead.iter().filter(|(_, r)| *r).map(|(v, _)| *v).collect();
+            let retire: Vec<VRef> = dead.iter().filter(|(_, r)| !*r).map(|(v, _)| *v).collect();
+            for v in &retire {
+                st.imports.remove(v);
+            }
+            for v in &drop {
+                st.imports.insert(*v, false);
+            }
+            (drop, retire)
+        })?;
+        let r = (|| {
+            if !drop.is_empty() {
+                sys.drop_imports(&drop)?;
+            }
+            if !retire.is_empty() {
+                sys.retire_imports(&retire)?;
+            }
+            Ok::<(), kernel_core::SyscallError>(())
+        })();
+        r.map_err(|e| {
+            self.fail(format!("bringOutYourDead: {e}"));
+            VatError::new(e.to_string())
+        })
+    }
+}
+
+/// One step of a scenario. Vats and picks are taken modulo what exists.
+#[derive(Debug, Clone)]
+enum Op {
+    /// A vat makes an object and holds it.
+    Make(usize),
+    /// `from` hands one of its things to `to`.
+    Give { from: usize, to: usize, pick: u64 },
+    /// `from` asks `to` for one of its things (odd `pick`: and pings it, pipelined).
+    Ask { from: usize, to: usize, pick: u64 },
+    /// A vat pings one of its things.
+    Ping { vat: usize, pick: u64 },
+    /// A vat lets go of one of its things (even `pick`: `dropImports` at once).
+    Drop { vat: usize, pick: u64 },
+    /// A vat abandons one of its exported objects it holds.
+    Abandon { vat: usize, pick: u64 },
+    /// The vat's next delivery fails.
+    Fault(usize),
+    /// The host asks the kernel to reap a vat.
+    Reap(usize),
+    /// The host asks a vat for a thing and pins it.
+    HostAsk { vat: usize, pick: u64 },
+    /// The host pings a thing it pinned.
+    HostPing(u64),
+    /// The host unpins a thing.
+    HostUnpin(u64),
+    /// Run this many cranks.
+    Run(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let v = 0usize..5;
+    let n = any::<u64>();
+    prop_oneof![
+        3 => v.clone().prop_map(Op::Make),
+        4 => (v.clone(), v.clone(), n).prop_map(|(from, to, pick)| Op::Give { from, to, pick }),
+        3 => (v.clone(), v.clone(), n).prop_map(|(from, to, pick)| Op::Ask { from, to, pick }),
+        2 => (v.clone(), n).prop_map(|(vat, pick)| Op::Ping { vat, pick }),
+        4 => (v.clone(), n).prop_map(|(vat, pick)| Op::Drop { vat, pick }),
+        1 => v.clone().prop_map(Op::Fault),
+        1 => (v.clone(), n).prop_map(|(vat, pick)| Op::Abandon { vat, pick }),
+        2 => v.clone().prop_map(Op::Reap),
+        1 => (v, n).prop_map(|(vat, pick)| Op::HostAsk { vat, pick }),
+        1 => n.prop_map(Op::HostPing),
+        1 => n.prop_map(Op::HostUnpin),
+        3 => (0u8..12).prop_map(Op::Run),
+    ]
+}
+
+struct World {
+    k: Kernel<MemStore>,
+    shared: SharedRef,
+    roots: Vec<KRef>,
+    /// What the host pinned, in order.
+    pins: Vec<KRef>,
+}
+
+impl World {
+    fn new(n: usize, seen: &Rc<RefCell<BTreeMap<&'static str, u64>>>) -> Self {
+        let shared: SharedRef = Rc::new(RefCell::new(Shared { seen: Rc::clone(seen), ..Shared::default() }));
+        let mut k = Kernel::open(MemStore::new()).expect("open");
+        let mut roots = Vec::new();
+        for idx in 0..n {
+            let ep = k.add_endpoint(&format!("v{idx}"), VatEndpoint::boxed(GcVat { idx, shared: Rc::clone(&shared) })).expect("add");
+            roots.push(KRef::Object(k.root(ep).expect("root")));
+            let mut st = VatState { ep: Some(ep), ..VatState::default() };
+            st.objects.insert(VRef::ROOT);
+            shared.borrow_mut().vats.push(st);
+        }
+        World { k, shared, roots, pins: Vec::new() }
+    }
+
+    fn ep(&self, i: usize) -> EndpointId {
+        self.shared.borrow().vats[i].ep.expect("registered")
+    }
+
+    fn live(&self, i: usize) -> bool {
+        matches!(self.k.endpoint(self.ep(i)).expect("read").map(|r| r.status), Some(EndpointStatus::Live))
+    }
+
+    /// The host queues `method` on vat `i`'s root, not caring for the answer (unpinned at once).
+    fn tell(&mut self, i: usize, method: &str, n: u64, slots: Vec<KRef>) -> Result<(), String> {
+        let kp =
+            self.k.queue_message(self.roots[i], method, CapData { body: n.to_string().into_bytes(), slots }).map_err(|e| e.to_string())?;
+        self.k.set_pinned(kp.into(), false).map_err(|e| e.to_string())
+    }
+
+    /// The host queues a request whose answer it watches (pinned until the host has read it).
+    fn request(&mut self, target: KRef, method: &str, n: u64, ping: bool) -> Result<(), String> {
+        let kp = self.k.queue_message(target, method, CapData::plain(n.to_string())).map_err(|e| e.to_string())?;
+        let shared = Rc::clone(&self.shared);
+        self.k.watch(kp, move |kp, s| shared.borrow_mut().host_settled.push((kp, s.clone(), ping))).map_err(|e| e.to_string())
+    }
+
+    /// Act on the answers the host's watchers saw: pin what was asked for, check pings, and
+    /// unpin the answers.
+    fn absorb_answers(&mut self) -> Result<(), String> {
+        let settled = std::mem::take(&mut self.shared.borrow_mut().host_settled);
+        for (kp, s, ping) in settled {
+            match (&s, ping) {
+                (Settlement::Fulfilled(d), false) => {
+                    if let Some(r @ KRef::Object(_)) = d.as_reference() {
+                        self.k.set_pinned(r, true).map_err(|e| e.to_string())?;
+                        self.pins.push(r);
+                    }
+                }
+                (Settlement::Rejected(d), true) => {
+                    let text = String::from_utf8_lossy(&d.body);
+                    if !(text.contains("vat terminated") || text.contains("delivery failed") || text.contains("abandoned by its exporter"))
+                    {
+                        self.shared.borrow_mut().failures.push(format!("the host's ping was rejected: {text}"));
+                    }
+                }
+                _ => {}
+            }
+            self.k.set_pinned(kp.into(), false).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, max: u64) -> Result<(), String> {
+        for _ in 0..max {
+            if self.k.step().map_err(|e| format!("step failed: {e}"))?.is_none() {
+                break;
+            }
+            self.absorb_answers()?;
+        }
+        Ok(())
+    }
+
+    fn check(&self, when: &str) -> Result<(), String> {
+        let failures = self.shared.borrow().failures.clone();
+        if !failures.is_empty() {
+            return Err(format!("{when}: {}", failures.join("\n  ")));
+        }
+        let problems = tests::check_tables(&self.k);
+        if !problems.is_empty() {
+            return Err(format!("{when}: inconsistent tables:\n  {}", problems.join("\n  ")));
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), String> {
+        let n = self.roots.len();
+        match *op {
+            Op::Make(v) => self.tell(v % n, "make", 0, vec![]),
+            Op::Give { from, to, pick } => self.tell(from % n, "give", pick, vec![self.roots[to % n]]),
+            Op::Ask { from, to, pick } => self.tell(from % n, "ask", pick, vec![self.roots[to % n]]),
+            Op::Ping { vat, pick } => self.tell(vat % n, "pingOut", pick, vec![]),
+            Op::Drop { vat, pick } => self.tell(vat % n, "drop", pick, vec![]),
+            Op::Abandon { vat, pick } => self.tell(vat % n, "abandon", pick, vec![]),
+            Op::Fault(v) => {
+                self.shared.borrow_mut().vats[v % n].fault_armed = true;
+                Ok(())
+            }
+            Op::Reap(v) => self.k.reap(self.ep(v % n)).map_err(|e| e.to_string()),
+            Op::HostAsk { vat, pick } => self.request(self.roots[vat % n], "provide", pick, false),
+            Op::HostPing(pick) if !self.pins.is_empty() => {
+                let target = self.pins[(pick % self.pins.len() as u64) as usize];
+                self.request(target, "ping", 0, true)
+            }
+            Op::HostUnpin(pick) if !self.pins.is_empty() => {
+                let r = self.pins.remove((pick % self.pins.len() as u64) as usize);
+                // Pinned twice (asked for twice): still pinned while the other pin stands.
+                if !self.pins.contains(&r) {
+                    self.k.set_pinned(r, false).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            Op::HostPing(_) | Op::HostUnpin(_) => Ok(()),
+            Op::Run(c) => self.step(u64::from(c)),
+        }
+    }
+
+    /// Everyone lets go; reap until nothing changes.
+    fn wind_down(&mut self) -> Result<(), String> {
+        for i in 0..self.roots.len() {
+            self.shared.borrow_mut().vats[i].fault_armed = false;
+        }
+        self.step(u64::MAX)?;
+        for i in 0..self.roots.len() {
+            if self.live(i) {
+                self.tell(i, "dropAll", 0, vec![])?;
+            }
+        }
+        self.step(u64::MAX)?;
+        let pins: BTreeSet<KRef> = std::mem::take(&mut self.pins).into_iter().collect();
+        for r in pins {
+            self.k.set_pinned(r, false).map_err(|e| e.to_string())?;
+        }
+        let mut last = None;
+        for _ in 0..20 {
+            for i in 0..self.roots.len() {
+                if self.live(i) {
+                    self.k.reap(self.ep(i)).map_err(|e| e.to_string())?;
+                }
+            }
+            self.step(u64::MAX)?;
+            let size = (
+                self.k.objects().map_err(|e| e.to_string())?.len(),
+                self.k.promises().map_err(|e| e.to_string())?.len(),
+                self.k.store().len(),
+            );
+            if last == Some(size) {
+                return Ok(());
+            }
+            last = Some(size);
+        }
+        Err("reaping does not converge".into())
+    }
+
+    /// Zero leaks: only the roots, no promises, c-lists hold only their roots.
+    fn leaks(&self) -> Result<Vec<String>, String> {
+        let mut leaks = Vec::new();
+        let roots: BTreeSet<KRef> = self.roots.iter().copied().collect();
+        for (o, rec) in self.k.objects().map_err(|e| e.to_string())? {
+            if !roots.contains(&KRef::Object(o)) || !rec.pinned {
+                leaks.push(format!("object {o} {rec:?}"));
+            }
+        }
+        for (p, rec) in self.k.promise_records().map_err(|e| e.to_string())? {
+            leaks.push(format!("promise {p} {rec:?}"));
+        }
+        for i in 0..self.roots.len() {
+            let ep = self.ep(i);
+            let live = self.live(i);
+            for (kref, vref) in self.k.clist(ep).map_err(|e| e.to_string())? {
+                if !(live && vref == VRef::ROOT) {
+                    leaks.push(format!("{ep} (live {live}) c-list: {kref} {vref}"));
+                }
+            }
+            let sh = self.shared.borrow();
+            if live && !sh.vats[i].awaiting.is_empty() {
+                leaks.push(format!("vat {i} still awaits {:?}", sh.vats[i].awaiting));
+            }
+        }
+        if self.k.queue_len() != 0 {
+            leaks.push(format!("{} items still queued", self.k.queue_len()));
+        }
+        Ok(leaks)
+    }
+}
+
+fn run_case(vats: usize, ops: &[Op], seen: &Rc<RefCell<BTreeMap<&'static str, u64>>>) -> Result<(), String> {
+    let mut w = World::new(vats, seen);
+    for (i, op) in ops.iter().enumerate() {
+        w.apply(op)?;
+        w.check(&format!("after op {i} {op:?}"))?;
+    }
+    w.wind_down()?;
+    w.check("after winding down")?;
+    let leaks = w.leaks()?;
+    if !leaks.is_empty() {
+        return Err(format!("leaks after everyone let go:\n  {}", leaks.join("\n  ")));
+    }
+    Ok(())
+}
+
+#[test]
+fn random_object_graphs_are_collected_completely_and_never_early() {
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(96);
+    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
+    let strategy = (2usize..=5, proptest::collection::vec(op(), 1..120));
+    let seen: Rc<RefCell<BTreeMap<&'static str, u64>>> = Rc::default();
+    let outcome = runner.run(&strategy, |(vats, ops)| run_case(vats, &ops, &seen).map_err(TestCaseError::fail));
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
+    let seen = seen.borrow();
+    eprintln!("{seen:?}");
+    // The scenarios reach every kind of GC delivery, faults and answered pings.
+    for what in ["dropExports", "retireExports", "retireImports", "bringOutYourDead", "fault", "pong", "notify"] {
+        assert!(seen.get(what).copied().unwrap_or(0) >= u64::from(cases / 8), "too few {what}: {seen:?}");
+    }
+}
