@@ -214,6 +214,18 @@ impl<S: Store> Host<S> {
         " (rejected)".to_owned()
     }
 
+    /// Queue a `bringOutYourDead` for every live vat (immediate path).
+    pub fn reap_all(&mut self) -> Result<(), KernelError> {
+        let mut eps: Vec<EndpointId> = self.names.keys().copied().collect();
+        eps.sort();
+        for ep in eps {
+            if matches!(self.kernel.endpoint(ep)?.map(|r| r.status), Some(EndpointStatus::Live)) {
+                self.kernel.reap(ep)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The names of the terminated vats.
     pub fn terminated(&self) -> Result<Vec<String>, KernelError> {
         Ok(self

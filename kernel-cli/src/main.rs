@@ -53,6 +53,10 @@ struct RunArgs {
     /// Print no line per crank (and no vat logs), only the start and the summary.
     #[arg(long, short)]
     quiet: bool,
+    /// When the run queue empties, ask every live vat once to drop the references it no longer
+    /// holds (bringOutYourDead), and run the garbage collection that follows.
+    #[arg(long)]
+    reap: bool,
 }
 
 #[derive(Args)]
@@ -255,6 +259,7 @@ fn drive<S: Store>(
     let bar = progress_bar(a.quiet);
     let (mut cranks, mut aborted) = (0u64, 0u64);
     let mut stopped = None;
+    let mut reaped = false;
     loop {
         if stop.load(Ordering::SeqCst) {
             stopped = Some("interrupted");
@@ -264,7 +269,14 @@ fn drive<S: Store>(
             stopped = Some("stopped at --max-cranks");
             break;
         }
-        let Some((report, logs)) = host.step()? else { break };
+        let Some((report, logs)) = host.step()? else {
+            if a.reap && !reaped {
+                reaped = true;
+                host.reap_all()?;
+                continue;
+            }
+            break;
+        };
         cranks += 1;
         if matches!(report.outcome, CrankOutcome::Aborted { .. }) {
             aborted += 1;

@@ -130,6 +130,32 @@ impl Session {
         Ok(())
     }
 
+    /// Every vref the committed vatstore names: in values (`{"$ref": ...}`) and watch keys.
+    pub(super) fn referenced(&self) -> std::collections::HashSet<VRef> {
+        fn walk(v: &serde_json::Value, out: &mut std::collections::HashSet<VRef>) {
+            match v {
+                serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+                serde_json::Value::Object(m) => {
+                    if let (1, Some(Ok(r))) = (m.len(), m.get("$ref").and_then(|r| r.as_str()).map(str::parse::<VRef>)) {
+                        out.insert(r);
+                    }
+                    m.values().for_each(|x| walk(x, out));
+                }
+                _ => {}
+            }
+        }
+        let mut out = std::collections::HashSet::new();
+        for (k, v) in self.committed.iter().flatten() {
+            if let Some(Ok(p)) = k.strip_prefix(WATCH_PREFIX).map(str::parse::<VRef>) {
+                out.insert(p);
+            }
+            if let Ok(json) = serde_json::from_str::<serde_json::Value>(v) {
+                walk(&json, &mut out);
+            }
+        }
+        out
+    }
+
     pub(super) fn log(&self, text: String) {
         self.logs.borrow_mut().push(LogLine { vat: self.vat.clone(), text });
     }

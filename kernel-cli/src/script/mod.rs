@@ -470,6 +470,25 @@ impl Vat for ScriptVat {
         r
     }
 
+    /// Drop the imports (and promises held without deciding them) that nothing in the vatstore
+    /// names: a script holds references only in its vatstore, its objects' state and its
+    /// watches, so whatever is not there is garbage (DESIGN §6).
+    fn bring_out_your_dead(&mut self, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        self.load_mirror(sys)?;
+        let held = sys.held_imports()?;
+        let live = self.session.borrow().referenced();
+        let dead: Vec<VRef> = held.into_iter().filter(|v| !live.contains(v)).collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        sys.drop_imports(&dead)?;
+        let objects: Vec<VRef> = dead.into_iter().filter(|v| !v.is_promise()).collect();
+        if !objects.is_empty() {
+            sys.retire_imports(&objects)?;
+        }
+        Ok(())
+    }
+
     /// No one can reach or recognise these objects any more: forget their state.
     fn retire_exports(&mut self, exports: &[VRef], sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
         self.load_mirror(sys)?;
