@@ -226,12 +226,10 @@ impl<S: Store> Kernel<S> {
         self.read().endpoint_by_name(name)
     }
 
-    /// The root object (`o+0`) of `ep`.
+    /// The root object (`o+0`) of `ep`, also after `ep` was terminated (messages to it are then
+    /// rejected).
     pub fn root(&self, ep: EndpointId) -> Result<KObjectId, KernelError> {
-        match self.read().clist_kref(ep, VRef::ROOT)? {
-            Some(KRef::Object(o)) => Ok(o),
-            _ => Err(KernelError::UnknownEndpoint(ep)),
-        }
+        self.read().endpoint_root(ep)?.ok_or(KernelError::UnknownEndpoint(ep))
     }
 
     /// Queue `target.method(args)` from the host, with a fresh result promise (immediate path:

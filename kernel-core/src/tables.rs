@@ -7,7 +7,8 @@
 //! - `q/<seq u64>` -> [`RunQueueItem`]
 //! - `o/<ko u64>` -> [`ObjectRecord`]
 //! - `p/<kp u64>` -> [`PromiseRecord`] (state, reference count, pin)
-//! - `e/<ep u32>/r` -> name; `e/<ep u32>/s` -> [`EndpointStatus`]; `e/<ep u32>/c` -> [`ClistCounters`]
+//! - `e/<ep u32>/r` -> name; `e/<ep u32>/s` -> [`EndpointStatus`]; `e/<ep u32>/c` -> [`ClistCounters`];
+//!   `e/<ep u32>/o` -> its root [`KObjectId`]
 //! - `n/<name>` -> [`EndpointId`]
 //! - `l/<ep u32>/k<kref 9 bytes>` -> [`ClistEntry`]; `l/<ep u32>/v<vref 10 bytes>` -> [`KRef`]
 //! - `s/<ep u32>/<key bytes>` -> vatstore value
@@ -449,7 +450,14 @@ impl<'s> KernelTxn<'s> {
         // The exporter's own entry: no reference is counted, so this cannot fail.
         self.dirty.clist.insert((ep, KRef::Object(root)), Some(ClistEntry { vref: VRef::ROOT, reachable: true }));
         self.dirty.clist_rev.insert((ep, VRef::ROOT), Some(KRef::Object(root)));
+        // Remembered apart from the c-list, which termination drops.
+        self.put(endpoint_key(ep, b"o"), &root);
         (ep, root)
+    }
+
+    /// `ep`'s root object, live or terminated.
+    pub fn endpoint_root(&self, ep: EndpointId) -> Result<Option<KObjectId>, KernelError> {
+        self.get("endpoint-root", &endpoint_key(ep, b"o"))
     }
 
     /// An endpoint's record.
