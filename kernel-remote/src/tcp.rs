@@ -1,6 +1,6 @@
 //! [`TcpTransport`]: Ken over TCP with tokio. Frames are length-prefixed (u32 big-endian, then
 //! the frame: version byte and postcard). A connection starts with the [`Security`] handshake
-//! (plaintext today: the seam where Noise goes), then each side sends `Hello` with its kernel id.
+//! ([`Plaintext`], or [`crate::NoiseSecurity`]), then each side sends `Hello` with its kernel id.
 //! An oversized frame, a bad handshake or a wrong `Hello` closes that connection with a logged
 //! reason and delivers nothing from it; a malformed frame or unknown version is caught by the
 //! node, which asks the transport to close the connection. Other connections are unaffected.
@@ -67,7 +67,8 @@ pub trait Security: Send + Sync + 'static {
     fn begin(&self, initiator: bool) -> Box<dyn Handshake>;
 }
 
-/// No authentication, no encryption: for loopback and tests until the Noise issue lands.
+/// No authentication, no encryption: for tests and trusted loopback (the default). Anything
+/// reachable from other hosts should use [`crate::NoiseSecurity`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Plaintext;
 
