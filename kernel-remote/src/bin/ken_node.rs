@@ -3,20 +3,25 @@
 //!
 //! - `ken-node init --id A --peer B --dir DIR --mode sync|group --count N --burst K`: create the
 //!   store, the app vat and the link, queue the app's `start`, sync, exit.
-//! - `ken-node run --id A --peer B --dir DIR --mode sync|group --listen ADDR [--dial ADDR]`:
-//!   reopen and serve until killed, printing `status in=I got=G backlog=L bad=X` whenever it
-//!   changes (I: messages from the peer applied by the app, G: answers received).
+//! - `ken-node run --id A --peer B --dir DIR --mode sync|group --listen ADDR [--dial ADDR]
+//!   [--peer-key KEY]`: reopen and serve until killed, printing `status in=I got=G backlog=L
+//!   bad=X` whenever it changes (I: messages from the peer applied by the app, G: answers
+//!   received). With `--peer-key`, the link is secure: Noise with this kernel's identity (kept in
+//!   DIR) and the peer allowed only with KEY.
+//! - `ken-node id --dir DIR`: print this kernel's public key (its identity), creating the key
+//!   pair in the store directory on first use (what `kernel id STORE` does).
 
 use kernel_core::{CapData, KRef, Kernel};
 use kernel_remote::sim::{App, APP_NAME};
 use kernel_remote::tcp::{serve_once, TcpConfig, TcpTransport};
-use kernel_remote::{KernelId, Node, RemoteConfig, RemoteError};
+use kernel_remote::{AllowList, Identity, IdentityError, KernelId, Node, NoiseSecurity, PublicKey, RemoteConfig, RemoteError};
 use kernel_store::{Durability, FjallStore, StoreOptions};
 use kernel_syscall::{HelperVat, VatEndpoint};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 struct Args {
@@ -27,7 +32,7 @@ struct Args {
 impl Args {
     fn parse() -> Result<Args, String> {
         let mut it = std::env::args().skip(1);
-        let command = it.next().ok_or("missing command (init | run)")?;
+        let command = it.next().ok_or("missing command (init | run | id)")?;
         let mut flags = HashMap::new();
         while let Some(flag) = it.next() {
             let name = flag.strip_prefix("--").ok_or_else(|| format!("unexpected argument {flag:?}"))?;
@@ -100,6 +105,32 @@ fn counters(node: &Node<FjallStore>, peer: &KernelId) -> Result<(u64, u64, u64),
     Ok((num(format!("in/{peer}")), num(format!("got/{peer}")), num("bad".into())))
 }
 
+/// The identity kept in the store directory `dir`, created there on first use (the store too).
+fn identity(dir: &std::path::Path) -> Result<Identity, String> {
+    match Identity::load_or_create(dir) {
+        Err(IdentityError::NotAStore { .. }) => {
+            drop(FjallStore::open(dir, StoreOptions::default()).map_err(|e| e.to_string())?);
+            Identity::load_or_create(dir).map_err(|e| e.to_string())
+        }
+        other => other.map_err(|e| e.to_string()),
+    }
+}
+
+fn id(args: &Args) -> Result<(), String> {
+    let dir: PathBuf = args.get("dir")?.into();
+    println!("{}", identity(&dir)?.public_text());
+    Ok(())
+}
+
+/// Plain TCP, or with `--peer-key` a secure link allowing only the peer's key.
+fn tcp_config(args: &Args, peer: &KernelId) -> Result<TcpConfig, String> {
+    let Some(key) = args.flags.get("peer-key") else { return Ok(TcpConfig::default()) };
+    let key: PublicKey = key.parse().map_err(|e| format!("--peer-key: {e}"))?;
+    let me = identity(std::path::Path::new(args.get("dir")?))?;
+    let allow = AllowList::from_pairs([(peer.clone(), key)]).map_err(|e| e.to_string())?;
+    Ok(TcpConfig { security: Arc::new(NoiseSecurity::new(&me, allow)), ..TcpConfig::default() })
+}
+
 fn run(args: &Args) -> Result<(), String> {
     let mut node = open(args)?;
     let peer: KernelId = args.parsed("peer")?;
@@ -107,10 +138,11 @@ fn run(args: &Args) -> Result<(), String> {
     if !listen.ip().is_loopback() {
         return Err(format!("{listen} is not a loopback address"));
     }
+    let config = tcp_config(args, &peer)?;
     // The port may still be held by our killed predecessor for a moment.
     let started = Instant::now();
     let mut net = loop {
-        match TcpTransport::start(node.id().clone(), listen, TcpConfig::default()) {
+        match TcpTransport::start(node.id().clone(), listen, config.clone()) {
             Ok(t) => break t,
             Err(e) if started.elapsed() < Duration::from_secs(20) => {
                 log::debug!("{e}; retrying");
@@ -143,6 +175,7 @@ fn main() -> ExitCode {
     let result = Args::parse().and_then(|args| match args.command.as_str() {
         "init" => init(&args),
         "run" => run(&args),
+        "id" => id(&args),
         other => Err(format!("unknown command {other:?}")),
     });
     match result {
