@@ -7,6 +7,15 @@
 //! - `q<seq u64 BE>` -> an outbox entry (an encoded [`WireMessage`]), until acknowledged;
 //! - `n` -> the next outbound sequence number (u64 BE; absent: 1);
 //! - `a` -> the highest inbound sequence applied (u64 BE; absent: 0).
+//!
+//! Known gap: the kernel forgets a peer-allocated `+` ref when it is retired (distributed GC,
+//! not yet carried across links: `collect` deliveries are ignored here) or, for a result
+//! promise, after the notify that sends its settlement back; kernel-core then refuses that ref
+//! as stale. A peer that names it again — a message sent before our `Resolve` (or a future
+//! `Retire`) reached it — is refused, and the link stops there (see the ignored test in
+//! `tests/gate.rs`). Closing it needs the link to keep such refs, or their settlements, until the
+//! peer can no longer name them (the peer's outbox position at the time it applied our message,
+//! carried on its acks), with kernel-core letting a link keep or revive them.
 
 use crate::rref::{PeerSeq, RRef};
 use crate::wire::{WireData, WireMessage, WireResolution};
