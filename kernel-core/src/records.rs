@@ -73,24 +73,42 @@ impl Records {
         *self = Records::default();
     }
 
-    /// Fold `newer` in, its records replacing these.
+    /// Fold `newer` in, its records replacing these. A deleted record leaves the cache rather
+    /// than staying as a tombstone: ids are never reused, so a long-running kernel would
+    /// otherwise fill the cache with the dead (memory growing with history, not with live
+    /// state, until the bound clears it). Forgetting is always safe: the store answers.
     pub fn absorb(&mut self, newer: Records) {
+        fn merge<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: HashMap<K, Option<V>>) {
+            for (k, v) in from {
+                match v {
+                    Some(v) => {
+                        into.insert(k, Some(v));
+                    }
+                    None => {
+                        into.remove(&k);
+                    }
+                }
+            }
+        }
         if self.len() + newer.len() > CACHE_BOUND {
             self.clear();
         }
-        self.objects.extend(newer.objects);
-        self.promises.extend(newer.promises);
-        self.clist.extend(newer.clist);
-        self.clist_rev.extend(newer.clist_rev);
-        self.status.extend(newer.status);
-        self.clist_counters.extend(newer.clist_counters);
+        merge(&mut self.objects, newer.objects);
+        merge(&mut self.promises, newer.promises);
+        merge(&mut self.clist, newer.clist);
+        merge(&mut self.clist_rev, newer.clist_rev);
+        merge(&mut self.status, newer.status);
+        merge(&mut self.clist_counters, newer.clist_counters);
     }
 
     /// Fold in what a transaction read from the store, where this cache has nothing newer.
+    /// Absences are not kept (see [`Records::absorb`]): they are mostly ids looked up once.
     pub fn absorb_fetched(&mut self, fetched: Records) {
-        fn fill<K: Hash + Eq, V>(into: &mut HashMap<K, V>, from: HashMap<K, V>) {
+        fn fill<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: HashMap<K, Option<V>>) {
             for (k, v) in from {
-                into.entry(k).or_insert(v);
+                if v.is_some() {
+                    into.entry(k).or_insert(v);
+                }
             }
         }
         if self.len() + fetched.len() > CACHE_BOUND {
@@ -102,5 +120,31 @@ impl Records {
         fill(&mut self.clist_rev, fetched.clist_rev);
         fill(&mut self.status, fetched.status);
         fill(&mut self.clist_counters, fetched.clist_counters);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long-running kernel deletes records all the time; the committed cache must not keep
+    /// them as tombstones (it would grow with history, not with live state).
+    #[test]
+    fn deleted_and_absent_records_leave_the_cache() {
+        let mut cache = Records::default();
+        let mut written = Records::default();
+        written.objects.insert(KObjectId(1), Some(ObjectRecord::new(EndpointId(1), false)));
+        cache.absorb(written);
+        assert_eq!(cache.len(), 1);
+        let mut deleted = Records::default();
+        deleted.objects.insert(KObjectId(1), None);
+        deleted.promises.insert(KPromiseId(7), None);
+        cache.absorb(deleted);
+        assert_eq!(cache.len(), 0);
+        let mut fetched = Records::default();
+        fetched.objects.insert(KObjectId(2), None);
+        fetched.objects.insert(KObjectId(3), Some(ObjectRecord::new(EndpointId(1), false)));
+        cache.absorb_fetched(fetched);
+        assert_eq!(cache.objects.keys().copied().collect::<Vec<_>>(), vec![KObjectId(3)]);
     }
 }
