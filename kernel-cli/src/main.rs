@@ -35,6 +35,15 @@ enum Command {
     Send(SendArgs),
     /// Show the kernel's tables (read-only).
     Inspect(InspectArgs),
+    /// Print the kernel's identity for secure peer links: the public half of its static key
+    /// pair, created (owner-only permissions) in the store directory on first use.
+    Id(IdArgs),
+}
+
+#[derive(Args)]
+struct IdArgs {
+    /// The store directory of a cluster that has run.
+    store: PathBuf,
 }
 
 #[derive(Args)]
@@ -186,7 +195,16 @@ fn dispatch(cli: Cli, stop: &AtomicBool) -> Result<ExitCode, Failure> {
         Command::Run(a) => run(a, stop),
         Command::Send(a) => send(a, stop),
         Command::Inspect(a) => inspect_cmd(a),
+        Command::Id(a) => id_cmd(a),
     }
+}
+
+fn id_cmd(a: IdArgs) -> Result<ExitCode, Failure> {
+    // The key pair lives beside the kernel's fjall store, which must exist (`kernel run` makes it).
+    let dir = a.store.join(host::KERNEL_DIR);
+    let identity = kernel_remote::Identity::load_or_create(&dir).map_err(Failure::input)?;
+    println!("{}", identity.public_text());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Refuse a directory holding anything but what a store directory holds (`run` would write
