@@ -181,15 +181,18 @@ fn compare(backing: Backing, rounds: usize, total: u64, window: u64, pings: u64)
         Some(a) => Run { rate: a.rate.max(b.rate), p50: a.p50.min(b.p50), p99: a.p99.min(b.p99) },
     };
     let (mut plain, mut secure) = (None, None);
-    for _ in 0..rounds {
+    for round in 0..rounds {
+        let mut rates = Vec::new();
         for link in [Link::Plain, Link::Secure] {
             let r = match backing {
                 Backing::Memory => run(link, memory_node, total, window, pings),
                 Backing::Group => run(link, fjall_node, total, window, pings),
             };
+            rates.push(r.rate);
             let slot = if link == Link::Plain { &mut plain } else { &mut secure };
             *slot = Some(best(*slot, r));
         }
+        eprintln!("secure: round {round}: plain {:.0} msg/s, noise {:.0} msg/s", rates[0], rates[1]);
     }
     (plain.expect("a round"), secure.expect("a round"))
 }
@@ -206,8 +209,32 @@ fn report(what: &str, plain: Run, secure: Run) {
     );
 }
 
+/// The cost of sealing and opening one frame of `len` bytes on an established session.
+fn frame_cost(len: usize, frames: u32) -> Duration {
+    let (a, b) = (Identity::from_secret([1; KEY_LEN]), Identity::from_secret([2; KEY_LEN]));
+    let sa = NoiseSecurity::new(&a, AllowList::from_pairs([(id("b"), b.public())]).expect("list"));
+    let sb = NoiseSecurity::new(&b, AllowList::from_pairs([(id("a"), a.public())]).expect("list"));
+    let (mut i, mut r) = (sa.handshake(true), sb.handshake(false));
+    let (m1, _) = i.advance(None).expect("m1");
+    let _ = r.advance(None).expect("wait");
+    let (m2, _) = r.advance(m1.as_deref()).expect("m2");
+    let (m3, _) = i.advance(m2.as_deref()).expect("m3");
+    r.advance(m3.as_deref()).expect("done");
+    let (mut ci, mut cr) = (i.into_cipher().expect("cipher"), r.into_cipher().expect("cipher"));
+    let plain = vec![7u8; len];
+    let start = Instant::now();
+    for _ in 0..frames {
+        let sealed = ci.seal_frame(&plain).expect("seal");
+        std::hint::black_box(cr.open_frame(&sealed).expect("open"));
+    }
+    start.elapsed() / frames
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    for len in [64, 1024, 16 << 10] {
+        println!("secure: seal + open of a {len}-byte frame: {:.2} us", frame_cost(len, 20_000).as_secs_f64() * 1e6);
+    }
     let (rounds, total, pings) = if quick { (1, 5_000, 200) } else { (3, 30_000, 1_000) };
     let window = 2_000;
     let (p, s) = compare(Backing::Memory, rounds, total, window, pings);

@@ -57,6 +57,9 @@ pub enum LinkSecurityError {
     /// The session was not established (the handshake did not finish).
     #[error("no session")]
     NoSession,
+    /// An earlier frame failed to open: nothing more is opened on this session.
+    #[error("an earlier frame failed to open")]
+    ReceivingClosed,
 }
 
 fn noise(e: snow::Error) -> LinkSecurityError {
@@ -197,7 +200,7 @@ impl NoiseHandshake {
         if self.peer.is_none() {
             return Err(LinkSecurityError::NoStaticKey);
         }
-        Ok(NoiseCipher { state: Some(state.into_transport_mode().map_err(noise)?) })
+        Ok(NoiseCipher { state: Some(state.into_transport_mode().map_err(noise)?), receiving: true })
     }
 }
 
@@ -213,20 +216,23 @@ impl Handshake for NoiseHandshake {
     fn finish(self: Box<Self>) -> Box<dyn FrameCipher> {
         match self.into_cipher() {
             Ok(c) => Box::new(c),
-            Err(_) => Box::new(NoiseCipher { state: None }),
+            Err(_) => Box::new(NoiseCipher { state: None, receiving: false }),
         }
     }
 }
 
 /// The session of a secure link: seals and opens frames in order. A frame that fails to open
-/// ends the session (every later one fails too).
+/// ends the receiving side (every later one fails too: a frame split over several Noise messages
+/// may have consumed nonces); sealing is unaffected, so the reason the connection closes is the
+/// reader's.
 pub struct NoiseCipher {
     state: Option<snow::TransportState>,
+    receiving: bool,
 }
 
 impl std::fmt::Debug for NoiseCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NoiseCipher").field("open", &self.state.is_some()).finish()
+        f.debug_struct("NoiseCipher").field("session", &self.state.is_some()).field("receiving", &self.receiving).finish()
     }
 }
 
@@ -247,9 +253,12 @@ impl NoiseCipher {
 
     /// Open the next frame, refusing one that does not authenticate as exactly the next.
     pub fn open_frame(&mut self, sealed: &[u8]) -> Result<Vec<u8>, LinkSecurityError> {
+        if !self.receiving {
+            return Err(LinkSecurityError::ReceivingClosed);
+        }
         let r = self.open_inner(sealed);
         if r.is_err() {
-            self.state = None;
+            self.receiving = false;
         }
         r
     }
@@ -380,7 +389,9 @@ mod tests {
         let two = ci.seal_frame(b"two").expect("seal");
         assert_eq!(cr.open_frame(&one).expect("open"), b"one");
         assert_eq!(cr.open_frame(&one), Err(LinkSecurityError::Tampered), "a replay fails");
-        assert_eq!(cr.open_frame(&two), Err(LinkSecurityError::NoSession), "and the session is over");
+        assert_eq!(cr.open_frame(&two), Err(LinkSecurityError::ReceivingClosed), "and receiving is over");
+        let back = cr.seal_frame(b"still sealing").expect("sealing goes on");
+        assert_eq!(ci.open_frame(&back).expect("open"), b"still sealing");
         // Reordered.
         let (mut ci, mut cr) = fresh(&sa, &sb);
         let one = ci.seal_frame(b"one").expect("seal");
