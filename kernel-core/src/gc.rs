@@ -96,7 +96,8 @@ pub(crate) fn remove_data_refs(db: &mut KernelTxn<'_>, d: &CapData) -> Result<()
 pub(crate) fn recognizers(db: &KernelTxn<'_>, o: KObjectId) -> Result<Vec<EndpointId>, KernelError> {
     let mut out = Vec::new();
     for ep in (1..db.counters.next_endpoint).map(EndpointId) {
-        if db.clist_entry(ep, KRef::Object(o))?.is_some() {
+        // A terminated endpoint's c-list is empty; its status is cached, its c-list rows not.
+        if db.is_live(ep)? && db.clist_entry(ep, KRef::Object(o))?.is_some() {
             out.push(ep);
         }
     }

@@ -8,8 +8,8 @@
 
 use kernel_core::store::{scan_committed, Store};
 use kernel_core::{
-    Allocator, ClistEntry, EndpointId, EndpointStatus, KObjectId, KPromiseId, KRef, Kernel, Message, PromiseState, RefKind, RunQueueItem,
-    VRef,
+    Allocator, ClistEntry, EndpointId, EndpointStatus, KObjectId, KPromiseId, KRef, Kernel, Message, ObjectRecord, PromiseRecord,
+    PromiseState, RefKind, RunQueueItem, VRef,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -97,13 +97,14 @@ fn vref_from_key(b: &[u8]) -> Option<VRef> {
 ///   what [`recount`] finds from scratch, and no object is more reachable than recognizable.
 pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
     let mut problems = Vec::new();
-    let (endpoints, objects, promises, queue) = match (kernel.endpoints(), kernel.objects(), kernel.promises(), kernel.run_queue()) {
+    let (endpoints, objects, records, queue) = match (kernel.endpoints(), kernel.objects(), kernel.promise_records(), kernel.run_queue()) {
         (Ok(e), Ok(o), Ok(p), Ok(q)) => (e, o, p, q),
         _ => return vec!["the host API cannot read the tables".to_owned()],
     };
     let endpoints: BTreeMap<EndpointId, EndpointStatus> = endpoints.into_iter().map(|(ep, r)| (ep, r.status)).collect();
     let objects: BTreeMap<_, _> = objects.into_iter().collect();
-    let promises: BTreeMap<_, _> = promises.into_iter().collect();
+    let records: BTreeMap<KPromiseId, PromiseRecord> = records.into_iter().collect();
+    let promises: BTreeMap<KPromiseId, PromiseState> = records.iter().map(|(kp, r)| (*kp, r.state.clone())).collect();
     let exists = |k: &KRef| match k {
         KRef::Object(o) => objects.contains_key(o),
         KRef::Promise(p) => promises.contains_key(p),
@@ -218,32 +219,23 @@ pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
     }
 
     // Reference counts, recomputed from scratch.
-    match recount(kernel) {
-        Err(e) => problems.push(e),
-        Ok(counts) => {
-            for (o, rec) in &objects {
-                let (reachable, recognizable) = counts.objects.get(o).copied().unwrap_or((0, 0));
-                if (rec.reachable, rec.recognizable) != (reachable, recognizable) {
-                    problems.push(format!(
-                        "{o} counts reachable {} recognizable {}, but {reachable} and {recognizable} references exist",
-                        rec.reachable, rec.recognizable
-                    ));
-                }
-                if rec.reachable > rec.recognizable {
-                    problems.push(format!("{o} is more reachable ({}) than recognizable ({})", rec.reachable, rec.recognizable));
-                }
-            }
-            match kernel.promise_records() {
-                Ok(records) => {
-                    for (kp, rec) in records {
-                        let refs = counts.promises.get(&kp).copied().unwrap_or(0);
-                        if rec.refs != refs {
-                            problems.push(format!("{kp} counts {} references, but {refs} exist", rec.refs));
-                        }
-                    }
-                }
-                Err(e) => problems.push(format!("cannot read the promise records: {e}")),
-            }
+    let counts = count(&objects, &raw.kref_rows, &queue, &promises);
+    for (o, rec) in &objects {
+        let (reachable, recognizable) = counts.objects.get(o).copied().unwrap_or((0, 0));
+        if (rec.reachable, rec.recognizable) != (reachable, recognizable) {
+            problems.push(format!(
+                "{o} counts reachable {} recognizable {}, but {reachable} and {recognizable} references exist",
+                rec.reachable, rec.recognizable
+            ));
+        }
+        if rec.reachable > rec.recognizable {
+            problems.push(format!("{o} is more reachable ({}) than recognizable ({})", rec.reachable, rec.recognizable));
+        }
+    }
+    for (kp, rec) in &records {
+        let refs = counts.promises.get(kp).copied().unwrap_or(0);
+        if rec.refs != refs {
+            problems.push(format!("{kp} counts {} references, but {refs} exist", rec.refs));
         }
     }
 
@@ -319,35 +311,46 @@ impl Counts {
 /// its promise; a settled promise's data counts each slot as reachable.
 pub fn recount<S: Store>(kernel: &Kernel<S>) -> Result<Counts, String> {
     let err = |e: kernel_core::KernelError| format!("the host API cannot read the tables: {e}");
-    // The endpoint whose own entry for an object counts for nothing: its exporter, until it
-    // abandons the object (if handed it back after that, it imports it like anyone else).
-    let exporters: BTreeMap<KObjectId, EndpointId> =
-        kernel.objects().map_err(err)?.into_iter().filter(|(_, r)| !r.abandoned).map(|(o, r)| (o, r.owner)).collect();
-    let mut counts = Counts::default();
+    let objects: BTreeMap<KObjectId, ObjectRecord> = kernel.objects().map_err(err)?.into_iter().collect();
+    let promises: BTreeMap<KPromiseId, PromiseState> = kernel.promises().map_err(err)?.into_iter().collect();
+    let queue = kernel.run_queue().map_err(err)?;
     let mut problems = Vec::new();
     let raw = read_clists(kernel.store(), &mut problems);
     if let Some(p) = problems.into_iter().next() {
         return Err(p);
     }
-    for ((ep, kref), entry) in raw.kref_rows {
+    Ok(count(&objects, &raw.kref_rows, &queue, &promises))
+}
+
+fn count(
+    objects: &BTreeMap<KObjectId, ObjectRecord>,
+    clists: &BTreeMap<(EndpointId, KRef), ClistEntry>,
+    queue: &[RunQueueItem],
+    promises: &BTreeMap<KPromiseId, PromiseState>,
+) -> Counts {
+    // The endpoint whose own entry for an object counts for nothing: its exporter, until it
+    // abandons the object (if handed it back after that, it imports it like anyone else).
+    let exporters: BTreeMap<KObjectId, EndpointId> = objects.iter().filter(|(_, r)| !r.abandoned).map(|(o, r)| (*o, r.owner)).collect();
+    let mut counts = Counts::default();
+    for (&(ep, kref), entry) in clists {
         counts.flags.insert((ep, kref), entry.reachable);
         match kref {
             KRef::Object(o) if exporters.get(&o) == Some(&ep) => {}
             _ => counts.add(kref, entry.reachable),
         }
     }
-    for item in kernel.run_queue().map_err(err)? {
+    for item in queue {
         match item {
-            RunQueueItem::Send { target, message } => counts.add_message(target, &message),
-            RunQueueItem::Notify { promise, .. } => counts.add(KRef::Promise(promise), true),
+            RunQueueItem::Send { target, message } => counts.add_message(*target, message),
+            RunQueueItem::Notify { promise, .. } => counts.add(KRef::Promise(*promise), true),
             RunQueueItem::Gc { .. } => {}
         }
     }
-    for (kp, state) in kernel.promises().map_err(err)? {
+    for (kp, state) in promises {
         match state {
             PromiseState::Unresolved { queue, .. } => {
-                for m in &queue {
-                    counts.add_message(KRef::Promise(kp), m);
+                for m in queue {
+                    counts.add_message(KRef::Promise(*kp), m);
                 }
             }
             PromiseState::Settled(s) => {
@@ -357,5 +360,5 @@ pub fn recount<S: Store>(kernel: &Kernel<S>) -> Result<Counts, String> {
             }
         }
     }
-    Ok(counts)
+    counts
 }

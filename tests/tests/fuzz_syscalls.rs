@@ -47,6 +47,8 @@ const BUSY_QUEUE: u64 = 150;
 const FRESH_EXPORT_RATE: f64 = 0.1;
 /// A careful vat makes fewer syscalls per delivery (below this), so that most stay forged.
 const CAREFUL_SYSCALLS: u64 = 5;
+/// Deliveries after which a careful vat exits.
+const CAREFUL_LIFETIME: u64 = 150;
 /// How many syscalls a careful vat (forge rate 0) considers before making one.
 const CAREFUL_TRIES: usize = 6;
 /// The chance, per crank, that the host asks a live vat to bring out its dead.
@@ -119,6 +121,8 @@ struct VatModel {
     /// The highest `o+N` and `p+N` this vat has exported: the kernel refuses a first export
     /// at or below it as stale.
     last_export: (u64, u64),
+    /// Deliveries this vat has had.
+    deliveries: u64,
 }
 
 impl VatModel {
@@ -718,9 +722,14 @@ impl FuzzVat {
             w.failures.push(format!("{ep} got a delivery after it was terminated"));
         }
         w.stats.deliveries += 1;
-        let most = if d.pending.forge_rate == 0.0 { CAREFUL_SYSCALLS } else { 17 };
+        d.pending.deliveries += 1;
+        let careful = d.pending.forge_rate == 0.0;
+        let most = if careful { CAREFUL_SYSCALLS } else { 17 };
         let n = if w.quiet { 0 } else { w.rng.below(most) };
-        for _ in 0..n {
+        // A careful vat that has lived long enough exits (its c-list, grown large, is released
+        // at once), and another takes its place.
+        let retire = careful && !w.quiet && d.pending.deliveries > CAREFUL_LIFETIME;
+        for i in 0..n.max(u64::from(retire)) {
             let World { rng, vats, queue_len, stats, failures, .. } = &mut *w;
             if d.verdict.is_some() && rng.chance(0.15) {
                 break; // a vat that ignores its error may carry on for a while, or not
@@ -739,7 +748,10 @@ impl FuzzVat {
                     break;
                 }
             }
-            let Some((call, refs, forged)) = call else { break };
+            let Some((mut call, refs, forged)) = call else { break };
+            if retire && i == 0 {
+                call = RawSyscall::Exit { failure: false, info: RawData { body: "\"retired\"".to_owned(), slots: Vec::new() } };
+            }
             stats.refs += refs;
             stats.forged_refs += forged;
             let expect = if d.verdict.is_some() { Expect::Refused } else { predict(&mut d.pending, &call) };
@@ -963,6 +975,7 @@ fn add_vat(kernel: &mut Kernel<MemStore>, world: &Shared) -> Result<usize, Strin
         vatstore: BTreeMap::new(),
         last_import: (0, 0),
         last_export: (0, 0),
+        deliveries: 0,
     });
     w.live.push(idx);
     w.stats.vats += 1;
@@ -983,7 +996,10 @@ fn poke(kernel: &mut Kernel<MemStore>, world: &Shared, vat: usize) -> Result<(),
             .collect();
         (w.vats[vat].root, slots)
     };
-    kernel.queue_message(target, "poke", CapData { body: b"[]".to_vec(), slots }).map_err(|e| e.to_string())?;
+    let kp = kernel.queue_message(target, "poke", CapData { body: b"[]".to_vec(), slots }).map_err(|e| e.to_string())?;
+    // The host does not read the answer: it lets go at once, and the promise is collected once
+    // settled and forgotten.
+    kernel.set_pinned(kp.into(), false).map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -1037,10 +1053,24 @@ fn gather_facts(kernel: &Kernel<MemStore>, world: &Shared) -> Result<(), String>
     w.facts.clear();
     w.head_result = head_result;
     let Some(ep) = receiver.filter(|ep| w.live.iter().any(|i| w.vats[*i].ep == *ep)) else { return Ok(()) };
+    // Only its exports and the promises it decides matter; their krefs come from the c-list's
+    // vref rows (`l/<ep u32>/v<vref 10 bytes>`, as kernel-core's tables document them).
+    let m = w.vats.iter().find(|v| v.ep == ep).ok_or("the receiver has no model")?;
     let mut f = Facts::default();
-    for (kref, vref) in kernel.clist(ep).map_err(err)? {
+    for (&vref, &decides) in &m.known {
+        if !is_export(vref) && !decides {
+            continue;
+        }
+        let mut key = b"l/".to_vec();
+        key.extend_from_slice(&ep.0.to_be_bytes());
+        key.extend_from_slice(b"/v");
+        key.extend_from_slice(&vref.key_bytes());
+        let Some(raw) = kernel.store().get(&key).map_err(|e| e.to_string())? else {
+            return Err(format!("{ep}'s model holds {vref}, which its c-list does not"));
+        };
+        let kref: KRef = postcard::from_bytes(&raw).map_err(|e| format!("c-list row for {vref}: {e}"))?;
         match kref {
-            KRef::Object(o) if is_export(vref) => {
+            KRef::Object(o) => {
                 let rec = kernel.object(o).map_err(err)?.ok_or_else(|| format!("{ep}'s {vref} names {o}, which does not exist"))?;
                 let gone = released.get(&kref).copied().unwrap_or(0);
                 let reach = rec
@@ -1057,7 +1087,6 @@ fn gather_facts(kernel: &Kernel<MemStore>, world: &Shared) -> Result<(), String>
                     f.queued.insert(vref, u32::try_from(queue.len()).unwrap_or(u32::MAX));
                 }
             }
-            KRef::Object(_) => {}
         }
     }
     w.facts.insert(ep, f);
