@@ -381,10 +381,15 @@ impl Store for FjallStore {
 }
 
 impl Drop for FjallStore {
-    /// A clean close writes out and syncs what group commit still holds. Errors cannot be
-    /// reported from here; call [`FjallStore::sync`] first to see them.
+    /// A clean close writes out and syncs what group commit still holds, then flushes the
+    /// memtable so the next open replays no journal. Errors cannot be reported from here; call
+    /// [`FjallStore::sync`] first to see them.
     fn drop(&mut self) {
         let mut w = self.watermark.lock();
         let _ = self.sync_locked(&mut w);
+        // Write the memtable out as a table file, so the journal behind it can go and the next
+        // open has nothing to replay (a crash still replays it: reopen time after a crash
+        // follows the journal's length).
+        let _ = self.data.rotate_memtable_and_wait();
     }
 }
