@@ -388,12 +388,12 @@ impl<'s> CrankContext<'s> {
         for &k in krefs {
             let KRef::Object(o) = k else { return Err(self.illegal(format!("abandonExports of promise {k}"))) };
             // A host pin on an ordinary export is the host holding it, like an importer, which
-            // the exporter cannot know of and which does not stop it giving up; only the root,
-            // while pinned, may not be abandoned.
+            // the exporter cannot know of and which does not stop it giving up; only its root,
+            // pinned for good, may not be abandoned.
             let entry = self.check(self.work.db.clist_entry(ep, k))?;
             let root = entry.is_some_and(|e| e.vref == VRef::ROOT);
             match self.check(self.work.db.object(o))? {
-                Some(mut rec) if rec.owner == ep && !rec.abandoned && !(root && rec.pinned) => {
+                Some(mut rec) if rec.owner == ep && !rec.abandoned && !root => {
                     // The exporter's own entry goes first, while it is still the export's
                     // (it counts nothing).
                     let r = self.work.db.clist_remove(ep, k);

@@ -252,12 +252,20 @@ impl<S: Store> Kernel<S> {
     }
 
     /// Pin `kref` so it is never collected (the host holds it), or unpin it. The results of
-    /// `queue_message` start pinned; unpin them when their settlement has been read. Immediate
-    /// path; unpinning may queue GC deliveries.
+    /// `queue_message` start pinned; unpin them when their settlement has been read. Vat roots
+    /// are pinned for good: unpinning one is refused. Immediate path; unpinning may queue GC
+    /// deliveries.
     pub fn set_pinned(&mut self, kref: KRef, pinned: bool) -> Result<(), KernelError> {
         let mut work = Work { db: self.read(), buf: CrankBuffer::default() };
         if !work.db.exists(kref)? {
             return Err(KernelError::UnknownRef(kref));
+        }
+        if let (KRef::Object(o), false) = (kref, pinned) {
+            if let Some(owner) = work.db.object(o)?.map(|r| r.owner) {
+                if work.db.endpoint_root(owner)? == Some(o) {
+                    return Err(KernelError::Refused(format!("{o} is the root of {owner}: vat roots stay pinned")));
+                }
+            }
         }
         work.db.pin(kref, pinned)?;
         let done = close(work, &self.watchers)?;

@@ -1305,8 +1305,19 @@ impl Model {
         }
     }
 
-    /// The host pins or unpins `kref`; unpinning may make it garbage at once.
+    /// The vats' roots are the first objects made, one per vat.
+    fn is_root(&self, o: KObjectId) -> bool {
+        (1..=self.vats.len() as u64).contains(&o.0)
+    }
+
+    /// The host pins or unpins `kref`; unpinning may make it garbage at once. Vat roots stay
+    /// pinned.
     fn set_pinned(&mut self, kref: KRef, pinned: bool) -> Result<(), String> {
+        if let (KRef::Object(o), false) = (kref, pinned) {
+            if let Some(r) = self.objects.get(&o.0).filter(|_| self.is_root(o)) {
+                return Err(format!("{o} is the root of {}: vat roots stay pinned", r.owner));
+            }
+        }
         match kref {
             KRef::Object(o) => self.objects.get_mut(&o.0).map(|r| r.pinned = pinned),
             KRef::Promise(p) => self.promises.get_mut(&p.0).map(|r| r.pinned = pinned),
@@ -2023,15 +2034,17 @@ impl Syscalls for ModelSyscalls<'_> {
         Ok(())
     }
 
-    /// Each must be an export of the vat's (not pinned, not yet abandoned): the vat stops
-    /// serving it and forgets it; importers keep it until they drop it.
+    /// Each must be an export of the vat's other than its root (a host pin does not stop the
+    /// vat giving it up), not yet abandoned: the vat stops serving it and forgets it; importers
+    /// keep it until they drop it.
     fn abandon_exports(&mut self, vrefs: Vec<VRef>) -> Result<(), Refused> {
         let krefs = self.known(vrefs)?;
         let ep = self.ep;
         for k in krefs {
             let KRef::Object(o) = k else { return Err(self.illegal(format!("abandonExports of promise {k}"))) };
+            let root = self.model.is_root(o);
             match self.model.objects.get_mut(&o.0) {
-                Some(r) if r.owner == ep && !r.abandoned && !r.pinned => r.abandoned = true,
+                Some(r) if r.owner == ep && !r.abandoned && !root => r.abandoned = true,
                 _ => return Err(self.illegal(format!("{k} is not an export of {ep}"))),
             }
             self.model.changing(|m| m.clist_remove(ep, k));
