@@ -155,6 +155,16 @@ impl<'s> CrankContext<'s> {
     pub fn export(&mut self, vref: VRef) -> Result<KRef, SyscallError> {
         self.guard()?;
         let ep = self.endpoint;
+        // An endpoint's own ref above its watermark is new: its c-list cannot hold it, so the
+        // lookup (a store miss) is skipped.
+        let fresh = vref.allocator == Allocator::Endpoint && {
+            let r = self.work.db.clist_counters(ep);
+            let c = self.check(r)?;
+            vref.index > if vref.is_promise() { c.export_promise } else { c.export_object }
+        };
+        if fresh {
+            return self.export_new(vref);
+        }
         if let Some(k) = self.check(self.work.db.clist_kref(ep, vref))? {
             if let KRef::Object(_) = k {
                 if vref.allocator == Allocator::Kernel {
@@ -175,15 +185,18 @@ impl<'s> CrankContext<'s> {
         if vref.allocator == Allocator::Kernel {
             return Err(self.illegal(format!("{vref} is not in the c-list of {ep}")));
         }
+        Err(self.illegal(format!("{vref} is stale: {ep} allocated it before and it has been retired or resolved")))
+    }
+
+    /// Allocate the kernel object or promise for a new `o+N`/`p+N` above the watermark.
+    fn export_new(&mut self, vref: VRef) -> Result<KRef, SyscallError> {
+        let ep = self.endpoint;
         let r = self.work.db.clist_counters(ep);
         let mut counters = self.check(r)?;
         let watermark = match vref.kind {
             RefKind::Object => &mut counters.export_object,
             RefKind::Promise => &mut counters.export_promise,
         };
-        if vref.index <= *watermark {
-            return Err(self.illegal(format!("{vref} is stale: {ep} allocated it before and it has been retired or resolved")));
-        }
         *watermark = vref.index;
         self.work.db.set_clist_counters(ep, &counters);
         let kref = match vref.kind {
