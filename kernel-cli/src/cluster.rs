@@ -24,6 +24,7 @@ use crate::builtins::BUILTINS;
 use crate::script::{Script, ScriptLimits};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
@@ -119,6 +120,30 @@ pub struct Cluster {
     pub durability: DurabilityMode,
     /// The vats, in file order (which is the order of their endpoint ids).
     pub vats: Vec<VatSpec>,
+    /// The `[network]` table and the `[[peer]]` entries, for `kernel serve`.
+    pub network: Option<Network>,
+}
+
+/// Where a cluster listens and which peers it lets in (`kernel serve`).
+#[derive(Debug, Clone)]
+pub struct Network {
+    /// This kernel's name on links (`[network] kernel`, default: the cluster file's stem).
+    pub kernel: kernel_remote::KernelId,
+    /// The address to listen on.
+    pub listen: SocketAddr,
+    /// The allowed peers, in file order.
+    pub peers: Vec<PeerSpec>,
+}
+
+/// One `[[peer]]`: a kernel allowed to connect, known by its public key.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    /// Its name on links (its own `[network] kernel`).
+    pub name: kernel_remote::KernelId,
+    /// Its public key (what `kernel id` prints on its store).
+    pub key: kernel_remote::PublicKey,
+    /// Where to dial it; without one, this side waits for the peer to dial.
+    pub address: Option<SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +154,24 @@ struct RawCluster {
     durability: Option<Spanned<DurabilityMode>>,
     #[serde(default)]
     vat: Vec<Spanned<RawVat>>,
+    network: Option<Spanned<RawNetwork>>,
+    #[serde(default)]
+    peer: Vec<Spanned<RawPeer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    kernel: Option<Spanned<String>>,
+    listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: Spanned<String>,
+    key: Spanned<String>,
+    address: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +228,50 @@ fn limit(c: &Checker<'_>, vat: &str, key: &str, v: &Option<Spanned<u64>>, defaul
         }
         Some(s) => Ok(*s.get_ref()),
     }
+}
+
+fn network(c: &Checker<'_>, file: &Path, raw: &RawCluster) -> Result<Option<Network>, ClusterError> {
+    let Some(net) = &raw.network else {
+        if let Some(p) = raw.peer.first() {
+            return Err(c.at(p.span(), "[[peer]]", "peers need a [network] table with `listen`"));
+        }
+        return Ok(None);
+    };
+    let net = net.get_ref();
+    let kernel = match &net.kernel {
+        Some(k) => k.get_ref().parse().map_err(|e| c.at(k.span(), "network.kernel", format!("{:?}: {e}", k.get_ref())))?,
+        None => {
+            let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            stem.parse().map_err(|e| {
+                c.at(net.listen.span(), "network.kernel", format!("the file stem {stem:?} is no kernel name ({e}); set `kernel = \"...\"`"))
+            })?
+        }
+    };
+    let addr = |s: &Spanned<String>, key: &str| -> Result<SocketAddr, ClusterError> {
+        s.get_ref().parse().map_err(|e| c.at(s.span(), key, format!("{:?} is not an address like \"127.0.0.1:7001\": {e}", s.get_ref())))
+    };
+    let listen = addr(&net.listen, "network.listen")?;
+    let mut peers: Vec<PeerSpec> = Vec::with_capacity(raw.peer.len());
+    for p in &raw.peer {
+        let p = p.get_ref();
+        let text = p.name.get_ref();
+        let name: kernel_remote::KernelId =
+            text.parse().map_err(|e| c.at(p.name.span(), "peer.name", format!("{text:?} is not a kernel name: {e}")))?;
+        if name == kernel {
+            return Err(c.at(p.name.span(), "peer.name", format!("{text:?} is this kernel's own name")));
+        }
+        if peers.iter().any(|q| q.name == name) {
+            return Err(c.at(p.name.span(), "peer.name", format!("duplicate peer name {text:?}")));
+        }
+        let key: kernel_remote::PublicKey =
+            p.key.get_ref().parse().map_err(|e| c.at(p.key.span(), format!("peer {text:?}.key"), format!("not a public key: {e}")))?;
+        if let Some(q) = peers.iter().find(|q| q.key == key) {
+            return Err(c.at(p.key.span(), format!("peer {text:?}.key"), format!("the same key as peer {:?}", q.name.to_string())));
+        }
+        let address = p.address.as_ref().map(|a| addr(a, &format!("peer {text:?}.address"))).transpose()?;
+        peers.push(PeerSpec { name, key, address });
+    }
+    Ok(Some(Network { kernel, listen, peers }))
 }
 
 fn size(n: u64) -> usize {
@@ -296,7 +383,8 @@ impl Cluster {
             }
         };
         let durability = raw.durability.as_ref().map(|d| *d.get_ref()).unwrap_or(DurabilityMode::Group);
-        Ok(Cluster { file: file.to_path_buf(), bootstrap, store, durability, vats })
+        let network = network(&c, file, &raw)?;
+        Ok(Cluster { file: file.to_path_buf(), bootstrap, store, durability, vats, network })
     }
 
     /// Write this cluster into `dir` as a cluster file (`cluster.toml`, with `store = "."`) and

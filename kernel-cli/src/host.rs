@@ -12,7 +12,7 @@ use crate::cluster::{Cluster, VatKind, VatSpec, SNAPSHOT_FILE, SNAPSHOT_SCRIPTS}
 use crate::codec;
 use crate::script::{LogLine, LogSink, ScriptVat};
 use kernel_core::{
-    CapData, CrankInput, CrankOutcome, CrankReport, Endpoint, EndpointId, EndpointStatus, KPromiseId, KRef, Kernel, KernelError,
+    CapData, CrankInput, CrankOutcome, CrankReport, Endpoint, EndpointId, EndpointStatus, KObjectId, KPromiseId, KRef, Kernel, KernelError,
     PromiseState, Settlement, Store,
 };
 use std::collections::HashMap;
@@ -67,6 +67,12 @@ pub fn endpoint_for(spec: &VatSpec, logs: &LogSink) -> Result<Box<dyn Endpoint>,
 /// A kernel with a cluster's vats attached.
 pub struct Host<S: Store> {
     kernel: Kernel<S>,
+    vats: Vats,
+}
+
+/// A cluster's vats attached to a kernel owned elsewhere (by a `kernel_remote::Node` in
+/// `kernel serve`): their names and the log lines they write.
+pub struct Vats {
     names: HashMap<EndpointId, String>,
     logs: LogSink,
 }
@@ -77,6 +83,9 @@ pub enum Start {
     /// A new store: the vats were added and the bootstrap message queued (if the cluster names
     /// a bootstrap vat) with this result promise.
     Bootstrapped(Option<KPromiseId>),
+    /// A new store of a cluster with a `[network]` table, attached without its peers (`kernel
+    /// run`): the vats were added, and the bootstrap waits for the first `kernel serve`.
+    Deferred,
     /// An existing store: the vats were re-attached; it resumes after this many cranks.
     Resumed {
         /// Cranks committed before.
@@ -86,15 +95,26 @@ pub enum Start {
     },
 }
 
-impl<S: Store> Host<S> {
+/// The prefix of the endpoint names of peer links (`kernel_remote::link_endpoint_name`).
+const LINK_PREFIX: &str = "ken:";
+
+impl Vats {
     /// Attach `cluster`'s vats to `kernel`. A store that never ran gets the vats added (in file
     /// order) and the bootstrap message queued; a store that ran must hold exactly the
-    /// cluster's vats, which are re-attached (no second bootstrap).
-    pub fn attach(mut kernel: Kernel<S>, cluster: &Cluster) -> Result<(Host<S>, Start), HostError> {
+    /// cluster's vats (besides peer links), which are re-attached (no second bootstrap).
+    ///
+    /// A cluster with a `[network]` table bootstraps with `bootstrap(vats, peers)`, `peers`
+    /// mapping each peer's name to its bootstrap object: `peers` are those objects (`kernel
+    /// serve`); without them (`None`, `kernel run`) the bootstrap is left for the first serve.
+    pub fn attach<S: Store>(
+        kernel: &mut Kernel<S>,
+        cluster: &Cluster,
+        peers: Option<&[(String, KObjectId)]>,
+    ) -> Result<(Vats, Start), HostError> {
         let fresh = kernel.cranks().0 == 0 && kernel.queue_len() == 0;
         let stored = kernel.endpoints()?;
         for (_, rec) in &stored {
-            if !cluster.vats.iter().any(|v| v.name == rec.name) {
+            if !rec.name.starts_with(LINK_PREFIX) && !cluster.vats.iter().any(|v| v.name == rec.name) {
                 return Err(HostError::Mismatch(format!(
                     "the store has a vat {:?} that {} does not name; the cluster's vats cannot change once it has run",
                     rec.name,
@@ -119,26 +139,108 @@ impl<S: Store> Host<S> {
             names.insert(ep, spec.name.clone());
             eps.push((spec.name.clone(), ep));
         }
-        let start = if fresh {
+        let start = if !fresh {
+            Start::Resumed { cranks: kernel.cranks().0, queued: kernel.queue_len() }
+        } else if cluster.network.is_some() && peers.is_none() && cluster.bootstrap.is_some() {
+            Start::Deferred
+        } else {
             // Nothing has run, so no vat is terminated and every root is in its c-list.
             let roots = eps.iter().map(|(n, ep)| Ok((n.clone(), kernel.root(*ep)?))).collect::<Result<Vec<_>, KernelError>>()?;
             let mut answer = None;
             if let Some(b) = &cluster.bootstrap {
+                let mut slots: Vec<KRef> = Vec::new();
                 let mut vats = serde_json::Map::new();
-                for (i, (name, _)) in roots.iter().enumerate() {
-                    vats.insert(name.clone(), serde_json::json!({ "$slot": i }));
+                for (name, root) in &roots {
+                    vats.insert(name.clone(), serde_json::json!({ "$slot": slots.len() }));
+                    slots.push((*root).into());
                 }
-                let body = serde_json::Value::Array(vec![serde_json::Value::Object(vats)]).to_string();
-                let args = CapData { body: body.into_bytes(), slots: roots.iter().map(|(_, r)| (*r).into()).collect() };
+                let mut args = vec![serde_json::Value::Object(vats)];
+                if let Some(peers) = peers {
+                    let mut map = serde_json::Map::new();
+                    for (name, root) in peers {
+                        map.insert(name.clone(), serde_json::json!({ "$slot": slots.len() }));
+                        slots.push((*root).into());
+                    }
+                    args.push(serde_json::Value::Object(map));
+                }
+                let body = serde_json::Value::Array(args).to_string();
+                let args = CapData { body: body.into_bytes(), slots };
                 let target =
                     roots.iter().find(|(n, _)| n == b).map(|(_, r)| *r).ok_or_else(|| HostError::Mismatch(format!("no vat {b:?}")))?;
                 answer = Some(kernel.queue_message(target.into(), "bootstrap", args)?);
             }
             Start::Bootstrapped(answer)
-        } else {
-            Start::Resumed { cranks: kernel.cranks().0, queued: kernel.queue_len() }
         };
-        Ok((Host { kernel, names, logs }, start))
+        Ok((Vats { names, logs }, start))
+    }
+
+    /// A vat's name.
+    pub fn name(&self, ep: EndpointId) -> String {
+        self.names.get(&ep).cloned().unwrap_or_else(|| ep.to_string())
+    }
+
+    /// Show endpoint `ep` (not a vat: a peer link) as `name` in crank lines.
+    pub fn name_endpoint(&mut self, ep: EndpointId, name: String) {
+        self.names.entry(ep).or_insert(name);
+    }
+
+    /// The vat named `name`.
+    pub fn endpoint(&self, name: &str) -> Option<EndpointId> {
+        self.names.iter().find(|(_, n)| *n == name).map(|(ep, _)| *ep)
+    }
+
+    /// The lines the vats logged since the last call.
+    pub fn take_logs(&self) -> Vec<LogLine> {
+        std::mem::take(&mut *self.logs.borrow_mut())
+    }
+
+    /// The transcript line of a crank: number, who got what, and how it ended.
+    pub fn crank_line<S: Store>(&self, kernel: &Kernel<S>, r: &CrankReport) -> String {
+        let what = match &r.input {
+            CrankInput::Send { target, method, delivered_to: Some(ep) } => format!("{} <- {target}.{method}", self.name(*ep)),
+            CrankInput::Send { target, method, delivered_to: None } => format!("kernel <- {target}.{method}{}", routed(kernel, *target)),
+            CrankInput::Notify { endpoint, promise, delivered: true } => format!("{} <- notify {promise}", self.name(*endpoint)),
+            CrankInput::Notify { endpoint, promise, delivered: false } => {
+                format!("kernel: notify {promise} for {} dropped", self.name(*endpoint))
+            }
+            CrankInput::Gc { endpoint, action, delivered: true } => format!("{} <- {action}", self.name(*endpoint)),
+            CrankInput::Gc { endpoint, action, delivered: false } => format!("kernel: {action} for {} skipped", self.name(*endpoint)),
+        };
+        let outcome = match &r.outcome {
+            CrankOutcome::Committed if r.flushed > 0 => format!("committed, {} queued", r.flushed),
+            CrankOutcome::Committed => "committed".to_owned(),
+            CrankOutcome::Exited { endpoint, failure } => {
+                format!("committed; {} exited{}", self.name(*endpoint), if *failure { " with failure" } else { "" })
+            }
+            CrankOutcome::Aborted { endpoint, fault } => format!("ABORTED: {fault}; {} terminated", self.name(*endpoint)),
+        };
+        format!("{:>5}  {what:<30} {outcome}", r.crank.0)
+    }
+}
+
+/// Where the kernel put a send it did not deliver: queued on an unresolved promise, or its
+/// result rejected.
+fn routed<S: Store>(kernel: &Kernel<S>, target: KRef) -> String {
+    let mut at = target;
+    for _ in 0..64 {
+        let KRef::Promise(kp) = at else { break };
+        match kernel.promise(kp) {
+            Ok(Some(PromiseState::Unresolved { .. })) => return format!(" (queued on {kp})"),
+            Ok(Some(PromiseState::Settled(Settlement::Fulfilled(d)))) => match d.as_reference() {
+                Some(next) => at = next,
+                None => break,
+            },
+            _ => break,
+        }
+    }
+    " (rejected)".to_owned()
+}
+
+impl<S: Store> Host<S> {
+    /// Attach `cluster`'s vats to `kernel` (see [`Vats::attach`]; no peers).
+    pub fn attach(mut kernel: Kernel<S>, cluster: &Cluster) -> Result<(Host<S>, Start), HostError> {
+        let (vats, start) = Vats::attach(&mut kernel, cluster, None)?;
+        Ok((Host { kernel, vats }, start))
     }
 
     /// The kernel.
@@ -157,66 +259,31 @@ impl<S: Store> Host<S> {
     }
 
     /// A vat's name.
+    /// A vat's name.
     pub fn name(&self, ep: EndpointId) -> String {
-        self.names.get(&ep).cloned().unwrap_or_else(|| ep.to_string())
+        self.vats.name(ep)
     }
 
     /// The vat named `name`.
     pub fn endpoint(&self, name: &str) -> Option<EndpointId> {
-        self.names.iter().find(|(_, n)| *n == name).map(|(ep, _)| *ep)
+        self.vats.endpoint(name)
     }
 
     /// Run one crank; with it, the lines the vats logged during it.
     pub fn step(&mut self) -> Result<Option<(CrankReport, Vec<LogLine>)>, KernelError> {
         let report = self.kernel.step()?;
-        let logs = std::mem::take(&mut *self.logs.borrow_mut());
+        let logs = self.vats.take_logs();
         Ok(report.map(|r| (r, logs)))
     }
 
     /// The transcript line of a crank: number, who got what, and how it ended.
     pub fn crank_line(&self, r: &CrankReport) -> String {
-        let what = match &r.input {
-            CrankInput::Send { target, method, delivered_to: Some(ep) } => format!("{} <- {target}.{method}", self.name(*ep)),
-            CrankInput::Send { target, method, delivered_to: None } => format!("kernel <- {target}.{method}{}", self.routed(*target)),
-            CrankInput::Notify { endpoint, promise, delivered: true } => format!("{} <- notify {promise}", self.name(*endpoint)),
-            CrankInput::Notify { endpoint, promise, delivered: false } => {
-                format!("kernel: notify {promise} for {} dropped", self.name(*endpoint))
-            }
-            CrankInput::Gc { endpoint, action, delivered: true } => format!("{} <- {action}", self.name(*endpoint)),
-            CrankInput::Gc { endpoint, action, delivered: false } => format!("kernel: {action} for {} skipped", self.name(*endpoint)),
-        };
-        let outcome = match &r.outcome {
-            CrankOutcome::Committed if r.flushed > 0 => format!("committed, {} queued", r.flushed),
-            CrankOutcome::Committed => "committed".to_owned(),
-            CrankOutcome::Exited { endpoint, failure } => {
-                format!("committed; {} exited{}", self.name(*endpoint), if *failure { " with failure" } else { "" })
-            }
-            CrankOutcome::Aborted { endpoint, fault } => format!("ABORTED: {fault}; {} terminated", self.name(*endpoint)),
-        };
-        format!("{:>5}  {what:<30} {outcome}", r.crank.0)
-    }
-
-    /// Where the kernel put a send it did not deliver: queued on an unresolved promise, or its
-    /// result rejected.
-    fn routed(&self, target: KRef) -> String {
-        let mut at = target;
-        for _ in 0..64 {
-            let KRef::Promise(kp) = at else { break };
-            match self.kernel.promise(kp) {
-                Ok(Some(PromiseState::Unresolved { .. })) => return format!(" (queued on {kp})"),
-                Ok(Some(PromiseState::Settled(Settlement::Fulfilled(d)))) => match d.as_reference() {
-                    Some(next) => at = next,
-                    None => break,
-                },
-                _ => break,
-            }
-        }
-        " (rejected)".to_owned()
+        self.vats.crank_line(&self.kernel, r)
     }
 
     /// Queue a `bringOutYourDead` for every live vat (immediate path).
     pub fn reap_all(&mut self) -> Result<(), KernelError> {
-        let mut eps: Vec<EndpointId> = self.names.keys().copied().collect();
+        let mut eps: Vec<EndpointId> = self.vats.names.keys().copied().collect();
         eps.sort();
         for ep in eps {
             if matches!(self.kernel.endpoint(ep)?.map(|r| r.status), Some(EndpointStatus::Live)) {

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod serve;
+
 #[derive(Parser)]
 #[command(name = "kernel", version, about = "Run a cluster of vats on an object-capability kernel with transactional cranks.")]
 struct Cli {
@@ -31,6 +33,10 @@ enum Command {
     /// Run a cluster until its run queue is empty. The first run creates the store and
     /// bootstraps; later runs on the same store resume where it stopped.
     Run(RunArgs),
+    /// Serve a cluster with a [network] table to its peers over secure links until Ctrl-C or
+    /// --for elapses: like `run`, but the kernel keeps running, applying what peers send and
+    /// sending what its vats send to peers.
+    Serve(ServeArgs),
     /// Send VAT.METHOD(ARGS) from the host, run until its result settles, and print the settlement.
     Send(SendArgs),
     /// Show the kernel's tables (read-only).
@@ -66,6 +72,24 @@ struct RunArgs {
     /// holds (bringOutYourDead), and run the garbage collection that follows.
     #[arg(long)]
     reap: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The cluster file (TOML), with a [network] table and its [[peer]] entries.
+    cluster: PathBuf,
+    /// The store directory (default: the cluster file's `store`, else `<stem>.store` beside it).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Stop after this many cranks (a later run resumes).
+    #[arg(long)]
+    max_cranks: Option<u64>,
+    /// Print no line per crank (and no vat logs), only the start and the summary.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Stop after this many seconds (default: serve until Ctrl-C).
+    #[arg(long = "for", value_name = "SECONDS")]
+    for_secs: Option<f64>,
 }
 
 #[derive(Args)]
@@ -193,6 +217,7 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli, stop: &AtomicBool) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Run(a) => run(a, stop),
+        Command::Serve(a) => serve::serve(a, stop),
         Command::Send(a) => send(a, stop),
         Command::Inspect(a) => inspect_cmd(a),
         Command::Id(a) => id_cmd(a),
@@ -270,6 +295,13 @@ fn drive<S: Store>(
             cluster.bootstrap.as_deref().unwrap_or_default()
         ),
         Start::Bootstrapped(None) => writeln!(out, "new store: {} vats ({}); no bootstrap vat", names.len(), names.join(", ")),
+        Start::Deferred => writeln!(
+            out,
+            "new store: {} vats ({}); bootstrap {}.bootstrap waits for the first `kernel serve` (it gets the peers)",
+            names.len(),
+            names.join(", "),
+            cluster.bootstrap.as_deref().unwrap_or_default()
+        ),
         Start::Resumed { cranks, queued } => writeln!(out, "resuming after crank {cranks}: {queued} queued"),
     }
     .map_err(w)?;
