@@ -9,7 +9,7 @@ use kernel_core::{CapData, Kernel, KernelError, MemStore, Settlement, VRef};
 use kernel_syscall::{Answer, Behavior, Cx, HelperVat, VatData, VatEndpoint, VatError};
 
 /// The bank: `open(balance)` on its root makes an account; `transfer(to, amount)` on an account.
-struct Bank;
+pub struct Bank;
 
 fn number(d: &VatData) -> Result<i64, VatError> {
     d.text().trim().parse().map_err(|_| VatError::new(format!("not a number: {}", d.text())))
@@ -53,7 +53,7 @@ impl Behavior for Bank {
 }
 
 /// The auditor counts and records every transfer it is told of.
-struct Auditor;
+pub struct Auditor;
 
 impl Behavior for Auditor {
     fn call(&mut self, cx: &mut Cx<'_, '_, '_>, _target: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {

@@ -7,7 +7,7 @@ use kernel_core::{CapData, CrankOutcome, Kernel, KernelError, MemStore, VRef};
 use kernel_syscall::{Answer, Behavior, Cx, HelperVat, VatData, VatEndpoint, VatError};
 
 /// Bob answers `ping(n)` with `n`.
-struct Bob;
+pub struct Bob;
 
 impl Behavior for Bob {
     fn call(&mut self, _cx: &mut Cx<'_, '_, '_>, _target: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {
@@ -19,8 +19,9 @@ impl Behavior for Bob {
 }
 
 /// Alice starts the rally when the host calls `start(bob)`.
-struct Alice {
-    rally: u64,
+pub struct Alice {
+    /// How many pings the rally has.
+    pub rally: u64,
 }
 
 impl Alice {
