@@ -7,7 +7,7 @@ use crate::gc::{self, GcAction};
 use crate::ids::{Allocator, EndpointId, KObjectId, KPromiseId, KRef, RefKind, VRef};
 use crate::message::{CapData, Message, RunQueueItem, Settlement};
 use crate::promise;
-use crate::tables::{KernelTxn, PromiseState};
+use crate::tables::{ClistEntry, KernelTxn, PromiseState};
 
 /// What a crank produced that only takes effect if it commits: run-queue items in the order
 /// made, and the promises it settled (whose host watchers run after the commit).
@@ -74,6 +74,20 @@ pub trait Endpoint {
         let _ = (action, ctx);
         Ok(())
     }
+
+    /// True if this endpoint stands for another kernel (a link of `kernel-remote`), which names
+    /// references asynchronously: a message it sent before it learned that a reference was
+    /// retired or resolved may still arrive. For such an endpoint the kernel
+    /// - keeps the names of the promises a notify carried as *aliases* (they still resolve
+    ///   inbound, counting one reference, until [`CrankContext::forget_names`]; a new import of
+    ///   the promise gets a fresh name), and
+    /// - takes an `o+N` it has retired, named again, as a new export (a new kernel object), not
+    ///   as a stale ref; the endpoint's own protocol must make that consistent on its side.
+    ///
+    /// Vats are not peers (the default): a stale ref from a vat is an illegal syscall.
+    fn is_peer_kernel(&self) -> bool {
+        false
+    }
 }
 
 /// Why an endpoint stops receiving deliveries after this crank.
@@ -91,13 +105,15 @@ pub(crate) enum Verdict {
 pub struct CrankContext<'s> {
     work: Work<'s>,
     endpoint: EndpointId,
+    /// [`Endpoint::is_peer_kernel`] of the endpoint.
+    peer: bool,
     verdict: Option<Verdict>,
     kernel_error: Option<KernelError>,
 }
 
 impl<'s> CrankContext<'s> {
-    pub(crate) fn new(work: Work<'s>, endpoint: EndpointId) -> Self {
-        CrankContext { work, endpoint, verdict: None, kernel_error: None }
+    pub(crate) fn new(work: Work<'s>, endpoint: EndpointId, peer: bool) -> Self {
+        CrankContext { work, endpoint, peer, verdict: None, kernel_error: None }
     }
 
     pub(crate) fn into_parts(self) -> (Work<'s>, Option<Verdict>, Option<KernelError>) {
@@ -182,10 +198,63 @@ impl<'s> CrankContext<'s> {
             }
             return Ok(k);
         }
+        if self.peer {
+            // A peer kernel may name a promise it has not yet heard was resolved...
+            if let Some(k) = self.check(self.work.db.alias_kref(ep, vref))? {
+                return Ok(k);
+            }
+            // ...or an export of its own it has not yet heard was retired here: a new object.
+            if vref.allocator == Allocator::Endpoint && vref.kind == RefKind::Object {
+                let kref = KRef::Object(self.work.db.new_object(ep, false));
+                let r = self.work.db.clist_insert(ep, kref, vref);
+                self.check(r)?;
+                return Ok(kref);
+            }
+        }
         if vref.allocator == Allocator::Kernel {
             return Err(self.illegal(format!("{vref} is not in the c-list of {ep}")));
         }
         Err(self.illegal(format!("{vref} is stale: {ep} allocated it before and it has been retired or resolved")))
+    }
+
+    /// Forget promise names this (peer-kernel) endpoint kept after their notify (see
+    /// [`Endpoint::is_peer_kernel`]): the peer says it will not name them again. Naming one that
+    /// is not such an alias is illegal.
+    pub fn forget_names(&mut self, vrefs: &[VRef]) -> Result<(), SyscallError> {
+        self.guard()?;
+        let ep = self.endpoint;
+        for &v in vrefs {
+            let r = self.work.db.alias_remove(ep, v);
+            if !self.check(r)? {
+                return Err(self.illegal(format!("forget of {v}, which {ep} does not keep as a resolved promise's name")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The endpoint's c-list entry for `kref` (its vref and reachable flag); changes nothing.
+    pub fn entry(&mut self, kref: KRef) -> Result<Option<ClistEntry>, SyscallError> {
+        self.guard()?;
+        let r = self.work.db.clist_entry(self.endpoint, kref);
+        self.check(r)
+    }
+
+    /// True if this endpoint decides promise `kp` (it is unresolved and this endpoint is the one
+    /// to resolve it).
+    pub fn decides(&mut self, kp: KPromiseId) -> Result<bool, SyscallError> {
+        self.guard()?;
+        let r = self.work.db.promise(kp);
+        Ok(self.check(r)?.and_then(|s| s.decider()) == Some(self.endpoint))
+    }
+
+    /// True if [`CrankContext::retire_exports`] of `kref` would be legal now: an object this
+    /// endpoint exports that no importer can reach, not pinned, not abandoned.
+    pub fn can_retire_export(&mut self, kref: KRef) -> Result<bool, SyscallError> {
+        self.guard()?;
+        let KRef::Object(o) = kref else { return Ok(false) };
+        let ep = self.endpoint;
+        let rec = self.check(self.work.db.object(o))?;
+        Ok(matches!(&rec, Some(r) if r.owner == ep && r.reachable == 0 && !r.pinned && !r.abandoned))
     }
 
     /// Allocate the kernel object or promise for a new `o+N`/`p+N` above the watermark.

@@ -209,6 +209,23 @@ impl VRef {
         k[2..].copy_from_slice(&self.index.to_be_bytes());
         k
     }
+
+    /// The vref a [`VRef::key_bytes`] key stands for, if `b` is one.
+    pub fn from_key_bytes(b: &[u8]) -> Option<VRef> {
+        let [kind, alloc, n @ ..] = b else { return None };
+        let index = u64::from_be_bytes(n.try_into().ok()?);
+        let kind = match kind {
+            b'o' => RefKind::Object,
+            b'p' => RefKind::Promise,
+            _ => return None,
+        };
+        let allocator = match alloc {
+            b'+' => Allocator::Endpoint,
+            b'-' => Allocator::Kernel,
+            _ => return None,
+        };
+        Some(VRef { kind, allocator, index })
+    }
 }
 
 impl fmt::Display for VRef {
@@ -314,5 +331,9 @@ mod tests {
         let b = KRef::Object(KObjectId(256)).key_bytes();
         assert!(a < b);
         assert!(VRef::export(9).key_bytes() < VRef::export(10).key_bytes());
+        for v in [VRef::export(9), VRef::import(3), VRef::imported_promise(7), VRef::ROOT] {
+            assert_eq!(VRef::from_key_bytes(&v.key_bytes()), Some(v));
+        }
+        assert_eq!(VRef::from_key_bytes(b"x+\0\0\0\0\0\0\0\x01"), None);
     }
 }

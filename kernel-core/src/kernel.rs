@@ -369,6 +369,12 @@ impl<S: Store> Kernel<S> {
         self.read().clist_entries(ep)
     }
 
+    /// The promise names peer-kernel endpoint `ep` keeps after their notify, as `(vref, kref)`
+    /// (see [`Endpoint::is_peer_kernel`]); each counts one reference.
+    pub fn aliases(&self, ep: EndpointId) -> Result<Vec<(VRef, KRef)>, KernelError> {
+        self.read().aliases(ep)
+    }
+
     /// `ep`'s vatstore.
     pub fn vatstore(&self, ep: EndpointId) -> Result<Vec<Entry>, KernelError> {
         self.read().vatstore_entries(ep)
@@ -471,7 +477,8 @@ impl<S: Store> Kernel<S> {
             let name = work.db.endpoint(endpoint)?.map(|r| r.name).unwrap_or_default();
             return Err(KernelError::NotAttached(endpoint, name));
         };
-        let mut ctx = CrankContext::new(work, endpoint);
+        let peer = imp.is_peer_kernel();
+        let mut ctx = CrankContext::new(work, endpoint, peer);
         let returned = catch_unwind(AssertUnwindSafe(|| match delivery {
             Delivery::Kernel(d) => imp.deliver(d, &mut ctx),
             Delivery::Gc(a) => imp.collect(a, &mut ctx),
@@ -500,7 +507,13 @@ impl<S: Store> Kernel<S> {
                     }
                 }
                 for kp in &notified {
-                    work.db.clist_remove(endpoint, KRef::Promise(*kp))?;
+                    if peer {
+                        // A peer may name it in messages already on their way (see
+                        // `Endpoint::is_peer_kernel`): keep the name until it says it is done.
+                        work.db.clist_alias(endpoint, *kp)?;
+                    } else {
+                        work.db.clist_remove(endpoint, KRef::Promise(*kp))?;
+                    }
                 }
                 if let Some(action) = &gc_action {
                     gc::after_delivery(&mut work.db, endpoint, action)?;
@@ -593,7 +606,8 @@ impl<S: Store> Kernel<S> {
             return Ok(Err(Fault::IllegalSyscall(format!("{ep} is not a live endpoint"))));
         }
         let work = Work { db: KernelTxn::begin(&self.store, &self.cache, self.counters), buf: CrankBuffer::default() };
-        let mut ctx = CrankContext::new(work, ep);
+        let peer = self.endpoints.get(ep.0 as usize).and_then(Option::as_ref).is_some_and(|e| e.is_peer_kernel());
+        let mut ctx = CrankContext::new(work, ep, peer);
         let returned = f(&mut ctx);
         let (work, verdict, kernel_error) = ctx.into_parts();
         if let Some(e) = kernel_error {
@@ -673,6 +687,9 @@ fn terminate(work: &mut Work<'_>, ep: EndpointId, reason: &str, data: CapData) -
                 promise::reject(work, *kp, data.clone())?;
             }
         }
+    }
+    for (vref, _) in work.db.aliases(ep)? {
+        work.db.alias_remove(ep, vref)?;
     }
     for (kref, _) in entries {
         // Removed before its export is marked abandoned: the exporter's own entry counts

@@ -11,6 +11,9 @@
 //!   `e/<ep u32>/o` -> its root [`KObjectId`]
 //! - `n/<name>` -> [`EndpointId`]
 //! - `l/<ep u32>/k<kref 9 bytes>` -> [`ClistEntry`]; `l/<ep u32>/v<vref 10 bytes>` -> [`KRef`]
+//! - `l/<ep u32>/a<vref 10 bytes>` -> [`KRef`]: a promise name a peer-kernel endpoint keeps after
+//!   its notify (an *alias*: it resolves inbound names only, counts one reference, and goes at
+//!   `forget_names`; see [`crate::Endpoint::is_peer_kernel`])
 //! - `s/<ep u32>/<key bytes>` -> vatstore value
 
 use crate::error::KernelError;
@@ -197,6 +200,13 @@ fn clist_kref_key(ep: EndpointId, kref: KRef) -> Vec<u8> {
     let mut k = clist_prefix(ep);
     k.push(b'k');
     k.extend_from_slice(&kref.key_bytes());
+    k
+}
+
+fn clist_alias_key(ep: EndpointId, vref: VRef) -> Vec<u8> {
+    let mut k = clist_prefix(ep);
+    k.push(b'a');
+    k.extend_from_slice(&vref.key_bytes());
     k
 }
 
@@ -549,6 +559,53 @@ impl<'s> KernelTxn<'s> {
             }
         }
         Ok(())
+    }
+
+    /// Turn `ep`'s c-list entry for promise `kp` into an alias: the entry goes (a later import
+    /// of `kp` gets a fresh vref), but its vref still names `kp` inbound, and the reference it
+    /// counted stays counted, until [`KernelTxn::alias_remove`].
+    pub fn clist_alias(&mut self, ep: EndpointId, kp: KPromiseId) -> Result<(), KernelError> {
+        let kref = KRef::Promise(kp);
+        if let Some(entry) = self.clist_entry(ep, kref)? {
+            self.dirty.clist.insert((ep, kref), None);
+            self.dirty.clist_rev.insert((ep, entry.vref), None);
+            self.txn.set(clist_alias_key(ep, entry.vref), encode(&kref));
+        }
+        Ok(())
+    }
+
+    /// The promise `ep`'s alias `vref` names, if it is one.
+    pub fn alias_kref(&self, ep: EndpointId, vref: VRef) -> Result<Option<KRef>, KernelError> {
+        let key = clist_alias_key(ep, vref);
+        match self.txn.get(&key)? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(decode("c-list alias", &key, &bytes)?)),
+        }
+    }
+
+    /// Forget `ep`'s alias `vref`, releasing its reference. False if there was none.
+    pub fn alias_remove(&mut self, ep: EndpointId, vref: VRef) -> Result<bool, KernelError> {
+        let Some(kref) = self.alias_kref(ep, vref)? else { return Ok(false) };
+        self.txn.delete(clist_alias_key(ep, vref));
+        self.decref(kref, true)?;
+        Ok(true)
+    }
+
+    /// Every alias `ep` keeps, as `(vref, kref)`.
+    pub fn aliases(&self, ep: EndpointId) -> Result<Vec<(VRef, KRef)>, KernelError> {
+        let mut prefix = clist_prefix(ep);
+        prefix.push(b'a');
+        let mut out = Vec::new();
+        for (k, v) in self.txn.scan_prefix(&prefix)? {
+            let kref: KRef = decode("c-list alias", &k, &v)?;
+            let vref = VRef::from_key_bytes(&k[prefix.len()..]).ok_or_else(|| KernelError::Corrupt {
+                table: "c-list alias",
+                key: k.escape_ascii().to_string(),
+                reason: "bad vref key".into(),
+            })?;
+            out.push((vref, kref));
+        }
+        Ok(out)
     }
 
     /// `ep`'s ref for `kref`, importing it (`o-N`/`p-N`) if `ep` has not seen it; an import it

@@ -8,19 +8,29 @@
 //! - `n` -> the next outbound sequence number (u64 BE; absent: 1);
 //! - `a` -> the highest inbound sequence applied (u64 BE; absent: 0).
 //!
-//! Known gap: the kernel forgets a peer-allocated `+` ref when it is retired (distributed GC,
-//! not yet carried across links: `collect` deliveries are ignored here) or, for a result
-//! promise, after the notify that sends its settlement back; kernel-core then refuses that ref
-//! as stale. A peer that names it again — a message sent before our `Resolve` (or a future
-//! `Retire`) reached it — is refused, and the link stops there (see the ignored test in
-//! `tests/gate.rs`). Closing it needs the link to keep such refs, or their settlements, until the
-//! peer can no longer name them (the peer's outbox position at the time it applied our message,
-//! carried on its acks), with kernel-core letting a link keep or revive them.
+//! - `x<vref>` -> the last outbound sequence that named our object `vref` (an `o-N` of the
+//!   link's c-list), for distributed GC.
+//!
+//! Distributed GC (DESIGN §6 across a link) rides the same outbox, so it is exactly once and in
+//! order. The kernel's GC deliveries to the link become wire messages: `dropExports` ->
+//! [`WireMessage::Drop`], `retireExports` -> [`WireMessage::Retire`] (the peer's objects we no
+//! longer reach / recognise), `retireImports` -> [`WireMessage::Retired`] (our objects whose
+//! exporter is gone). The races are settled by order and one number:
+//! - a `Drop`/`Retire` carries `seen`, the highest peer message applied when it was decided;
+//!   the exporter applies it only if it has not named the object in a message after `seen` —
+//!   if it has, that message makes the object reachable again at the importer (for a retired
+//!   object, as a new import: kernel-core takes a peer kernel's retired `o+N` named again as a
+//!   new export), and the drop is moot;
+//! - a notify's promises stay nameable as aliases in the link's c-list (kernel-core, for peer
+//!   kernels), because the peer may name them in messages sent before our `Resolve` reached
+//!   it; the peer answers our `Resolve` with [`WireMessage::Forget`] in its outbox, after
+//!   which it never names them again, and the aliases go.
 
 use crate::rref::{PeerSeq, RRef};
 use crate::wire::{WireData, WireMessage, WireResolution};
 use kernel_core::{
-    Allocator, CapData, CrankContext, Endpoint, Fault, KObjectId, KPromiseId, KRef, KernelDelivery, Settlement, SyscallError,
+    Allocator, CapData, CrankContext, Endpoint, Fault, GcAction, KObjectId, KPromiseId, KRef, KernelDelivery, RefKind, Settlement,
+    SyscallError, VRef,
 };
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -111,6 +121,9 @@ struct Out<'a, 's> {
     bootstrap: Option<KObjectId>,
     /// Promises already subscribed to (or settled in this very delivery): subscribe once.
     subscribed: Vec<KPromiseId>,
+    /// Our objects (the link's `o-N`) this message names: the peer's drop of them is moot if it
+    /// was decided before it saw this message.
+    named: Vec<VRef>,
 }
 
 impl Out<'_, '_> {
@@ -121,15 +134,18 @@ impl Out<'_, '_> {
             }
         }
         let vref = self.ctx.import(kref).map_err(kernel_fault)?;
+        if vref.kind == RefKind::Object && vref.allocator == Allocator::Kernel && !self.named.contains(&vref) {
+            self.named.push(vref);
+        }
         Ok(RRef::from_clist(vref))
     }
 
-    /// A promise in data: if this kernel decides it (it is not the peer's), subscribe so its
+    /// A promise in data: unless the peer decides it (through this link), subscribe so its
     /// settlement follows it across the link.
     fn slot(&mut self, kref: KRef) -> Result<RRef, Fault> {
         let r = self.rref(kref)?;
         if let KRef::Promise(kp) = kref {
-            if r.to_clist().allocator == Allocator::Kernel && !self.subscribed.contains(&kp) {
+            if !self.subscribed.contains(&kp) && !self.ctx.decides(kp).map_err(kernel_fault)? {
                 self.ctx.subscribe(kp).map_err(kernel_fault)?;
                 self.subscribed.push(kp);
             }
@@ -148,7 +164,7 @@ impl Out<'_, '_> {
 
 impl Endpoint for LinkEndpoint {
     fn deliver(&mut self, delivery: KernelDelivery, ctx: &mut CrankContext<'_>) -> Result<(), Fault> {
-        let mut out = Out { ctx, bootstrap: self.bootstrap.get(), subscribed: Vec::new() };
+        let mut out = Out { ctx, bootstrap: self.bootstrap.get(), subscribed: Vec::new(), named: Vec::new() };
         let mut result_kp = None;
         let message = match delivery {
             KernelDelivery::Message { target, message } => {
@@ -177,7 +193,7 @@ impl Endpoint for LinkEndpoint {
                 WireMessage::Resolve { resolutions: wire }
             }
         };
-        let ctx = out.ctx;
+        let (ctx, named) = (out.ctx, out.named);
         let mut bytes = message.encode().map_err(|e| Fault::VatError(e.to_string()))?;
         if bytes.len() > self.max_message {
             // Too large for any peer to accept: refuse it here rather than lose the link to it.
@@ -202,20 +218,84 @@ impl Endpoint for LinkEndpoint {
                         .collect();
                     bytes = WireMessage::Resolve { resolutions }.encode().map_err(|e| Fault::VatError(e.to_string()))?;
                 }
+                _ => return Err(Fault::VatError(why)),
             }
         }
-        let seq = match ctx.vatstore_get(NEXT_SEQ_KEY).map_err(kernel_fault)? {
-            None => 1,
-            Some(v) => decode_u64(&v).ok_or_else(|| Fault::VatError("corrupt next-sequence record".into()))?,
-        };
-        ctx.vatstore_set(&outbox_key(seq), bytes.clone()).map_err(kernel_fault)?;
-        ctx.vatstore_set(NEXT_SEQ_KEY, (seq + 1).to_be_bytes().to_vec()).map_err(kernel_fault)?;
-        // Last, after every fallible step: staged entries leave only on this crank's commit event.
-        let mut gate = self.gate.borrow_mut();
-        let generation = gate.generation;
-        gate.staged.push((generation, Staged { link: self.index, seq, message: bytes }));
+        let seq = write_outbox(ctx, &bytes).map_err(kernel_fault)?;
+        for v in named {
+            ctx.vatstore_set(&named_key(v), seq.to_be_bytes().to_vec()).map_err(kernel_fault)?;
+        }
+        self.stage(seq, bytes);
         Ok(())
     }
+
+    fn collect(&mut self, action: GcAction, ctx: &mut CrankContext<'_>) -> Result<(), Fault> {
+        let mut refs = Vec::new();
+        for &o in action.objects() {
+            if let Some(v) = ctx.vref(KRef::Object(o)).map_err(kernel_fault)? {
+                refs.push(RRef::from_clist(v));
+            }
+        }
+        if refs.is_empty() {
+            return Ok(()); // bringOutYourDead: the link holds nothing of its own
+        }
+        let seen = PeerSeq(read_u64(ctx, APPLIED_KEY, 0)?);
+        let message = match action {
+            GcAction::DropExports(_) => WireMessage::Drop { refs, seen },
+            GcAction::RetireExports(_) => WireMessage::Retire { refs, seen },
+            GcAction::RetireImports(_) => {
+                for r in &refs {
+                    ctx.vatstore_delete(&named_key(r.to_clist())).map_err(kernel_fault)?;
+                }
+                WireMessage::Retired { refs }
+            }
+            GcAction::BringOutYourDead => return Ok(()),
+        };
+        let bytes = message.encode().map_err(|e| Fault::VatError(e.to_string()))?;
+        let seq = write_outbox(ctx, &bytes).map_err(kernel_fault)?;
+        self.stage(seq, bytes);
+        Ok(())
+    }
+
+    fn is_peer_kernel(&self) -> bool {
+        true
+    }
+}
+
+impl LinkEndpoint {
+    /// Last, after every fallible step: staged entries leave only on this crank's commit event.
+    fn stage(&self, seq: u64, message: Vec<u8>) {
+        let mut gate = self.gate.borrow_mut();
+        let generation = gate.generation;
+        gate.staged.push((generation, Staged { link: self.index, seq, message }));
+    }
+}
+
+/// The vatstore key recording the last outbound sequence that named our object `vref`.
+fn named_key(vref: VRef) -> Vec<u8> {
+    let mut k = Vec::with_capacity(11);
+    k.push(b'x');
+    k.extend_from_slice(&vref.key_bytes());
+    k
+}
+
+/// A big-endian u64 vatstore record, or `absent`.
+fn read_u64(ctx: &mut CrankContext<'_>, key: &[u8], absent: u64) -> Result<u64, Fault> {
+    match ctx.vatstore_get(key).map_err(kernel_fault)? {
+        None => Ok(absent),
+        Some(v) => decode_u64(&v).ok_or_else(|| Fault::VatError(format!("corrupt link record {}", key.escape_ascii()))),
+    }
+}
+
+/// Append `bytes` to the link's outbox (in the transaction): its sequence number.
+fn write_outbox(ctx: &mut CrankContext<'_>, bytes: &[u8]) -> Result<u64, SyscallError> {
+    let seq = match ctx.vatstore_get(NEXT_SEQ_KEY)? {
+        None => 1,
+        Some(v) => decode_u64(&v).ok_or_else(|| SyscallError::Illegal("corrupt next-sequence record".into()))?,
+    };
+    ctx.vatstore_set(&outbox_key(seq), bytes.to_vec())?;
+    ctx.vatstore_set(NEXT_SEQ_KEY, (seq + 1).to_be_bytes().to_vec())?;
+    Ok(seq)
 }
 
 fn refused(e: SyscallError) -> Fault {
@@ -244,15 +324,20 @@ fn in_data(ctx: &mut CrankContext<'_>, bootstrap: Option<KObjectId>, d: &WireDat
 }
 
 /// Apply message `seq` from the peer inside an immediate-path transaction, recording `seq` as
-/// the highest applied in the same transaction. Any fault means nothing is applied.
-pub fn apply_inbound(ctx: &mut CrankContext<'_>, bootstrap: Option<KObjectId>, seq: PeerSeq, message: &WireMessage) -> Result<(), Fault> {
-    let applied = match ctx.vatstore_get(APPLIED_KEY).map_err(refused)? {
-        None => 0,
-        Some(v) => decode_u64(&v).ok_or_else(|| Fault::VatError("corrupt applied-sequence record".into()))?,
-    };
+/// the highest applied in the same transaction. Any fault means nothing is applied. Returns
+/// the promises the message resolved, as we name them: the peer may forget their names once our
+/// [`WireMessage::Forget`] of them reaches it (see [`apply_batch`]).
+pub fn apply_inbound(
+    ctx: &mut CrankContext<'_>,
+    bootstrap: Option<KObjectId>,
+    seq: PeerSeq,
+    message: &WireMessage,
+) -> Result<Vec<RRef>, Fault> {
+    let applied = read_u64(ctx, APPLIED_KEY, 0)?;
     if seq.0 != applied + 1 {
         return Err(Fault::IllegalSyscall(format!("message {seq} does not follow {}", PeerSeq(applied))));
     }
+    let mut resolved = Vec::new();
     match message {
         WireMessage::Deliver { target, method, args, result } => {
             let target = in_ref(ctx, bootstrap, *target)?;
@@ -280,10 +365,74 @@ pub fn apply_inbound(ctx: &mut CrankContext<'_>, bootstrap: Option<KObjectId>, s
                 };
                 let data = in_data(ctx, bootstrap, &r.data)?;
                 settled.push((kp, if r.rejected { Settlement::Rejected(data) } else { Settlement::Fulfilled(data) }));
+                resolved.push(r.promise.flip());
             }
             ctx.resolve(settled).map_err(refused)?;
         }
+        WireMessage::Drop { refs, seen } | WireMessage::Retire { refs, seen } => {
+            let retire = matches!(message, WireMessage::Retire { .. });
+            for r in refs {
+                let vref = r.flip().to_clist();
+                if vref.kind != RefKind::Object || vref.allocator != Allocator::Kernel {
+                    return Err(Fault::IllegalSyscall(format!("{} of {r}, which is not an object of ours", message.describe())));
+                }
+                // Unknown here (already retired: our exporter went) or named again since the
+                // peer decided: nothing to do.
+                let Some(kref) = ctx.lookup(vref).map_err(refused)? else { continue };
+                if read_u64(ctx, &named_key(vref), 0)? > seen.0 {
+                    continue;
+                }
+                let reachable = ctx.entry(kref).map_err(refused)?.is_some_and(|e| e.reachable);
+                if reachable {
+                    ctx.drop_imports(&[kref]).map_err(refused)?;
+                }
+                if retire {
+                    ctx.retire_imports(&[kref]).map_err(refused)?;
+                    ctx.vatstore_delete(&named_key(vref)).map_err(refused)?;
+                }
+            }
+        }
+        WireMessage::Retired { refs } => {
+            for r in refs {
+                let vref = r.flip().to_clist();
+                if vref.kind != RefKind::Object || vref.allocator != Allocator::Endpoint || vref == VRef::ROOT {
+                    return Err(Fault::IllegalSyscall(format!("{} of {r}, which is not an object of the sender's", message.describe())));
+                }
+                let Some(kref) = ctx.lookup(vref).map_err(refused)? else { continue };
+                // Still reachable here (named again since): the peer will hear of it again.
+                if ctx.can_retire_export(kref).map_err(refused)? {
+                    ctx.retire_exports(&[kref]).map_err(refused)?;
+                }
+            }
+        }
+        WireMessage::Forget { refs } => {
+            let names: Vec<VRef> = refs.iter().map(|r| r.flip().to_clist()).collect();
+            ctx.forget_names(&names).map_err(refused)?;
+        }
     }
     ctx.vatstore_set(APPLIED_KEY, seq.0.to_be_bytes().to_vec()).map_err(refused)?;
-    Ok(())
+    Ok(resolved)
+}
+
+/// Apply a batch of messages from the peer of link `link` inside one immediate-path
+/// transaction (see [`apply_inbound`]); for each `Resolve` among them, write a
+/// [`WireMessage::Forget`] of the promises it resolved into the link's outbox (one per
+/// `Resolve`, so the outbox does not depend on how messages happened to be batched). Returns
+/// those outbox entries, to transmit once the transaction has committed (and is durable).
+pub(crate) fn apply_batch(
+    ctx: &mut CrankContext<'_>,
+    link: usize,
+    bootstrap: Option<KObjectId>,
+    batch: &[(PeerSeq, WireMessage)],
+) -> Result<Vec<Staged>, Fault> {
+    let mut staged = Vec::new();
+    for (seq, message) in batch {
+        let forget = apply_inbound(ctx, bootstrap, *seq, message)?;
+        if !forget.is_empty() {
+            let message = WireMessage::Forget { refs: forget }.encode().map_err(|e| Fault::VatError(e.to_string()))?;
+            let seq = write_outbox(ctx, &message).map_err(kernel_fault)?;
+            staged.push(Staged { link, seq, message });
+        }
+    }
+    Ok(staged)
 }

@@ -10,7 +10,7 @@
 
 use crate::durable::DurableStore;
 use crate::error::{ProtocolError, RemoteError};
-use crate::link::{self, apply_inbound, decode_u64, Gate, LinkEndpoint, OUTBOX_PREFIX};
+use crate::link::{self, decode_u64, Gate, LinkEndpoint, OUTBOX_PREFIX};
 use crate::rref::{KernelId, PeerSeq};
 use crate::transport::{Transport, TransportEvent};
 use crate::wire::{Frame, WireMessage, DEFAULT_MAX_FRAME};
@@ -455,30 +455,42 @@ impl<S: DurableStore> Node<S> {
             }
             let batch = std::mem::take(&mut self.links[i].inbound);
             let ep = self.links[i].ep;
-            let all = self.kernel.apply_external(ep, |ctx| {
-                for (seq, message) in &batch {
-                    apply_inbound(ctx, bootstrap, *seq, message)?;
-                }
-                Ok(())
-            })?;
-            if all.is_ok() {
+            let all = self.kernel.apply_external(ep, |ctx| link::apply_batch(ctx, i, bootstrap, &batch))?;
+            if let Ok(staged) = all {
                 self.applied(i, batch.len() as u64, batch.last().map_or(0, |(s, _)| s.0));
+                self.outbox_written(staged);
                 continue;
             }
             // Find the refused one: apply the good prefix one message at a time.
-            for (seq, message) in &batch {
-                match self.kernel.apply_external(ep, |ctx| apply_inbound(ctx, bootstrap, *seq, message))? {
-                    Ok(()) => self.applied(i, 1, seq.0),
+            for one in batch.chunks(1) {
+                let seq = one[0].0;
+                match self.kernel.apply_external(ep, |ctx| link::apply_batch(ctx, i, bootstrap, one))? {
+                    Ok(staged) => {
+                        self.applied(i, 1, seq.0);
+                        self.outbox_written(staged);
+                    }
                     Err(fault) => {
                         let peer = self.links[i].peer.clone();
                         self.links[i].received = self.links[i].applied;
-                        self.fault(net, &peer, &ProtocolError::Refused { seq: *seq, fault }.to_string());
+                        self.fault(net, &peer, &ProtocolError::Refused { seq, fault }.to_string());
                         break;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// An outbox entry an immediate-path transaction wrote and committed: transmittable once
+    /// durable, like a crank's.
+    fn outbox_written(&mut self, staged: Vec<link::Staged>) {
+        let mark = self.kernel.store().applied_mark();
+        for s in staged {
+            let link = &mut self.links[s.link];
+            debug_assert_eq!(s.seq, link.written + 1, "outbox sequence for {}", link.peer);
+            link.written = s.seq;
+            link.unacked.push_back(OutEntry { seq: s.seq, message: s.message, mark });
+        }
     }
 
     fn applied(&mut self, i: usize, n: u64, upto: u64) {

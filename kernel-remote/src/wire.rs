@@ -3,16 +3,17 @@
 //! sender's outbox (a postcard [`WireMessage`]), so a retransmission is byte-identical.
 //!
 //! Compatibility: a peer that sees another version byte closes the connection. New message
-//! kinds are added as new variants at the end of [`WireMessage`] (the distributed-GC messages
-//! `Drop` and `Retire` are reserved for that); a kernel that does not know a variant fails to
-//! decode it and treats the frame as malformed, so such an addition bumps [`WIRE_VERSION`].
+//! kinds are added as new variants at the end of [`WireMessage`]; a kernel that does not know a
+//! variant fails to decode it and treats the frame as malformed, so such an addition bumps
+//! [`WIRE_VERSION`] (version 2 added the distributed-GC messages `Drop`, `Retire`, `Retired` and
+//! `Forget`).
 
 use crate::error::WireError;
 use crate::rref::{KernelId, PeerSeq, RRef};
 use serde::{Deserialize, Serialize};
 
 /// The version byte every frame starts with.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// The largest frame accepted by default (16 MiB), version byte included.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -79,9 +80,38 @@ pub enum WireMessage {
         /// The settlements, first the one notified, then those its data names.
         resolutions: Vec<WireResolution>,
     },
-    // Reserved for distributed GC (DESIGN §6 across a link), appended here when kernel-core
-    // delivers GC actions to endpoints: `Drop { refs: Vec<RRef> }` (the sender no longer reaches
-    // these imports) and `Retire { refs: Vec<RRef> }` (nor recognises them).
+    /// Distributed GC: the sender can no longer reach these objects of the receiver's (its
+    /// imports). `seen` is the highest of the receiver's messages the sender had applied when
+    /// it decided: if the receiver has named one of them in a later message, that message
+    /// makes it reachable again at the sender, and the receiver ignores the drop of it.
+    Drop {
+        /// The objects, as the sender names them (the receiver's exports: `ro-N`).
+        refs: Vec<RRef>,
+        /// The highest of the receiver's messages the sender had applied.
+        seen: PeerSeq,
+    },
+    /// Distributed GC: the sender can no longer even recognise these objects of the
+    /// receiver's, and has forgotten them; `seen` as for [`WireMessage::Drop`] (an object the
+    /// receiver named again after `seen` is a new import at the sender).
+    Retire {
+        /// The objects, as the sender names them (`ro-N`).
+        refs: Vec<RRef>,
+        /// The highest of the receiver's messages the sender had applied.
+        seen: PeerSeq,
+    },
+    /// Distributed GC: these exports of the sender's are gone (their exporter retired or
+    /// abandoned them, and the receiver had dropped them): the receiver forgets them.
+    Retired {
+        /// The objects, as the sender names them (its own: `ro+N`).
+        refs: Vec<RRef>,
+    },
+    /// The sender has applied the receiver's resolution of these promises and will never name
+    /// them again under these names: the receiver may forget the names (see
+    /// `kernel_core::Endpoint::is_peer_kernel`).
+    Forget {
+        /// The promises, as the sender names them.
+        refs: Vec<RRef>,
+    },
 }
 
 impl WireMessage {
@@ -103,8 +133,16 @@ impl WireMessage {
                 Some(r) => format!("resolve {}", r.promise),
                 None => "resolve".into(),
             },
+            WireMessage::Drop { refs, .. } => format!("drop {}", list(refs)),
+            WireMessage::Retire { refs, .. } => format!("retire {}", list(refs)),
+            WireMessage::Retired { refs } => format!("retired {}", list(refs)),
+            WireMessage::Forget { refs } => format!("forget {}", list(refs)),
         }
     }
+}
+
+fn list(refs: &[RRef]) -> String {
+    refs.iter().map(RRef::to_string).collect::<Vec<_>>().join(" ")
 }
 
 impl Frame {
@@ -151,6 +189,15 @@ mod tests {
     fn frames_round_trip() {
         let msg = sample().encode().expect("encode");
         assert_eq!(WireMessage::decode(&msg).expect("decode"), sample());
+        let r: RRef = "ro-3".parse().expect("rref");
+        for m in [
+            WireMessage::Drop { refs: vec![r], seen: PeerSeq(9) },
+            WireMessage::Retire { refs: vec![r, r.flip()], seen: PeerSeq(0) },
+            WireMessage::Retired { refs: vec![r.flip()] },
+            WireMessage::Forget { refs: vec!["rp+2".parse().expect("rref")] },
+        ] {
+            assert_eq!(WireMessage::decode(&m.encode().expect("encode")).expect("decode"), m);
+        }
         for f in [
             Frame::Hello { kernel: "a".parse().expect("id") },
             Frame::Data { seq: PeerSeq(7), message: msg.clone() },

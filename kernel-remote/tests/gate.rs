@@ -290,14 +290,9 @@ fn a_refused_message_in_a_batch_stops_it_there_and_closes_the_connection() {
     assert_eq!(b.status()[0].applied, PeerSeq(2));
 }
 
-/// Known gap (see the report of issue 5): a result promise the peer has already resolved and
-/// forgotten, named again by a message sent before its resolution arrived, is refused as stale
-/// by the peer's kernel, and the link to it stops. Fixing it needs the link to remember the
-/// settlements of retired peer-allocated promises until the peer can no longer name them (or a
-/// kernel-core way to revive a retired promise vref); the same holds for objects once distributed
-/// GC retires them. Ignored until then.
+/// A result promise the peer has already resolved, named again by a message sent before its
+/// resolution arrived, still names it: the peer keeps the name (an alias) until our `Forget`.
 #[test]
-#[ignore = "known gap: a retired result promise named again races its resolution"]
 fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() {
     /// `first`: ask the peer to echo, keeping the result promise; `second`: hand that promise
     /// to the peer.
@@ -345,4 +340,27 @@ fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() 
     a.pump(t, &mut to_b).expect("pump");
     forward(&mut to_b, &mut b, "a", &mut to_a);
     assert!(to_a.closed.is_empty(), "b refused a's message: {:?}", to_a.closed);
+    let link_at_b = b.peer_endpoint(&id("a")).expect("link");
+    assert_eq!(b.kernel().aliases(link_at_b).expect("aliases").len(), 1, "b keeps the resolved promise's name");
+    // Let it all settle (b resends its Resolve after the timeout); a answers it with a Forget.
+    for round in 1..=10u64 {
+        let t = Duration::from_secs(5 * round);
+        b.run(None).expect("run");
+        b.pump(t, &mut to_a).expect("pump");
+        for (_, f) in std::mem::take(&mut to_a.sent) {
+            a.handle(t, TransportEvent::Frame(id("b"), f.encode().expect("encode")), &mut to_b).expect("frame");
+        }
+        a.pump(t, &mut to_b).expect("pump");
+        a.run(None).expect("run");
+        a.pump(t, &mut to_b).expect("pump");
+        for (_, f) in std::mem::take(&mut to_b.sent) {
+            b.handle(t, TransportEvent::Frame(id("a"), f.encode().expect("encode")), &mut to_a).expect("frame");
+        }
+        b.pump(t, &mut to_a).expect("pump");
+    }
+    assert!(to_a.closed.is_empty() && to_b.closed.is_empty(), "{:?} {:?}", to_a.closed, to_b.closed);
+    assert!(a.is_idle() && b.is_idle(), "both sides settle");
+    assert_eq!(b.kernel().aliases(link_at_b).expect("aliases"), vec![], "a's Forget let b drop the name");
+    let link_at_a = a.peer_endpoint(&id("b")).expect("link");
+    assert!(a.kernel().clist(link_at_a).expect("c-list").iter().all(|(k, _)| k.as_promise().is_none()), "a holds no promise of b's");
 }

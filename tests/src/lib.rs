@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 struct RawCLists {
     kref_rows: BTreeMap<(EndpointId, KRef), ClistEntry>,
     by_vref: BTreeMap<(EndpointId, VRef), KRef>,
+    /// Promise names a peer-kernel endpoint keeps after their notify: `(endpoint, vref) -> kref`.
+    aliases: BTreeMap<(EndpointId, VRef), KRef>,
 }
 
 fn kref_from_key(b: &[u8]) -> Option<KRef> {
@@ -33,7 +35,7 @@ fn kref_from_key(b: &[u8]) -> Option<KRef> {
 /// Read the c-list rows (`l/<ep u32>/k<kref 9 bytes>` and `l/<ep u32>/v<vref 10 bytes>`, as
 /// `kernel-core`'s tables document them).
 fn read_clists<S: Store>(store: &S, problems: &mut Vec<String>) -> RawCLists {
-    let mut raw = RawCLists { kref_rows: BTreeMap::new(), by_vref: BTreeMap::new() };
+    let mut raw = RawCLists { kref_rows: BTreeMap::new(), by_vref: BTreeMap::new(), aliases: BTreeMap::new() };
     let rows = match scan_committed(store, b"l/") {
         Ok(rows) => rows,
         Err(e) => {
@@ -62,6 +64,12 @@ fn read_clists<S: Store>(store: &S, problems: &mut Vec<String>) -> RawCLists {
                     raw.by_vref.insert((ep, v), k);
                 }
                 _ => problems.push(format!("c-list row {shown} does not decode")),
+            },
+            b'a' => match (vref_from_key(rest), postcard::from_bytes::<KRef>(&value)) {
+                (Some(v), Ok(k)) => {
+                    raw.aliases.insert((ep, v), k);
+                }
+                _ => problems.push(format!("c-list alias row {shown} does not decode")),
             },
             _ => {} // other per-endpoint c-list rows, if any, are not checked here
         }
@@ -164,6 +172,17 @@ pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
             }
         }
     }
+    for ((ep, v), k) in &raw.aliases {
+        if !matches!(k, KRef::Promise(_)) || !exists(k) {
+            problems.push(format!("{ep}'s alias {v} names {k}, which is not an existing promise"));
+        }
+        if !matches!(endpoints.get(ep), Some(EndpointStatus::Live)) {
+            problems.push(format!("{ep} keeps alias {v} -> {k} but is not a live endpoint"));
+        }
+        if raw.by_vref.contains_key(&(*ep, *v)) {
+            problems.push(format!("{ep}: {v} is both a c-list entry and an alias"));
+        }
+    }
     for (ep, _) in raw.kref_rows.keys() {
         if !endpoints.contains_key(ep) {
             problems.push(format!("the store holds c-list rows of unknown endpoint {ep}"));
@@ -219,7 +238,10 @@ pub fn check_tables<S: Store>(kernel: &Kernel<S>) -> Vec<String> {
     }
 
     // Reference counts, recomputed from scratch.
-    let counts = count(&objects, &raw.kref_rows, &queue, &promises);
+    let mut counts = count(&objects, &raw.kref_rows, &queue, &promises);
+    for k in raw.aliases.values() {
+        counts.add(*k, true);
+    }
     for (o, rec) in &objects {
         let (reachable, recognizable) = counts.objects.get(o).copied().unwrap_or((0, 0));
         if (rec.reachable, rec.recognizable) != (reachable, recognizable) {
@@ -308,7 +330,8 @@ impl Counts {
 /// exporter's own entry counts for nothing, until it abandons the object); every c-list entry of a promise counts one; every
 /// queued message (on the run queue, or waiting on a promise: its target is that promise)
 /// counts its target, its argument slots and its result as reachable; a queued `notify` counts
-/// its promise; a settled promise's data counts each slot as reachable.
+/// its promise; a settled promise's data counts each slot as reachable; a peer kernel's alias
+/// (a promise name it keeps after the notify) counts its promise.
 pub fn recount<S: Store>(kernel: &Kernel<S>) -> Result<Counts, String> {
     let err = |e: kernel_core::KernelError| format!("the host API cannot read the tables: {e}");
     let objects: BTreeMap<KObjectId, ObjectRecord> = kernel.objects().map_err(err)?.into_iter().collect();
@@ -319,7 +342,11 @@ pub fn recount<S: Store>(kernel: &Kernel<S>) -> Result<Counts, String> {
     if let Some(p) = problems.into_iter().next() {
         return Err(p);
     }
-    Ok(count(&objects, &raw.kref_rows, &queue, &promises))
+    let mut counts = count(&objects, &raw.kref_rows, &queue, &promises);
+    for k in raw.aliases.values() {
+        counts.add(*k, true);
+    }
+    Ok(counts)
 }
 
 fn count(
