@@ -491,6 +491,13 @@ impl World {
                 if st.backlog != 0 {
                     found.push(format!("k{i}: backlog {} to {}", st.backlog, st.peer));
                 }
+                // Every resolution sent was answered by the peer's Forget: no names kept.
+                match node.peer_endpoint(&st.peer).map(|ep| kernel.aliases(ep)) {
+                    Ok(Ok(a)) if a.is_empty() => {}
+                    Ok(Ok(a)) => found.push(format!("k{i}: the link to {} still keeps {} resolved promise names", st.peer, a.len())),
+                    Ok(Err(e)) => found.push(format!("k{i}: reading the aliases of the link to {}: {e}", st.peer)),
+                    Err(e) => found.push(format!("k{i}: the link to {}: {e}", st.peer)),
+                }
                 ls.push((st.peer.to_string(), st.written.0, st.applied.0));
             }
             links.push(ls);
