@@ -95,7 +95,8 @@ impl<'a, 's> Cx<'_, 'a, 's> {
         Ok(current)
     }
 
-    /// A new object this vat exports (`o+N`); it becomes a kernel object when first sent.
+    /// A new object this vat exports (`o+N`); it becomes a kernel object when first sent, in
+    /// whatever order the vat sends its objects (the kernel keeps skipped indices as export gaps).
     pub fn export(&mut self) -> Result<VRef, VatError> {
         Ok(VRef::export(self.allocate(|c| &mut c.next_object, NEXT_OBJECT_KEY)?))
     }
