@@ -214,6 +214,18 @@ impl<'s> CrankContext<'s> {
         if vref.allocator == Allocator::Kernel {
             return Err(self.illegal(format!("{vref} is not in the c-list of {ep}")));
         }
+        // Below the watermark and unknown: new only if the endpoint skipped it and never named
+        // it; an index it named before (since retired or resolved) is never accepted again.
+        if let Some((first, last)) = self.check(self.work.db.export_gap(ep, vref))? {
+            self.work.db.remove_export_gap(ep, vref.kind, last);
+            if first < vref.index {
+                self.work.db.add_export_gap(ep, vref.kind, first, vref.index - 1);
+            }
+            if vref.index < last {
+                self.work.db.add_export_gap(ep, vref.kind, vref.index + 1, last);
+            }
+            return self.allocate_export(vref);
+        }
         Err(self.illegal(format!("{vref} is stale: {ep} allocated it before and it has been retired or resolved")))
     }
 
@@ -257,7 +269,9 @@ impl<'s> CrankContext<'s> {
         Ok(matches!(&rec, Some(r) if r.owner == ep && r.reachable == 0 && !r.pinned && !r.abandoned))
     }
 
-    /// Allocate the kernel object or promise for a new `o+N`/`p+N` above the watermark.
+    /// Allocate the kernel object or promise for a new `o+N`/`p+N` above the watermark. The
+    /// indices it skips become an export gap: the endpoint may still name them later, once each
+    /// (an endpoint may hand out refs at creation and send them in any order).
     fn export_new(&mut self, vref: VRef) -> Result<KRef, SyscallError> {
         let ep = self.endpoint;
         let r = self.work.db.clist_counters(ep);
@@ -266,8 +280,18 @@ impl<'s> CrankContext<'s> {
             RefKind::Object => &mut counters.export_object,
             RefKind::Promise => &mut counters.export_promise,
         };
+        let skipped_from = *watermark + 1;
         *watermark = vref.index;
         self.work.db.set_clist_counters(ep, &counters);
+        if skipped_from < vref.index {
+            self.work.db.add_export_gap(ep, vref.kind, skipped_from, vref.index - 1);
+        }
+        self.allocate_export(vref)
+    }
+
+    /// The kernel object or promise for a new export `vref`, entered in the c-list.
+    fn allocate_export(&mut self, vref: VRef) -> Result<KRef, SyscallError> {
+        let ep = self.endpoint;
         let kref = match vref.kind {
             RefKind::Object => KRef::Object(self.work.db.new_object(ep, false)),
             RefKind::Promise => KRef::Promise(self.work.db.new_promise(Some(ep))),
@@ -397,7 +421,8 @@ impl<'s> CrankContext<'s> {
     }
 
     /// `dropImports`: the endpoint can no longer reach these imports (objects it holds as
-    /// `o-N`, or promises it holds but does not decide, which it forgets at once).
+    /// `o-N`, or promises it holds but does not decide, which it forgets at once and is no
+    /// longer subscribed to: it will not be notified of them).
     pub fn drop_imports(&mut self, krefs: &[KRef]) -> Result<(), SyscallError> {
         self.guard()?;
         let ep = self.endpoint;
@@ -413,7 +438,7 @@ impl<'s> CrankContext<'s> {
             }
             let r = match k {
                 KRef::Object(_) => self.work.db.clist_set_reachable(ep, k, false),
-                KRef::Promise(_) => self.work.db.clist_remove(ep, k),
+                KRef::Promise(p) => promise::unsubscribe(&mut self.work, ep, p).and_then(|()| self.work.db.clist_remove(ep, k)),
             };
             self.check(r)?;
         }

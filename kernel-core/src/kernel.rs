@@ -439,7 +439,9 @@ impl<S: Store> Kernel<S> {
             }
             RunQueueItem::Notify { endpoint, promise: kp } => {
                 work.db.decref(KRef::Promise(kp), true)?;
-                if work.db.is_live(endpoint)? {
+                // Not to an endpoint that has since dropped the promise (or already learned of
+                // it through another notify): it would get the promise under a fresh vref.
+                if work.db.is_live(endpoint)? && work.db.clist_entry(endpoint, KRef::Promise(kp))?.is_some() {
                     let resolutions = promise::resolutions_for_notify(&work, kp)?;
                     let d = Delivery::Kernel(KernelDelivery::Notify { resolutions });
                     (CrankInput::Notify { endpoint, promise: kp, delivered: true }, Some((endpoint, d)))

@@ -109,6 +109,19 @@ pub(crate) fn subscribe(w: &mut Work<'_>, ep: EndpointId, kp: KPromiseId) -> Res
     Ok(())
 }
 
+/// Take `ep` off `kp`'s subscribers, if it is unresolved and `ep` is one: the endpoint dropped
+/// it and will not be told when it settles. (A notify already queued for a settled promise is
+/// not delivered to an endpoint whose c-list no longer holds the promise.)
+pub(crate) fn unsubscribe(w: &mut Work<'_>, ep: EndpointId, kp: KPromiseId) -> Result<(), KernelError> {
+    if let Some(PromiseState::Unresolved { decider, mut subscribers, queue }) = w.db.promise(kp)? {
+        if subscribers.contains(&ep) {
+            subscribers.retain(|s| *s != ep);
+            w.db.set_promise(kp, &PromiseState::Unresolved { decider, subscribers, queue })?;
+        }
+    }
+    Ok(())
+}
+
 /// The settlement of `kp` and of every already-settled promise its data names (transitively),
 /// in the order found: what one `notify` delivery carries.
 pub(crate) fn resolutions_for_notify(w: &Work<'_>, kp: KPromiseId) -> Result<Vec<(KPromiseId, Settlement)>, KernelError> {

@@ -8,7 +8,8 @@
 //! - `o/<ko u64>` -> [`ObjectRecord`]
 //! - `p/<kp u64>` -> [`PromiseRecord`] (state, reference count, pin)
 //! - `e/<ep u32>/r` -> name; `e/<ep u32>/s` -> [`EndpointStatus`]; `e/<ep u32>/c` -> [`ClistCounters`];
-//!   `e/<ep u32>/o` -> its root [`KObjectId`]
+//!   `e/<ep u32>/o` -> its root [`KObjectId`]; `e/<ep u32>/g<o|p><last u64>` -> first u64: a run
+//!   `first..=last` of the endpoint's own refs below its watermark that it has never named
 //! - `n/<name>` -> [`EndpointId`]
 //! - `l/<ep u32>/k<kref 9 bytes>` -> [`ClistEntry`]; `l/<ep u32>/v<vref 10 bytes>` -> [`KRef`]
 //! - `l/<ep u32>/a<vref 10 bytes>` -> [`KRef`]: a promise name a peer-kernel endpoint keeps after
@@ -17,7 +18,7 @@
 //! - `s/<ep u32>/<key bytes>` -> vatstore value
 
 use crate::error::KernelError;
-use crate::ids::{EndpointId, KObjectId, KPromiseId, KRef, VRef};
+use crate::ids::{EndpointId, KObjectId, KPromiseId, KRef, RefKind, VRef};
 use crate::message::{Message, RunQueueItem, Settlement};
 use crate::records::{HashMap, Records};
 use crate::store::WriteBatch;
@@ -157,9 +158,10 @@ pub struct EndpointRecord {
 }
 
 /// Per-endpoint c-list counters: the last ref the kernel allocated of each kind (`o-N`, `p-N`)
-/// and the highest ref the endpoint allocated of each kind (`o+N`, `p+N`). Endpoints allocate
-/// their own refs in increasing order, so an unknown `o+N`/`p+N` at or below the watermark is
-/// a stale ref (retired or resolved), not a new one: an illegal syscall.
+/// and the highest ref the endpoint has named of each kind (`o+N`, `p+N`, its watermark). An
+/// unknown `o+N`/`p+N` at or below the watermark is new only if it lies in one of the endpoint's
+/// export gaps (indices it skipped, never named); otherwise it is a stale ref (retired or
+/// resolved): an illegal syscall. Each index is thus accepted as new at most once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ClistCounters {
     /// Last `o-N` allocated.
@@ -756,6 +758,42 @@ impl<'s> KernelTxn<'s> {
         };
         self.set_clist_counters(ep, &c);
         Ok(vref)
+    }
+
+    fn export_gap_prefix(ep: EndpointId, kind: RefKind) -> Vec<u8> {
+        endpoint_key(ep, if kind == RefKind::Object { b"go" } else { b"gp" })
+    }
+
+    /// The export gap of `ep` holding `vref`'s index, as `(first, last)`, if any.
+    pub fn export_gap(&self, ep: EndpointId, vref: VRef) -> Result<Option<(u64, u64)>, KernelError> {
+        let Some(below) = vref.index.checked_sub(1) else { return Ok(None) };
+        let prefix = Self::export_gap_prefix(ep, vref.kind);
+        let mut after = prefix.clone();
+        after.extend_from_slice(&below.to_be_bytes());
+        // The first gap ending at or above the index.
+        let Some((k, v)) = self.txn.next(&prefix, Some(&after))? else { return Ok(None) };
+        let corrupt =
+            |reason: &str| KernelError::Corrupt { table: "export-gaps", key: k.escape_ascii().to_string(), reason: reason.into() };
+        let last = k[prefix.len()..].try_into().map(u64::from_be_bytes).map_err(|_| corrupt("bad number in key"))?;
+        let first: u64 = decode("export-gaps", &k, &v)?;
+        if first > last {
+            return Err(corrupt("gap ends before it starts"));
+        }
+        Ok((first <= vref.index).then_some((first, last)))
+    }
+
+    /// Record `first..=last` as a gap in `ep`'s exports of `kind` (`first <= last`).
+    pub fn add_export_gap(&mut self, ep: EndpointId, kind: RefKind, first: u64, last: u64) {
+        let mut k = Self::export_gap_prefix(ep, kind);
+        k.extend_from_slice(&last.to_be_bytes());
+        self.put(k, &first);
+    }
+
+    /// Forget the gap in `ep`'s exports of `kind` that ends at `last`.
+    pub fn remove_export_gap(&mut self, ep: EndpointId, kind: RefKind, last: u64) {
+        let mut k = Self::export_gap_prefix(ep, kind);
+        k.extend_from_slice(&last.to_be_bytes());
+        self.txn.delete(k);
     }
 
     // ---- vatstores ----

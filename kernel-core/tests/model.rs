@@ -52,7 +52,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use proptest_state_machine::{prop_state_machine, ReferenceStateMachine, StateMachineTest};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 
 // ---------------------------------------------------------------------------------------------
@@ -284,17 +284,11 @@ impl VatMind {
     }
 
     /// The vat names `v` in a syscall: an export named is reachable again, and the kernel now
-    /// knows it, and considers every lower unnamed export stale (exports are allocated in order).
+    /// knows it. Lower unnamed exports stay new: the kernel keeps them as an export gap.
     fn name(&mut self, v: VRef) {
         if is_own_export(v) {
             remove(&mut self.told_drop, v);
-            if self.unannounced.contains(&v) {
-                let lower: Vec<VRef> = self.unannounced.iter().copied().filter(|u| u.index < v.index).collect();
-                for u in lower {
-                    self.forget(u);
-                }
-                remove(&mut self.unannounced, v);
-            }
+            remove(&mut self.unannounced, v);
         }
     }
 
@@ -919,9 +913,10 @@ struct ModelVat {
     vrefs: BTreeMap<VRef, KRef>,
     imported_objects: u64,
     imported_promises: u64,
-    /// The highest `o+N` and `p+N` the vat has named: a lower one it no longer has is stale.
-    exported_objects: u64,
-    exported_promises: u64,
+    /// Every `o+N` and `p+N` index the vat has ever named: one it no longer has is stale, any
+    /// other (in any order) is new.
+    exported_objects: BTreeSet<u64>,
+    exported_promises: BTreeSet<u64>,
     vatstore: BTreeMap<Vec<u8>, Vec<u8>>,
     mind: VatMind,
 }
@@ -1040,8 +1035,8 @@ impl Model {
                 vrefs: BTreeMap::new(),
                 imported_objects: 0,
                 imported_promises: 0,
-                exported_objects: 0,
-                exported_promises: 0,
+                exported_objects: BTreeSet::new(),
+                exported_promises: BTreeSet::new(),
                 vatstore: BTreeMap::new(),
                 mind: VatMind::new(),
             };
@@ -1461,10 +1456,9 @@ impl Model {
             RefKind::Object => &mut vat.exported_objects,
             RefKind::Promise => &mut vat.exported_promises,
         };
-        if vref.index <= *named {
+        if vref.index == 0 || !named.insert(vref.index) {
             return Err(format!("{ep} no longer has {vref}"));
         }
-        *named = vref.index;
         let kref = match vref.kind {
             RefKind::Object => KRef::Object(self.new_object(ep, false)),
             RefKind::Promise => KRef::Promise(self.new_promise(Some(ep), false)),
@@ -1675,7 +1669,8 @@ impl Model {
             }
             RunQueueItem::Notify { endpoint, promise } => {
                 self.changing(|m| m.in_flight = None);
-                if !self.is_live(endpoint) {
+                // Not to a vat that no longer holds the promise (it dropped it).
+                if !self.is_live(endpoint) || !self.vat(endpoint).clist.contains_key(&KRef::Promise(promise)) {
                     let input = CrankInput::Notify { endpoint, promise, delivered: false };
                     return Some(self.commit(crank, input, "committed".into()));
                 }
@@ -1975,7 +1970,7 @@ impl Syscalls for ModelSyscalls<'_> {
     }
 
     /// Objects must be imports the vat still reaches (they become dropped); promises must be
-    /// ones it does not decide (it forgets them).
+    /// ones it does not decide (it forgets them, and is no longer a subscriber).
     fn drop_imports(&mut self, vrefs: Vec<VRef>) -> Result<(), Refused> {
         let krefs = self.known(vrefs)?;
         let ep = self.ep;
@@ -1991,7 +1986,12 @@ impl Syscalls for ModelSyscalls<'_> {
             }
             match k {
                 KRef::Object(_) => self.model.changing(|m| m.vat_mut(ep).clist.get_mut(&k).expect("checked").1 = false),
-                KRef::Promise(_) => self.model.changing(|m| m.clist_remove(ep, k)),
+                KRef::Promise(p) => self.model.changing(|m| {
+                    m.clist_remove(ep, k);
+                    if let Some(ModelPromise { state: PromiseState::Unresolved { subscribers, .. }, .. }) = m.promises.get_mut(&p.0) {
+                        subscribers.retain(|s| *s != ep);
+                    }
+                }),
             }
         }
         Ok(())

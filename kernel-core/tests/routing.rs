@@ -242,15 +242,26 @@ fn a_send_to_a_rejected_promise_rejects_its_result_with_the_same_reason() {
 
 // ---- promises (DESIGN §5) ----
 
-/// A vat that subscribes to the promise its message's args carry, and records notifies.
+/// A vat that subscribes to the promise its message's args carry, and records notifies. Like
+/// every endpoint that translates a notify, it imports what the settlements' data names (a
+/// promise one forwards to is then held, and its own notify is delivered).
 fn subscriber() -> (Box<dyn Endpoint>, Log) {
     let log: Log = Rc::default();
     let seen = log.clone();
     let ep = vat(move |d, ctx| {
-        if let KernelDelivery::Message { message, .. } = &d {
-            for kp in message.args.slots.iter().filter_map(|r| r.as_promise()) {
-                ctx.import(kp.into()).map_err(fault)?;
-                ctx.subscribe(kp).map_err(fault)?;
+        match &d {
+            KernelDelivery::Message { message, .. } => {
+                for kp in message.args.slots.iter().filter_map(|r| r.as_promise()) {
+                    ctx.import(kp.into()).map_err(fault)?;
+                    ctx.subscribe(kp).map_err(fault)?;
+                }
+            }
+            KernelDelivery::Notify { resolutions } => {
+                for (_, settlement) in resolutions {
+                    for r in &settlement.data().slots {
+                        ctx.import(*r).map_err(fault)?;
+                    }
+                }
             }
         }
         seen.borrow_mut().push(d);

@@ -35,8 +35,9 @@ pub trait Behavior {
     }
 
     /// At `bringOutYourDead`: the imports (and promises) this vat still uses, out of `held`;
-    /// the helper drops and retires the rest. `None` (the default) keeps everything. A vat that
-    /// keeps references in its vatstore answers with the vrefs found there.
+    /// the helper drops and retires the rest, except promises it watches for this vat (dropping
+    /// a promise unsubscribes: the watch would never fire). `None` (the default) keeps
+    /// everything. A vat that keeps references in its vatstore answers with the vrefs found there.
     fn live_imports(&mut self, cx: &mut Cx<'_, '_, '_>, held: &[VRef]) -> Result<Option<Vec<VRef>>, VatError> {
         let _ = (cx, held);
         Ok(None)
@@ -94,7 +95,8 @@ impl<'a, 's> Cx<'_, 'a, 's> {
         Ok(current)
     }
 
-    /// A new object this vat exports (`o+N`); it becomes a kernel object when first sent.
+    /// A new object this vat exports (`o+N`); it becomes a kernel object when first sent, in
+    /// whatever order the vat sends its objects (the kernel keeps skipped indices as export gaps).
     pub fn export(&mut self) -> Result<VRef, VatError> {
         Ok(VRef::export(self.allocate(|c| &mut c.next_object, NEXT_OBJECT_KEY)?))
     }
@@ -200,7 +202,13 @@ impl<B: Behavior> Vat for HelperVat<B> {
         let held = sys.held_imports()?;
         let mut cx = Cx { sys, counters: &mut self.counters, result: None };
         let Some(live) = self.behavior.live_imports(&mut cx, &held)? else { return Ok(()) };
-        let dead: Vec<VRef> = held.into_iter().filter(|v| !live.contains(v)).collect();
+        let mut dead = Vec::new();
+        for v in held {
+            let watched = v.is_promise() && cx.sys.vatstore_get(&format!("{WATCH_PREFIX}{v}"))?.is_some();
+            if !live.contains(&v) && !watched {
+                dead.push(v);
+            }
+        }
         if dead.is_empty() {
             return Ok(());
         }

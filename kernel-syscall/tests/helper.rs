@@ -176,3 +176,44 @@ fn an_err_from_a_behavior_aborts_the_crank_and_terminates_the_vat() {
     k.run(None).expect("run");
     assert!(k.settlement(late).expect("settlement").is_some_and(|s| s.is_rejected()), "a terminated vat answers nothing");
 }
+
+/// Keeps no import at `bringOutYourDead` (answers `live_imports` with nothing), and otherwise
+/// behaves like [`Asker`].
+struct Forgetful(Asker);
+
+impl Behavior for Forgetful {
+    fn call(&mut self, cx: &mut Cx<'_, '_, '_>, target: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {
+        self.0.call(cx, target, method, args)
+    }
+
+    fn settled(&mut self, cx: &mut Cx<'_, '_, '_>, watch: &str, outcome: Result<VatData, VatData>) -> Result<(), VatError> {
+        self.0.settled(cx, watch, outcome)
+    }
+
+    fn live_imports(&mut self, _: &mut Cx<'_, '_, '_>, _: &[VRef]) -> Result<Option<Vec<VRef>>, VatError> {
+        Ok(Some(Vec::new()))
+    }
+}
+
+/// Dropping a promise unsubscribes the vat, so the helper never drops a promise it watches at
+/// `bringOutYourDead`, even when the behavior does not name it as live: the watch still fires.
+#[test]
+fn a_watched_promise_survives_bring_out_your_dead() {
+    let settled: Settled = Rc::default();
+    let mut k = Kernel::open(MemStore::new()).expect("open");
+    let asker =
+        k.add_endpoint("asker", VatEndpoint::boxed(HelperVat::new(Forgetful(Asker { settled: Rc::clone(&settled) })))).expect("add");
+    let oracle = k.add_endpoint("oracle", VatEndpoint::boxed(HelperVat::new(Oracle))).expect("add");
+    let (asker_root, oracle_root) = (k.root(asker).expect("root"), k.root(oracle).expect("root"));
+    k.queue_message(asker_root.into(), "go", CapData::reference(oracle_root.into())).expect("queue");
+    step(&mut k); // asker: go -> question(1), watch-1; the question waits behind the reap
+    k.reap(asker).expect("reap");
+    let queue = k.run_queue().expect("queue");
+    assert!(queue.len() == 2 && matches!(queue[1], kernel_core::RunQueueItem::Gc { .. }), "{queue:?}");
+    // The reap runs after the question is answered but before the notify reaches the asker.
+    step(&mut k);
+    let report = step(&mut k);
+    assert_eq!(report.outcome, CrankOutcome::Committed, "{report:?}");
+    k.run(None).expect("run");
+    assert_eq!(*settled.borrow(), vec![("watch-1".to_owned(), Err("\"no 1\"".to_owned()))]);
+}

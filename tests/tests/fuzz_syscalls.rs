@@ -118,9 +118,11 @@ struct VatModel {
     vatstore: BTreeMap<String, String>,
     /// The last `o-N` and `p-N` the kernel allocated here.
     last_import: (u64, u64),
-    /// The highest `o+N` and `p+N` this vat has exported: the kernel refuses a first export
-    /// at or below it as stale.
+    /// The highest `o+N` and `p+N` this vat has exported (where the generator makes new ones).
     last_export: (u64, u64),
+    /// Every `o+N` and `p+N` index this vat has exported: the kernel accepts each as new once,
+    /// in any order, and refuses it as stale once it is gone.
+    named: (BTreeSet<u64>, BTreeSet<u64>),
     /// Deliveries this vat has had.
     deliveries: u64,
 }
@@ -135,11 +137,12 @@ impl VatModel {
         if v.allocator == Allocator::Kernel {
             return false;
         }
-        let last = match v.kind {
-            RefKind::Object => &mut self.last_export.0,
-            RefKind::Promise => &mut self.last_export.1,
+        let (last, named) = match v.kind {
+            RefKind::Object => (&mut self.last_export.0, &mut self.named.0),
+            RefKind::Promise => (&mut self.last_export.1, &mut self.named.1),
         };
-        if v.index <= *last {
+        // Index 0 is never new (`o+0` is the root; `p+0` is never allocated).
+        if v.index == 0 || !named.insert(v.index) {
             return false;
         }
         *last = (*last).max(v.index);
@@ -356,8 +359,8 @@ impl Gen<'_> {
         self.refs += 1;
         if !self.rng.chance(self.me.forge_rate) {
             if !matches!(want, Want::Promise) && self.rng.chance(FRESH_EXPORT_RATE) {
-                return VRef::export(self.me.last_export.0.saturating_add(1)).to_string();
-                // a new object
+                // A new object, sometimes skipping indices (named later, or never: export gaps).
+                return VRef::export(self.me.last_export.0.saturating_add(1 + self.rng.below(3))).to_string();
             }
             if let Some(v) = self.me.pick_known(self.rng, want.kind()) {
                 return v.to_string();
@@ -975,6 +978,7 @@ fn add_vat(kernel: &mut Kernel<MemStore>, world: &Shared) -> Result<usize, Strin
         vatstore: BTreeMap::new(),
         last_import: (0, 0),
         last_export: (0, 0),
+        named: (BTreeSet::new(), BTreeSet::new()),
         deliveries: 0,
     });
     w.live.push(idx);
