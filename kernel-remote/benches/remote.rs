@@ -16,7 +16,7 @@ use kernel_syscall::{Answer, Behavior, Cx, HelperVat, VatData, VatEndpoint, VatE
 use std::cell::RefCell;
 use std::io::Write;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -131,6 +131,19 @@ struct Remote {
     p50: Duration,
     p99: Duration,
     load_p50: Duration,
+    /// Store batches (transactions) per message: a and b under load, then a and b one at a time.
+    batches: [f64; 4],
+    /// Early group syncs (the node idle, output waiting for durability) per message, the same way.
+    early: [f64; 4],
+}
+
+fn batches(r: &Remote) -> String {
+    let [a, b, a1, b1] = r.batches;
+    let [ea, eb, ea1, eb1] = r.early;
+    format!(
+        "store batches per message: a {a:.2} b {b:.2} in flight, a {a1:.2} b {b1:.2} one at a time; \
+         early group syncs per message: a {ea:.3} b {eb:.3} in flight, a {ea1:.2} b {eb1:.2} one at a time"
+    )
 }
 
 /// Two kernels over TCP loopback: throughput with `window` in flight, then latency one message
@@ -153,6 +166,10 @@ fn remote_on<S: DurableStore>(
     let (addr_tx, addr_rx) = mpsc::channel();
     let b_dir = tmp.path().join("b");
     let b_stop = Arc::clone(&stop);
+    let b_batches = Arc::new(AtomicU64::new(0));
+    let b_count = Arc::clone(&b_batches);
+    let b_early = Arc::new(AtomicU64::new(0));
+    let b_syncs = Arc::clone(&b_early);
     let make_b = make.clone();
     let b = thread::spawn(move || {
         let mut node = make_b(&b_dir, "b", "a");
@@ -161,6 +178,8 @@ fn remote_on<S: DurableStore>(
         let clock = Instant::now();
         while !b_stop.load(Ordering::Relaxed) {
             serve_once(&mut node, &mut net, || clock.elapsed(), 4096, Duration::from_micros(200)).expect("serve b");
+            b_count.store(node.kernel().store().applied_mark(), Ordering::Relaxed);
+            b_syncs.store(node.stats().early_syncs, Ordering::Relaxed);
         }
     });
     let b_addr = addr_rx.recv().expect("b's address");
@@ -173,8 +192,18 @@ fn remote_on<S: DurableStore>(
         serve_once(n, &mut net, || clock.elapsed(), 4096, Duration::from_micros(200)).expect("serve a");
     };
     drive(&mut node, &mut service, target, window.min(total), window); // warm up, connect
+    let marks = |n: &Node<S>| {
+        let (a, b) = (n.stats().early_syncs, b_early.load(Ordering::Relaxed));
+        (n.kernel().store().applied_mark(), b_batches.load(Ordering::Relaxed), a, b)
+    };
+    let m0 = marks(&node);
     let (elapsed, mut loaded) = drive(&mut node, &mut service, target, total, window);
+    let m1 = marks(&node);
     let (_, mut lat) = drive(&mut node, &mut service, target, pings, 1);
+    let m2 = marks(&node);
+    let per = |x: u64, y: u64, n: u64| (x.saturating_sub(y)) as f64 / n.max(1) as f64;
+    let batches = [per(m1.0, m0.0, total), per(m1.1, m0.1, total), per(m2.0, m1.0, pings), per(m2.1, m1.1, pings)];
+    let early = [per(m1.2, m0.2, total), per(m1.3, m0.3, total), per(m2.2, m1.2, pings), per(m2.3, m1.3, pings)];
     stop.store(true, Ordering::Relaxed);
     b.join().expect("b");
     loaded.sort();
@@ -184,6 +213,8 @@ fn remote_on<S: DurableStore>(
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
         load_p50: percentile(&loaded, 0.5),
+        batches,
+        early,
     }
 }
 
@@ -212,23 +243,31 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only NAME` (memory, group, wide, sync): run that case alone, for profiling.
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let (group_total, sync_total, pings) = if quick { (5_000, 200, 200) } else { (50_000, 1_000, 1_000) };
     let window = 2_000;
     let local = in_memory(group_total * 2, window);
     let fsync = fsync_p50();
     println!("remote: in-memory single kernel          {local:>10.0} msg/s (baseline)");
     println!("remote: fdatasync p50                    {}", ms(fsync));
-    let m = remote(Backing::Memory, group_total, window, pings);
-    println!(
-        "remote: tcp loopback, in-memory stores   {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
-        m.rate,
-        m.rate / local,
-        ms(m.p50),
-        ms(m.p99)
-    );
-    let g = remote(Backing::Fjall(Durability::GROUP), group_total, window, pings);
-    println!(
+    if run("memory") {
+        let m = remote(Backing::Memory, group_total, window, pings);
+        println!(
+            "remote: tcp loopback, in-memory stores   {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
+            m.rate,
+            m.rate / local,
+            ms(m.p50),
+            ms(m.p99)
+        );
+        println!("remote:   {}", batches(&m));
+    }
+    if run("group") {
+        let g = remote(Backing::Fjall(Durability::GROUP), group_total, window, pings);
+        println!(
         "remote: tcp loopback, group commit       {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time), p50 {} with {window} in flight",
         g.rate,
         g.rate / local,
@@ -236,17 +275,23 @@ fn main() {
         ms(g.p99),
         ms(g.load_p50)
     );
-    let wide = Durability::Group { max_cranks: 20_000, max_delay: Duration::from_millis(10) };
-    let w = remote(Backing::Fjall(wide), group_total, window * 4, pings.min(200));
-    println!(
-        "remote: tcp loopback, group (20k / 10 ms) {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
-        w.rate,
-        w.rate / local,
-        ms(w.p50),
-        ms(w.p99)
-    );
-    let s = remote(Backing::Fjall(Durability::Sync), sync_total, window.min(64), pings.min(200));
-    println!(
+        println!("remote:   {}", batches(&g));
+    }
+    if run("wide") {
+        let wide = Durability::Group { max_cranks: 20_000, max_delay: Duration::from_millis(10) };
+        let w = remote(Backing::Fjall(wide), group_total, window * 4, pings.min(200));
+        println!(
+            "remote: tcp loopback, group (20k / 10 ms) {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
+            w.rate,
+            w.rate / local,
+            ms(w.p50),
+            ms(w.p99)
+        );
+        println!("remote:   {}", batches(&w));
+    }
+    if run("sync") {
+        let s = remote(Backing::Fjall(Durability::Sync), sync_total, window.min(64), pings.min(200));
+        println!(
         "remote: tcp loopback, sync               {:>10.0} msg/s ({:.4}x in-memory); round trip p50 {} p99 {} (one at a time) = {:.1} fdatasyncs",
         s.rate,
         s.rate / local,
@@ -254,4 +299,6 @@ fn main() {
         ms(s.p99),
         s.p50.as_secs_f64() / fsync.as_secs_f64().max(1e-9)
     );
+        println!("remote:   {}", batches(&s));
+    }
 }
