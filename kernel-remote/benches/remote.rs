@@ -77,6 +77,53 @@ fn drive<S: DurableStore>(
     (elapsed, latencies)
 }
 
+/// One message at a time, with its answer awaited before the next: the time from the commit of
+/// the crank that writes the message to a's outbox until a holds b's acknowledgement of it, which
+/// b sends only once the transaction that applied the message is durable. That is the one-way
+/// latency (sender's commit to receiver's durable apply) plus the acknowledgement's trip back.
+fn one_way<S: DurableStore>(
+    node: &mut Node<S>,
+    mut service: impl FnMut(&mut Node<S>),
+    target: kernel_core::KObjectId,
+    pings: u64,
+    peer: &KernelId,
+) -> Vec<Duration> {
+    let committed: Rc<std::cell::Cell<Option<Instant>>> = Rc::default();
+    let c = Rc::clone(&committed);
+    node.kernel_mut().add_commit_observer(move |_| {
+        if c.get().is_none() {
+            c.set(Some(Instant::now()));
+        }
+    });
+    let link = |n: &Node<S>| n.status().into_iter().find(|s| &s.peer == peer).expect("link");
+    let mut out = Vec::new();
+    for i in 0..pings {
+        while n_busy(node) {
+            service(node);
+        }
+        let seq = link(node).written.0 + 1;
+        committed.set(None);
+        let kp = node.kernel_mut().queue_message(target.into(), "echo", CapData::plain(i.to_string())).expect("queue");
+        let answered = Rc::new(std::cell::Cell::new(false));
+        let a = Rc::clone(&answered);
+        node.kernel_mut().watch(kp, move |_, _| a.set(true)).expect("watch");
+        while link(node).acked.0 < seq {
+            service(node);
+        }
+        let acked = Instant::now();
+        out.push(acked - committed.get().expect("the send crank committed"));
+        while !answered.get() {
+            service(node);
+        }
+    }
+    out
+}
+
+/// Cranks queued, or messages not yet acknowledged.
+fn n_busy<S: DurableStore>(node: &Node<S>) -> bool {
+    node.kernel().queue_len() > 0 || node.backlog() > 0
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -135,6 +182,13 @@ struct Remote {
     batches: [f64; 4],
     /// Early group syncs (the node idle, output waiting for durability) per message, the same way.
     early: [f64; 4],
+    /// One at a time: a's commit of the message to b's acknowledgement back in a (see [`one_way`]).
+    oneway_p50: Duration,
+    oneway_p99: Duration,
+}
+
+fn details(r: &Remote) -> String {
+    format!("commit to durable apply + ack back p50 {} p99 {} (one at a time); {}", ms(r.oneway_p50), ms(r.oneway_p99), batches(r))
 }
 
 fn batches(r: &Remote) -> String {
@@ -201,6 +255,8 @@ fn remote_on<S: DurableStore>(
     let m1 = marks(&node);
     let (_, mut lat) = drive(&mut node, &mut service, target, pings, 1);
     let m2 = marks(&node);
+    let mut oneway = one_way(&mut node, &mut service, target, pings, &id("b"));
+    oneway.sort();
     let per = |x: u64, y: u64, n: u64| (x.saturating_sub(y)) as f64 / n.max(1) as f64;
     let batches = [per(m1.0, m0.0, total), per(m1.1, m0.1, total), per(m2.0, m1.0, pings), per(m2.1, m1.1, pings)];
     let early = [per(m1.2, m0.2, total), per(m1.3, m0.3, total), per(m2.2, m1.2, pings), per(m2.3, m1.3, pings)];
@@ -215,6 +271,8 @@ fn remote_on<S: DurableStore>(
         load_p50: percentile(&loaded, 0.5),
         batches,
         early,
+        oneway_p50: percentile(&oneway, 0.5),
+        oneway_p99: percentile(&oneway, 0.99),
     }
 }
 
@@ -263,7 +321,7 @@ fn main() {
             ms(m.p50),
             ms(m.p99)
         );
-        println!("remote:   {}", batches(&m));
+        println!("remote:   {}", details(&m));
     }
     if run("group") {
         let g = remote(Backing::Fjall(Durability::GROUP), group_total, window, pings);
@@ -275,7 +333,7 @@ fn main() {
         ms(g.p99),
         ms(g.load_p50)
     );
-        println!("remote:   {}", batches(&g));
+        println!("remote:   {}", details(&g));
     }
     if run("wide") {
         let wide = Durability::Group { max_cranks: 20_000, max_delay: Duration::from_millis(10) };
@@ -287,7 +345,7 @@ fn main() {
             ms(w.p50),
             ms(w.p99)
         );
-        println!("remote:   {}", batches(&w));
+        println!("remote:   {}", details(&w));
     }
     if run("sync") {
         let s = remote(Backing::Fjall(Durability::Sync), sync_total, window.min(64), pings.min(200));
@@ -299,6 +357,6 @@ fn main() {
         ms(s.p99),
         s.p50.as_secs_f64() / fsync.as_secs_f64().max(1e-9)
     );
-        println!("remote:   {}", batches(&s));
+        println!("remote:   {}", details(&s));
     }
 }
