@@ -26,10 +26,11 @@ pub trait DurableStore: Store {
     }
 
     /// Group commit: sync every batch applied so far now, ahead of the group's count or delay
-    /// (the node asks when it is idle and outputs wait only for durability). Other modes, where
-    /// the store alone decides when batches reach the disk, do nothing.
-    fn flush_now(&self) -> Result<(), StoreError> {
-        Ok(())
+    /// (the node asks when it is idle and outputs wait only for durability). Returns whether it
+    /// synced. Other modes, where the store alone decides when batches reach the disk, do
+    /// nothing.
+    fn flush_now(&self) -> Result<bool, StoreError> {
+        Ok(false)
     }
 }
 
@@ -62,10 +63,10 @@ impl DurableStore for FjallStore {
         FjallStore::flush_deadline(self)
     }
 
-    fn flush_now(&self) -> Result<(), StoreError> {
+    fn flush_now(&self) -> Result<bool, StoreError> {
         match self.durability() {
-            Durability::Group { .. } if self.applied() > self.durable().up_to_batch => self.sync().map(|_| ()),
-            _ => Ok(()),
+            Durability::Group { .. } if self.applied() > self.durable().up_to_batch => self.sync().map(|_| true),
+            _ => Ok(false),
         }
     }
 }

@@ -502,8 +502,9 @@ impl<S: DurableStore> Node<S> {
             // Idle, with output held back only by durability: sync now rather than let it wait
             // out the group's delay. Under load the queue is rarely empty and groups stay large;
             // when it empties, whatever accumulated goes to disk in one sync.
-            self.kernel.store().flush_now()?;
-            self.stats.early_syncs += 1;
+            if self.kernel.store().flush_now()? {
+                self.stats.early_syncs += 1;
+            }
         }
         for i in 0..self.links.len() {
             let l = &self.links[i];
