@@ -153,7 +153,40 @@ fn in_memory(total: u64, window: u64) -> f64 {
 #[derive(Clone, Copy)]
 enum Backing {
     Fjall(Durability),
+    /// Fjall, without the node's early group syncs: outputs wait for the group's count or delay
+    /// (for comparison).
+    FjallNoEarlySync(Durability),
     Memory,
+}
+
+/// A fjall store that refuses the node's early syncs.
+struct NoEarlySync(FjallStore);
+
+impl kernel_core::Store for NoEarlySync {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, kernel_core::StoreError> {
+        self.0.get(key)
+    }
+    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<kernel_core::Entry>, kernel_core::StoreError> {
+        self.0.next(prefix, after)
+    }
+    fn apply(&mut self, batch: kernel_core::WriteBatch) -> Result<(), kernel_core::StoreError> {
+        self.0.apply(batch)
+    }
+}
+
+impl DurableStore for NoEarlySync {
+    fn applied_mark(&self) -> u64 {
+        self.0.applied_mark()
+    }
+    fn durable_mark(&self) -> u64 {
+        self.0.durable_mark()
+    }
+    fn flush_due(&self) -> Result<(), kernel_core::StoreError> {
+        DurableStore::flush_due(&self.0)
+    }
+    fn flush_deadline(&self) -> Option<Duration> {
+        DurableStore::flush_deadline(&self.0)
+    }
 }
 
 fn fjall_node(dir: &std::path::Path, name: &str, peer: &str, durability: Durability) -> Node<FjallStore> {
@@ -212,6 +245,18 @@ fn batches(r: &Remote) -> String {
 fn remote(backing: Backing, total: u64, window: u64, pings: u64) -> Remote {
     match backing {
         Backing::Fjall(durability) => remote_on(move |dir, name, peer| fjall_node(dir, name, peer, durability), total, window, pings),
+        Backing::FjallNoEarlySync(durability) => remote_on(
+            move |dir, name, peer| {
+                let store = FjallStore::open(dir, StoreOptions::new(durability)).expect("store");
+                let observer = store.crank_observer();
+                let mut kernel = Kernel::open(NoEarlySync(store)).expect("kernel");
+                kernel.add_commit_observer(observer);
+                setup(kernel, name, peer)
+            },
+            total,
+            window,
+            pings,
+        ),
         Backing::Memory => remote_on(|_, name, peer| setup(Kernel::open(MemStore::new()).expect("open"), name, peer), total, window, pings),
     }
 }
@@ -340,6 +385,18 @@ fn main() {
         ms(g.p99),
         ms(g.load_p50)
     );
+        println!("remote:   {}", details(&g, fsync));
+    }
+    if run("group-no-early") {
+        let g = remote(Backing::FjallNoEarlySync(Durability::GROUP), group_total, window, pings);
+        println!(
+            "remote: tcp loopback, group, no early sync {:>8.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time), p50 {} with {window} in flight",
+            g.rate,
+            g.rate / local,
+            ms(g.p50),
+            ms(g.p99),
+            ms(g.load_p50)
+        );
         println!("remote:   {}", details(&g, fsync));
     }
     if run("wide") {
