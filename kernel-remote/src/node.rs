@@ -491,10 +491,10 @@ impl<S: DurableStore> Node<S> {
         self.stats.applied += n;
     }
 
-    /// Do the I/O that is due at `now`: apply what was received, run a due group sync, delete
-    /// acknowledged entries,
-    /// transmit what has become durable (in order, within the window), acknowledge what has
-    /// been applied durably, and retransmit after a timeout.
+    /// Do the I/O that is due at `now`: apply what was received, run a due group sync (or an
+    /// early one, if idle with output waiting for durability), transmit what has become durable
+    /// (in order, within the window), acknowledge what has been applied durably, retransmit
+    /// after a timeout, and delete acknowledged entries.
     pub fn pump(&mut self, now: Duration, net: &mut dyn Transport) -> Result<(), RemoteError> {
         self.apply_received(net)?;
         self.kernel.store().flush_due()?;
@@ -504,28 +504,6 @@ impl<S: DurableStore> Node<S> {
             // when it empties, whatever accumulated goes to disk in one sync.
             if self.kernel.store().flush_now()? {
                 self.stats.early_syncs += 1;
-            }
-        }
-        for i in 0..self.links.len() {
-            let l = &self.links[i];
-            // Deleting acknowledged entries costs a store batch (an fsync under sync durability):
-            // do it for many at once, or every so often, off the path of each message. Entries
-            // not yet deleted when the kernel stops are resent after a restart and dropped as
-            // duplicates.
-            let due = l.acked - l.deleted >= DELETE_BATCH || now >= l.last_delete + DELETE_EVERY;
-            if l.acked > l.deleted && due {
-                let (ep, from, to) = (l.ep, l.deleted + 1, l.acked);
-                let r = self.kernel.apply_external(ep, |ctx| {
-                    for seq in from..=to {
-                        ctx.vatstore_delete(&link::outbox_key(seq)).map_err(|e| kernel_core::Fault::VatError(e.to_string()))?;
-                    }
-                    Ok(())
-                })?;
-                if let Err(fault) = r {
-                    return Err(RemoteError::Refused(format!("deleting acknowledged entries for {}: {fault}", self.links[i].peer)));
-                }
-                self.links[i].deleted = to;
-                self.links[i].last_delete = now;
             }
         }
         let durable = if self.config.wait_for_durable { self.kernel.store().durable_mark() } else { u64::MAX };
@@ -571,6 +549,35 @@ impl<S: DurableStore> Node<S> {
             }
             if !l.unacked.is_empty() && l.next_send > first && l.deadline.is_none() {
                 l.deadline = Some(now + l.rto);
+            }
+        }
+        // After transmitting: under sync durability the deletion is a sync of its own, which
+        // would otherwise hold back this round's output.
+        self.delete_acknowledged(now)
+    }
+
+    /// Delete acknowledged outbox entries, many at once or every so often.
+    fn delete_acknowledged(&mut self, now: Duration) -> Result<(), RemoteError> {
+        for i in 0..self.links.len() {
+            let l = &self.links[i];
+            // Deleting acknowledged entries costs a store batch (an fsync under sync durability):
+            // do it for many at once, or every so often, off the path of each message. Entries
+            // not yet deleted when the kernel stops are resent after a restart and dropped as
+            // duplicates.
+            let due = l.acked - l.deleted >= DELETE_BATCH || now >= l.last_delete + DELETE_EVERY;
+            if l.acked > l.deleted && due {
+                let (ep, from, to) = (l.ep, l.deleted + 1, l.acked);
+                let r = self.kernel.apply_external(ep, |ctx| {
+                    for seq in from..=to {
+                        ctx.vatstore_delete(&link::outbox_key(seq)).map_err(|e| kernel_core::Fault::VatError(e.to_string()))?;
+                    }
+                    Ok(())
+                })?;
+                if let Err(fault) = r {
+                    return Err(RemoteError::Refused(format!("deleting acknowledged entries for {}: {fault}", self.links[i].peer)));
+                }
+                self.links[i].deleted = to;
+                self.links[i].last_delete = now;
             }
         }
         Ok(())
