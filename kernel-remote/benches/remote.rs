@@ -4,7 +4,18 @@
 //! disk) and the fdatasync time of this machine, all measured in the same run.
 //!
 //! A message is `echo(n)` sent by kernel a's host to kernel b's bootstrap vat, with a result
-//! promise; it counts when the answer is back in a.
+//! promise; it counts when the answer is back in a (the round trip ends at the commit of a's
+//! transaction that applies the answer, when the host's watch fires). A round trip is two wire
+//! messages (the send and the answer) and six store batches in sequence (a: queue, send crank;
+//! b: apply, delivery crank, answer crank; a: apply): under sync durability six fsyncs; under
+//! group commit, with the node syncing early when idle, one sync on each side.
+//!
+//! The one-way latency is measured from the commit of a's sending crank to the moment a holds
+//! b's acknowledgement, which b sends only once the transaction that applied the message is
+//! durable: the sender's wait for durability, the trip, the receiver's durable apply, and the
+//! acknowledgement's trip back.
+//!
+//! `--only NAME` runs one case (memory, group, group-no-early, wide, sync), e.g. under perf.
 //!
 //! `cargo bench -p kernel-remote --bench remote [-- --quick]`
 
@@ -348,6 +359,23 @@ fn fsync_p50() -> Duration {
     percentile(&times, 0.5)
 }
 
+/// One small batch committed by a fjall store under sync durability (journal append and
+/// fdatasync), p50: the unit a sync-mode crank costs.
+fn fjall_commit_p50() -> Duration {
+    use kernel_core::Store;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut store = FjallStore::open(tmp.path(), StoreOptions::new(Durability::Sync)).expect("store");
+    let mut times = Vec::new();
+    for i in 0..200u32 {
+        let batch: kernel_core::WriteBatch = vec![(format!("k{i}").into_bytes(), Some(vec![0u8; 64]))];
+        let t = Instant::now();
+        store.apply(batch).expect("apply");
+        times.push(t.elapsed());
+    }
+    times.sort();
+    percentile(&times, 0.5)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
@@ -364,6 +392,8 @@ fn main() {
     let fsync = fsync_p50();
     println!("remote: in-memory single kernel          {local:>10.0} msg/s (baseline)");
     println!("remote: fdatasync p50                    {}", ms(fsync));
+    let commit = fjall_commit_p50();
+    println!("remote: fjall sync commit p50            {} (one small batch: journal append + fdatasync)", ms(commit));
     if run("memory") {
         let m = remote(Backing::Memory, group_total, window, pings);
         println!(
@@ -423,7 +453,10 @@ fn main() {
     );
         // Each is a store batch, synced before the next can start: a queues (host) and sends
         // (crank); b applies, delivers to the echo vat, sends the answer (notify crank); a applies.
-        println!("remote:   a round trip is 6 durable commits in sequence (a: queue, send; b: apply, deliver, answer; a: apply)");
+        println!(
+        "remote:   a round trip is 6 durable commits in sequence (a: queue, send; b: apply, deliver, answer; a: apply): p50 {:.1} fjall sync commits",
+        s.p50.as_secs_f64() / commit.as_secs_f64().max(1e-9)
+    );
         println!("remote:   {}", details(&s, fsync));
     }
 }
