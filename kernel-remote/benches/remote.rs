@@ -4,7 +4,18 @@
 //! disk) and the fdatasync time of this machine, all measured in the same run.
 //!
 //! A message is `echo(n)` sent by kernel a's host to kernel b's bootstrap vat, with a result
-//! promise; it counts when the answer is back in a.
+//! promise; it counts when the answer is back in a (the round trip ends at the commit of a's
+//! transaction that applies the answer, when the host's watch fires). A round trip is two wire
+//! messages (the send and the answer) and six store batches in sequence (a: queue, send crank;
+//! b: apply, delivery crank, answer crank; a: apply): under sync durability six fsyncs; under
+//! group commit, with the node syncing early when idle, one sync on each side.
+//!
+//! The one-way latency is measured from the commit of a's sending crank to the moment a holds
+//! b's acknowledgement, which b sends only once the transaction that applied the message is
+//! durable: the sender's wait for durability, the trip, the receiver's durable apply, and the
+//! acknowledgement's trip back.
+//!
+//! `--only NAME` runs one case (memory, group, group-no-early, wide, sync), e.g. under perf.
 //!
 //! `cargo bench -p kernel-remote --bench remote [-- --quick]`
 
@@ -16,7 +27,7 @@ use kernel_syscall::{Answer, Behavior, Cx, HelperVat, VatData, VatEndpoint, VatE
 use std::cell::RefCell;
 use std::io::Write;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -77,6 +88,53 @@ fn drive<S: DurableStore>(
     (elapsed, latencies)
 }
 
+/// One message at a time, with its answer awaited before the next: the time from the commit of
+/// the crank that writes the message to a's outbox until a holds b's acknowledgement of it, which
+/// b sends only once the transaction that applied the message is durable. That is the one-way
+/// latency (sender's commit to receiver's durable apply) plus the acknowledgement's trip back.
+fn one_way<S: DurableStore>(
+    node: &mut Node<S>,
+    mut service: impl FnMut(&mut Node<S>),
+    target: kernel_core::KObjectId,
+    pings: u64,
+    peer: &KernelId,
+) -> Vec<Duration> {
+    let committed: Rc<std::cell::Cell<Option<Instant>>> = Rc::default();
+    let c = Rc::clone(&committed);
+    node.kernel_mut().add_commit_observer(move |_| {
+        if c.get().is_none() {
+            c.set(Some(Instant::now()));
+        }
+    });
+    let link = |n: &Node<S>| n.status().into_iter().find(|s| &s.peer == peer).expect("link");
+    let mut out = Vec::new();
+    for i in 0..pings {
+        while n_busy(node) {
+            service(node);
+        }
+        let seq = link(node).written.0 + 1;
+        committed.set(None);
+        let kp = node.kernel_mut().queue_message(target.into(), "echo", CapData::plain(i.to_string())).expect("queue");
+        let answered = Rc::new(std::cell::Cell::new(false));
+        let a = Rc::clone(&answered);
+        node.kernel_mut().watch(kp, move |_, _| a.set(true)).expect("watch");
+        while link(node).acked.0 < seq {
+            service(node);
+        }
+        let acked = Instant::now();
+        out.push(acked - committed.get().expect("the send crank committed"));
+        while !answered.get() {
+            service(node);
+        }
+    }
+    out
+}
+
+/// Cranks queued, or messages not yet acknowledged.
+fn n_busy<S: DurableStore>(node: &Node<S>) -> bool {
+    node.kernel().queue_len() > 0 || node.backlog() > 0
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -106,7 +164,40 @@ fn in_memory(total: u64, window: u64) -> f64 {
 #[derive(Clone, Copy)]
 enum Backing {
     Fjall(Durability),
+    /// Fjall, without the node's early group syncs: outputs wait for the group's count or delay
+    /// (for comparison).
+    FjallNoEarlySync(Durability),
     Memory,
+}
+
+/// A fjall store that refuses the node's early syncs.
+struct NoEarlySync(FjallStore);
+
+impl kernel_core::Store for NoEarlySync {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, kernel_core::StoreError> {
+        self.0.get(key)
+    }
+    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<kernel_core::Entry>, kernel_core::StoreError> {
+        self.0.next(prefix, after)
+    }
+    fn apply(&mut self, batch: kernel_core::WriteBatch) -> Result<(), kernel_core::StoreError> {
+        self.0.apply(batch)
+    }
+}
+
+impl DurableStore for NoEarlySync {
+    fn applied_mark(&self) -> u64 {
+        self.0.applied_mark()
+    }
+    fn durable_mark(&self) -> u64 {
+        self.0.durable_mark()
+    }
+    fn flush_due(&self) -> Result<(), kernel_core::StoreError> {
+        DurableStore::flush_due(&self.0)
+    }
+    fn flush_deadline(&self) -> Option<Duration> {
+        DurableStore::flush_deadline(&self.0)
+    }
 }
 
 fn fjall_node(dir: &std::path::Path, name: &str, peer: &str, durability: Durability) -> Node<FjallStore> {
@@ -131,6 +222,33 @@ struct Remote {
     p50: Duration,
     p99: Duration,
     load_p50: Duration,
+    /// Store batches (transactions) per message: a and b under load, then a and b one at a time.
+    batches: [f64; 4],
+    /// Early group syncs (the node idle, output waiting for durability) per message, the same way.
+    early: [f64; 4],
+    /// One at a time: a's commit of the message to b's acknowledgement back in a (see [`one_way`]).
+    oneway_p50: Duration,
+    oneway_p99: Duration,
+}
+
+fn details(r: &Remote, fsync: Duration) -> String {
+    let f = |d: Duration| d.as_secs_f64() / fsync.as_secs_f64().max(1e-9);
+    format!(
+        "one way: a's commit to b's durable apply + the ack back p50 {} ({:.1} fdatasyncs) p99 {} (one at a time); {}",
+        ms(r.oneway_p50),
+        f(r.oneway_p50),
+        ms(r.oneway_p99),
+        batches(r)
+    )
+}
+
+fn batches(r: &Remote) -> String {
+    let [a, b, a1, b1] = r.batches;
+    let [ea, eb, ea1, eb1] = r.early;
+    format!(
+        "store batches per message: a {a:.2} b {b:.2} in flight, a {a1:.2} b {b1:.2} one at a time; \
+         early group syncs per message: a {ea:.3} b {eb:.3} in flight, a {ea1:.2} b {eb1:.2} one at a time"
+    )
 }
 
 /// Two kernels over TCP loopback: throughput with `window` in flight, then latency one message
@@ -138,6 +256,18 @@ struct Remote {
 fn remote(backing: Backing, total: u64, window: u64, pings: u64) -> Remote {
     match backing {
         Backing::Fjall(durability) => remote_on(move |dir, name, peer| fjall_node(dir, name, peer, durability), total, window, pings),
+        Backing::FjallNoEarlySync(durability) => remote_on(
+            move |dir, name, peer| {
+                let store = FjallStore::open(dir, StoreOptions::new(durability)).expect("store");
+                let observer = store.crank_observer();
+                let mut kernel = Kernel::open(NoEarlySync(store)).expect("kernel");
+                kernel.add_commit_observer(observer);
+                setup(kernel, name, peer)
+            },
+            total,
+            window,
+            pings,
+        ),
         Backing::Memory => remote_on(|_, name, peer| setup(Kernel::open(MemStore::new()).expect("open"), name, peer), total, window, pings),
     }
 }
@@ -153,6 +283,10 @@ fn remote_on<S: DurableStore>(
     let (addr_tx, addr_rx) = mpsc::channel();
     let b_dir = tmp.path().join("b");
     let b_stop = Arc::clone(&stop);
+    let b_batches = Arc::new(AtomicU64::new(0));
+    let b_count = Arc::clone(&b_batches);
+    let b_early = Arc::new(AtomicU64::new(0));
+    let b_syncs = Arc::clone(&b_early);
     let make_b = make.clone();
     let b = thread::spawn(move || {
         let mut node = make_b(&b_dir, "b", "a");
@@ -161,6 +295,8 @@ fn remote_on<S: DurableStore>(
         let clock = Instant::now();
         while !b_stop.load(Ordering::Relaxed) {
             serve_once(&mut node, &mut net, || clock.elapsed(), 4096, Duration::from_micros(200)).expect("serve b");
+            b_count.store(node.kernel().store().applied_mark(), Ordering::Relaxed);
+            b_syncs.store(node.stats().early_syncs, Ordering::Relaxed);
         }
     });
     let b_addr = addr_rx.recv().expect("b's address");
@@ -173,8 +309,20 @@ fn remote_on<S: DurableStore>(
         serve_once(n, &mut net, || clock.elapsed(), 4096, Duration::from_micros(200)).expect("serve a");
     };
     drive(&mut node, &mut service, target, window.min(total), window); // warm up, connect
+    let marks = |n: &Node<S>| {
+        let (a, b) = (n.stats().early_syncs, b_early.load(Ordering::Relaxed));
+        (n.kernel().store().applied_mark(), b_batches.load(Ordering::Relaxed), a, b)
+    };
+    let m0 = marks(&node);
     let (elapsed, mut loaded) = drive(&mut node, &mut service, target, total, window);
+    let m1 = marks(&node);
     let (_, mut lat) = drive(&mut node, &mut service, target, pings, 1);
+    let m2 = marks(&node);
+    let mut oneway = one_way(&mut node, &mut service, target, pings, &id("b"));
+    oneway.sort();
+    let per = |x: u64, y: u64, n: u64| (x.saturating_sub(y)) as f64 / n.max(1) as f64;
+    let batches = [per(m1.0, m0.0, total), per(m1.1, m0.1, total), per(m2.0, m1.0, pings), per(m2.1, m1.1, pings)];
+    let early = [per(m1.2, m0.2, total), per(m1.3, m0.3, total), per(m2.2, m1.2, pings), per(m2.3, m1.3, pings)];
     stop.store(true, Ordering::Relaxed);
     b.join().expect("b");
     loaded.sort();
@@ -184,6 +332,10 @@ fn remote_on<S: DurableStore>(
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
         load_p50: percentile(&loaded, 0.5),
+        batches,
+        early,
+        oneway_p50: percentile(&oneway, 0.5),
+        oneway_p99: percentile(&oneway, 0.99),
     }
 }
 
@@ -207,28 +359,55 @@ fn fsync_p50() -> Duration {
     percentile(&times, 0.5)
 }
 
+/// One small batch committed by a fjall store under sync durability (journal append and
+/// fdatasync), p50: the unit a sync-mode crank costs.
+fn fjall_commit_p50() -> Duration {
+    use kernel_core::Store;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut store = FjallStore::open(tmp.path(), StoreOptions::new(Durability::Sync)).expect("store");
+    let mut times = Vec::new();
+    for i in 0..200u32 {
+        let batch: kernel_core::WriteBatch = vec![(format!("k{i}").into_bytes(), Some(vec![0u8; 64]))];
+        let t = Instant::now();
+        store.apply(batch).expect("apply");
+        times.push(t.elapsed());
+    }
+    times.sort();
+    percentile(&times, 0.5)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only NAME` (memory, group, wide, sync): run that case alone, for profiling.
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let (group_total, sync_total, pings) = if quick { (5_000, 200, 200) } else { (50_000, 1_000, 1_000) };
     let window = 2_000;
     let local = in_memory(group_total * 2, window);
     let fsync = fsync_p50();
     println!("remote: in-memory single kernel          {local:>10.0} msg/s (baseline)");
     println!("remote: fdatasync p50                    {}", ms(fsync));
-    let m = remote(Backing::Memory, group_total, window, pings);
-    println!(
-        "remote: tcp loopback, in-memory stores   {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
-        m.rate,
-        m.rate / local,
-        ms(m.p50),
-        ms(m.p99)
-    );
-    let g = remote(Backing::Fjall(Durability::GROUP), group_total, window, pings);
-    println!(
+    let commit = fjall_commit_p50();
+    println!("remote: fjall sync commit p50            {} (one small batch: journal append + fdatasync)", ms(commit));
+    if run("memory") {
+        let m = remote(Backing::Memory, group_total, window, pings);
+        println!(
+            "remote: tcp loopback, in-memory stores   {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
+            m.rate,
+            m.rate / local,
+            ms(m.p50),
+            ms(m.p99)
+        );
+        println!("remote:   {}", details(&m, fsync));
+    }
+    if run("group") {
+        let g = remote(Backing::Fjall(Durability::GROUP), group_total, window, pings);
+        println!(
         "remote: tcp loopback, group commit       {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time), p50 {} with {window} in flight",
         g.rate,
         g.rate / local,
@@ -236,17 +415,35 @@ fn main() {
         ms(g.p99),
         ms(g.load_p50)
     );
-    let wide = Durability::Group { max_cranks: 20_000, max_delay: Duration::from_millis(10) };
-    let w = remote(Backing::Fjall(wide), group_total, window * 4, pings.min(200));
-    println!(
-        "remote: tcp loopback, group (20k / 10 ms) {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
-        w.rate,
-        w.rate / local,
-        ms(w.p50),
-        ms(w.p99)
-    );
-    let s = remote(Backing::Fjall(Durability::Sync), sync_total, window.min(64), pings.min(200));
-    println!(
+        println!("remote:   {}", details(&g, fsync));
+    }
+    if run("group-no-early") {
+        let g = remote(Backing::FjallNoEarlySync(Durability::GROUP), group_total, window, pings);
+        println!(
+            "remote: tcp loopback, group, no early sync {:>8.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time), p50 {} with {window} in flight",
+            g.rate,
+            g.rate / local,
+            ms(g.p50),
+            ms(g.p99),
+            ms(g.load_p50)
+        );
+        println!("remote:   {}", details(&g, fsync));
+    }
+    if run("wide") {
+        let wide = Durability::Group { max_cranks: 20_000, max_delay: Duration::from_millis(10) };
+        let w = remote(Backing::Fjall(wide), group_total, window * 4, pings.min(200));
+        println!(
+            "remote: tcp loopback, group (20k / 10 ms) {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
+            w.rate,
+            w.rate / local,
+            ms(w.p50),
+            ms(w.p99)
+        );
+        println!("remote:   {}", details(&w, fsync));
+    }
+    if run("sync") {
+        let s = remote(Backing::Fjall(Durability::Sync), sync_total, window.min(64), pings.min(200));
+        println!(
         "remote: tcp loopback, sync               {:>10.0} msg/s ({:.4}x in-memory); round trip p50 {} p99 {} (one at a time) = {:.1} fdatasyncs",
         s.rate,
         s.rate / local,
@@ -254,4 +451,12 @@ fn main() {
         ms(s.p99),
         s.p50.as_secs_f64() / fsync.as_secs_f64().max(1e-9)
     );
+        // Each is a store batch, synced before the next can start: a queues (host) and sends
+        // (crank); b applies, delivers to the echo vat, sends the answer (notify crank); a applies.
+        println!(
+        "remote:   a round trip is 6 durable commits in sequence (a: queue, send; b: apply, deliver, answer; a: apply): p50 {:.1} fjall sync commits",
+        s.p50.as_secs_f64() / commit.as_secs_f64().max(1e-9)
+    );
+        println!("remote:   {}", details(&s, fsync));
+    }
 }

@@ -2,7 +2,7 @@
 //! a position for every applied batch, and the position known to be on disk.
 
 use kernel_core::{MemStore, Store, StoreError};
-use kernel_store::FjallStore;
+use kernel_store::{Durability, FjallStore};
 use std::time::Duration;
 
 /// A store whose applied batches are numbered, with a watermark of those on disk. Remote
@@ -23,6 +23,14 @@ pub trait DurableStore: Store {
     /// When a time-based group sync falls due, if batches are waiting.
     fn flush_deadline(&self) -> Option<Duration> {
         None
+    }
+
+    /// Group commit: sync every batch applied so far now, ahead of the group's count or delay
+    /// (the node asks when it is idle and outputs wait only for durability). Returns whether it
+    /// synced. Other modes, where the store alone decides when batches reach the disk, do
+    /// nothing.
+    fn flush_now(&self) -> Result<bool, StoreError> {
+        Ok(false)
     }
 }
 
@@ -53,5 +61,12 @@ impl DurableStore for FjallStore {
 
     fn flush_deadline(&self) -> Option<Duration> {
         FjallStore::flush_deadline(self)
+    }
+
+    fn flush_now(&self) -> Result<bool, StoreError> {
+        match self.durability() {
+            Durability::Group { .. } if self.applied() > self.durable().up_to_batch => self.sync().map(|_| true),
+            _ => Ok(false),
+        }
     }
 }

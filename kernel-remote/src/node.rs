@@ -89,6 +89,8 @@ pub struct NodeStats {
     pub acks_sent: u64,
     /// Connections closed for a protocol violation.
     pub closed: u64,
+    /// Group syncs the node asked for early, being idle with output waiting for durability.
+    pub early_syncs: u64,
 }
 
 /// A committed outbox entry.
@@ -501,33 +503,19 @@ impl<S: DurableStore> Node<S> {
         self.stats.applied += n;
     }
 
-    /// Do the I/O that is due at `now`: apply what was received, run a due group sync, delete
-    /// acknowledged entries,
-    /// transmit what has become durable (in order, within the window), acknowledge what has
-    /// been applied durably, and retransmit after a timeout.
+    /// Do the I/O that is due at `now`: apply what was received, run a due group sync (or an
+    /// early one, if idle with output waiting for durability), transmit what has become durable
+    /// (in order, within the window), acknowledge what has been applied durably, retransmit
+    /// after a timeout, and delete acknowledged entries.
     pub fn pump(&mut self, now: Duration, net: &mut dyn Transport) -> Result<(), RemoteError> {
         self.apply_received(net)?;
         self.kernel.store().flush_due()?;
-        for i in 0..self.links.len() {
-            let l = &self.links[i];
-            // Deleting acknowledged entries costs a store batch (an fsync under sync durability):
-            // do it for many at once, or every so often, off the path of each message. Entries
-            // not yet deleted when the kernel stops are resent after a restart and dropped as
-            // duplicates.
-            let due = l.acked - l.deleted >= DELETE_BATCH || now >= l.last_delete + DELETE_EVERY;
-            if l.acked > l.deleted && due {
-                let (ep, from, to) = (l.ep, l.deleted + 1, l.acked);
-                let r = self.kernel.apply_external(ep, |ctx| {
-                    for seq in from..=to {
-                        ctx.vatstore_delete(&link::outbox_key(seq)).map_err(|e| kernel_core::Fault::VatError(e.to_string()))?;
-                    }
-                    Ok(())
-                })?;
-                if let Err(fault) = r {
-                    return Err(RemoteError::Refused(format!("deleting acknowledged entries for {}: {fault}", self.links[i].peer)));
-                }
-                self.links[i].deleted = to;
-                self.links[i].last_delete = now;
+        if self.kernel.queue_len() == 0 && self.output_awaits_durability() {
+            // Idle, with output held back only by durability: sync now rather than let it wait
+            // out the group's delay. Under load the queue is rarely empty and groups stay large;
+            // when it empties, whatever accumulated goes to disk in one sync.
+            if self.kernel.store().flush_now()? {
+                self.stats.early_syncs += 1;
             }
         }
         let durable = if self.config.wait_for_durable { self.kernel.store().durable_mark() } else { u64::MAX };
@@ -575,7 +563,58 @@ impl<S: DurableStore> Node<S> {
                 l.deadline = Some(now + l.rto);
             }
         }
+        // After transmitting: under sync durability the deletion is a sync of its own, which
+        // would otherwise hold back this round's output.
+        self.delete_acknowledged(now)
+    }
+
+    /// Delete acknowledged outbox entries, many at once or every so often.
+    fn delete_acknowledged(&mut self, now: Duration) -> Result<(), RemoteError> {
+        for i in 0..self.links.len() {
+            let l = &self.links[i];
+            // Deleting acknowledged entries costs a store batch (an fsync under sync durability):
+            // do it for many at once, or every so often, off the path of each message. Entries
+            // not yet deleted when the kernel stops are resent after a restart and dropped as
+            // duplicates.
+            let due = l.acked - l.deleted >= DELETE_BATCH || now >= l.last_delete + DELETE_EVERY;
+            if l.acked > l.deleted && due {
+                let (ep, from, to) = (l.ep, l.deleted + 1, l.acked);
+                let r = self.kernel.apply_external(ep, |ctx| {
+                    for seq in from..=to {
+                        ctx.vatstore_delete(&link::outbox_key(seq)).map_err(|e| kernel_core::Fault::VatError(e.to_string()))?;
+                    }
+                    Ok(())
+                })?;
+                if let Err(fault) = r {
+                    return Err(RemoteError::Refused(format!("deleting acknowledged entries for {}: {fault}", self.links[i].peer)));
+                }
+                self.links[i].deleted = to;
+                self.links[i].last_delete = now;
+            }
+        }
         Ok(())
+    }
+
+    /// True if some connected link has output that is committed but waits for the durable mark:
+    /// the next entry to transmit, or an acknowledgement.
+    fn output_awaits_durability(&self) -> bool {
+        if !self.config.wait_for_durable {
+            return false;
+        }
+        let store = self.kernel.store();
+        let durable = store.durable_mark();
+        if durable >= store.applied_mark() {
+            return false;
+        }
+        let window = self.config.window;
+        self.links.iter().filter(|l| l.connected).any(|l| {
+            let ack_waits = (l.applied > l.ack_sent || l.reack) && l.applied_mark > durable;
+            let first = l.acked + 1;
+            let send_waits = l.next_send <= l.written
+                && l.next_send < first + window
+                && l.unacked.get((l.next_send - first) as usize).is_some_and(|e| e.mark > durable);
+            ack_waits || send_waits
+        })
     }
 
     /// The earliest time [`Node::pump`] has something to do by the clock (a retransmission),

@@ -371,6 +371,9 @@ pub fn serve_once<S: crate::DurableStore>(
         let Some(e) = net.poll_event() else { break };
         node.handle(now(), e, net)?;
     }
+    // Apply what arrived before running cranks, so the cranks it queues run in this round and
+    // their outputs share the round's sync with the acknowledgements.
+    node.apply_received(net)?;
     node.run(Some(max_cranks))?;
     node.pump(now(), net)?;
     if node.kernel().queue_len() == 0 {
