@@ -58,7 +58,7 @@ impl Behavior for Echo {
 }
 
 fn group_store() -> SimStore {
-    SimStore::new(SimDurability::Group { max_batches: 1_000, max_delay: Duration::from_secs(3600) }, SimClock::new())
+    SimStore::new(SimDurability::Group { max_batches: 1_000, max_delay: Duration::from_secs(3600), early: false }, SimClock::new())
 }
 
 fn node<S: DurableStore>(store: S, name: &str, peer: &str) -> Node<S> {

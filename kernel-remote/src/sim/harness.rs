@@ -536,7 +536,11 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedReport {
     let durability = if rng.chance(400) {
         SimDurability::Sync
     } else {
-        SimDurability::Group { max_batches: rng.range(1, 12) as usize, max_delay: Duration::from_millis(rng.range(1, 20)) }
+        SimDurability::Group {
+            max_batches: rng.range(1, 12) as usize,
+            max_delay: Duration::from_millis(rng.range(1, 20)),
+            early: rng.chance(500),
+        }
     };
     let work = Workload { count: rng.range(3, 12), burst: rng.range(1, 4), durability, window: [1, 2, 8, 64, 4096][rng.below(5) as usize] };
     let mut report = SeedReport { seed, count: work.count, durability: format!("{durability:?}"), ..SeedReport::default() };
