@@ -234,15 +234,15 @@ impl FjallStore {
 
     fn sync_locked(&self, w: &mut Watermark) -> Result<(), StoreError> {
         let mut overlay = self.overlay.lock();
-        if !overlay.pending.is_empty() {
-            // Group commit: every batch since the last sync, as one atomic write, synced.
-            let pending = std::mem::take(&mut overlay.pending);
-            overlay.forget_all(pending.keys());
+        if !overlay.nothing_pending() {
+            // Group commit: every batch since the last sync, merged by key, as one atomic write,
+            // synced.
+            let pending = overlay.take_pending();
             let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), pending.len() + 1).durability(Some(PersistMode::SyncData));
-            for (k, v) in pending {
+            for (k, v) in &pending {
                 match v {
-                    Some(v) => b.insert(&self.data, k, v),
-                    None => b.remove(&self.data, k),
+                    Some(v) => b.insert(&self.data, k.as_slice(), v.as_slice()),
+                    None => b.remove(&self.data, k.as_slice()),
                 }
             }
             b.insert(&self.data, APPLIED_KEY, w.applied.to_be_bytes().to_vec());
@@ -253,6 +253,7 @@ impl FjallStore {
                 overlay.failed = Some(format!("{what} failed: {e:?}"));
                 return Err(engine_error(&what, e));
             }
+            overlay.written(pending);
         } else if w.applied > w.durable {
             self.db.persist(PersistMode::SyncData).map_err(|e| engine_error("syncing the journal", e))?;
         }
@@ -269,7 +270,7 @@ impl FjallStore {
                 out.insert(k.to_vec(), v.to_vec());
             }
         }
-        for (k, v) in &self.overlay.lock().pending {
+        for (k, v) in self.overlay.lock().pending() {
             match v {
                 Some(v) => out.insert(k.clone(), v.clone()),
                 None => out.remove(k),
@@ -310,9 +311,9 @@ impl Store for FjallStore {
     }
 
     fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let overlay = self.overlay.lock();
+        let mut overlay = self.overlay.lock();
         overlay.check()?;
-        if overlay.pending.is_empty() {
+        if overlay.nothing_pending() {
             return self.engine_next(prefix, after);
         }
         // Merge the engine's entries with the pending writes, which win where both have a key.
@@ -345,7 +346,7 @@ impl Store for FjallStore {
         let persist = match self.durability {
             Durability::Group { .. } => {
                 let overlay = self.overlay.get_mut();
-                overlay.pending.extend(batch);
+                overlay.hold(batch);
                 w.applied = applied;
                 if w.oldest_pending.is_none() {
                     w.oldest_pending = Some(self.clock.now());
