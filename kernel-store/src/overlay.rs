@@ -13,14 +13,25 @@ use kernel_core::{StoreError, WriteBatch};
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 
+/// A pending write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Slot {
+    /// `None` is a delete.
+    pub value: Option<Vec<u8>>,
+    /// The group's first write to the key set it: a key the group created, if the engine did
+    /// not hold it before. Such a key deleted again within the group (a run-queue entry queued
+    /// and delivered) need not reach the engine at all, once the engine is seen not to hold it.
+    pub created: bool,
+}
+
 /// The pending writes of a group, in key order: what goes to the engine.
-pub(crate) type Pending = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+pub(crate) type Pending = Vec<(Vec<u8>, Slot)>;
 
 /// The in-memory state in front of the engine.
 #[derive(Debug)]
 pub(crate) struct Overlay {
     /// Written by applied batches, not yet in the engine: `None` is a delete.
-    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    pending: HashMap<Vec<u8>, Slot>,
     /// The keys of `pending` in order, once a scan needed them in this group.
     ordered: Option<BTreeSet<Vec<u8>>>,
     /// What the engine holds at some keys (`None`: absent). Always coherent: every write to the
@@ -49,7 +60,10 @@ impl Overlay {
     /// What the store holds at `key`, if known without asking the engine: `Some(None)` is
     /// known-absent.
     pub fn lookup(&self, key: &[u8]) -> Option<Option<Vec<u8>>> {
-        self.pending.get(key).or_else(|| self.clean.get(key)).cloned()
+        match self.pending.get(key) {
+            Some(slot) => Some(slot.value.clone()),
+            None => self.clean.get(key).cloned(),
+        }
     }
 
     /// The engine holds `value` at `key` (read from it or just written to it).
@@ -81,12 +95,13 @@ impl Overlay {
     pub fn hold(&mut self, batch: WriteBatch) {
         for (k, v) in batch {
             match self.pending.entry(k) {
-                std::collections::hash_map::Entry::Occupied(mut e) => *e.get_mut() = v,
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().value = v,
                 std::collections::hash_map::Entry::Vacant(e) => {
                     if let Some(ordered) = &mut self.ordered {
                         ordered.insert(e.key().clone());
                     }
-                    e.insert(v);
+                    let created = v.is_some();
+                    e.insert(Slot { value: v, created });
                 }
             }
         }
@@ -106,17 +121,17 @@ impl Overlay {
         if self.clean_limit == 0 {
             return;
         }
-        for (k, v) in written {
+        for (k, slot) in written {
             if !self.clean.contains_key(&k) {
                 self.make_room();
             }
-            self.clean.insert(k, v);
+            self.clean.insert(k, slot.value);
         }
     }
 
     /// Every pending write, in no particular order.
     pub fn pending(&self) -> impl Iterator<Item = (&Vec<u8>, &Option<Vec<u8>>)> {
-        self.pending.iter()
+        self.pending.iter().map(|(k, slot)| (k, &slot.value))
     }
 
     /// The first pending entry with `prefix` after `after` (deletes included).
@@ -128,7 +143,7 @@ impl Overlay {
             None => Bound::Included(prefix),
         };
         let key = ordered.range::<[u8], _>((lower, Bound::Unbounded)).next().filter(|k| k.starts_with(prefix))?;
-        pending.get_key_value(key.as_slice())
+        pending.get_key_value(key.as_slice()).map(|(k, slot)| (k, &slot.value))
     }
 }
 
@@ -159,7 +174,8 @@ mod tests {
         o.hold(vec![(b"b".to_vec(), Some(b"2".to_vec())), (b"a".to_vec(), Some(b"0".to_vec()))]);
         o.hold(vec![(b"a".to_vec(), None)]);
         let group = o.take_pending();
-        assert_eq!(group, vec![(b"a".to_vec(), None), (b"b".to_vec(), Some(b"2".to_vec()))]);
+        let slot = |value: Option<&[u8]>, created| Slot { value: value.map(<[u8]>::to_vec), created };
+        assert_eq!(group, vec![(b"a".to_vec(), slot(None, true)), (b"b".to_vec(), slot(Some(b"2"), true))]);
         assert!(o.nothing_pending());
         // Until the engine has it, the cache still says what the engine held before.
         assert_eq!(o.lookup(b"a"), Some(Some(b"1".to_vec())));

@@ -20,7 +20,7 @@
 use crate::durability::{Clock, Durability, Durable, SystemClock, Watermark};
 use crate::error::OpenError;
 use crate::format::{self, Found, ENGINE_DIR, LOCK_FILE};
-use crate::overlay::Overlay;
+use crate::overlay::{Overlay, Pending};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use kernel_core::{CommitEvent, Store, StoreError, WriteBatch};
 use parking_lot::Mutex;
@@ -238,10 +238,12 @@ impl FjallStore {
             // Group commit: every batch since the last sync, merged by key, as one atomic write,
             // synced.
             let pending = overlay.take_pending();
+            let vanished = self.never_in_engine(&pending);
             let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), pending.len() + 1).durability(Some(PersistMode::SyncData));
-            for (k, v) in &pending {
-                match v {
+            for ((k, slot), vanished) in pending.iter().zip(vanished) {
+                match &slot.value {
                     Some(v) => b.insert(&self.data, k.as_slice(), v.as_slice()),
+                    None if vanished => {} // created and deleted within the group, never in the engine
                     None => b.remove(&self.data, k.as_slice()),
                 }
             }
@@ -259,6 +261,65 @@ impl FjallStore {
         }
         w.synced();
         Ok(())
+    }
+
+    /// Which of a group's writes (in key order) delete a key the group created and the engine
+    /// does not hold: a delete the engine need not see (no tombstone). Run-queue entries are
+    /// the common case: queued and delivered within one group, they never reach the engine.
+    ///
+    /// Each run of consecutive such keys is checked with one range scan of the engine rather
+    /// than a point read per key. Short runs are not checked, and a scan that meets more
+    /// engine entries than its run has keys gives up: the tombstones are then written, which
+    /// is always correct.
+    fn never_in_engine(&self, pending: &Pending) -> Vec<bool> {
+        const MIN_RUN: usize = 8;
+        let mut out = vec![false; pending.len()];
+        let candidate = |i: usize| pending[i].1.created && pending[i].1.value.is_none();
+        let mut i = 0;
+        while i < pending.len() {
+            if !candidate(i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < pending.len() && candidate(i) {
+                i += 1;
+            }
+            let run = &pending[start..i];
+            let (Some(first), Some(last)) = (run.first(), run.last()) else { continue };
+            if run.len() < MIN_RUN {
+                continue;
+            }
+            // Walk the engine's keys in the run's span beside the run's keys: a run key the
+            // engine holds keeps its tombstone; every other one passed is absent.
+            let mut budget = run.len() + MIN_RUN;
+            let mut next = 0;
+            let mut complete = true;
+            for guard in self.data.range::<&[u8], _>(first.0.as_slice()..=last.0.as_slice()) {
+                let Ok(key) = guard.key() else {
+                    complete = false;
+                    break;
+                };
+                if budget == 0 {
+                    complete = false;
+                    break;
+                }
+                budget -= 1;
+                while next < run.len() && run[next].0.as_slice() < &*key {
+                    out[start + next] = true;
+                    next += 1;
+                }
+                if next < run.len() && run[next].0.as_slice() == &*key {
+                    next += 1;
+                }
+            }
+            if complete {
+                for absent in &mut out[start + next..i] {
+                    *absent = true;
+                }
+            }
+        }
+        out
     }
 
     /// Every entry of the kernel keyspace, in key order: for comparing whole states in tests.
