@@ -17,7 +17,9 @@ pub enum Durability {
     /// Group commit: applied batches are held in memory (reads see them) and written together,
     /// as one atomic fjall batch followed by one `fdatasync`, once `max_cranks` batches wait or
     /// the oldest has waited `max_delay` on the store's [`Clock`] (checked at each `apply` and by
-    /// [`FjallStore::flush_due`]). Overwrites within a group reach the disk once.
+    /// [`FjallStore::flush_due`]). Overwrites within a group reach the disk once. A group
+    /// closed inside `apply` is synced by the store's sync thread while the kernel goes on;
+    /// [`Durable`] moves when that `fdatasync` returns.
     /// A batch not yet reported [`Durable`] may be lost to a process crash or a power loss; a
     /// reported one survives both. After a crash the store reopens at a committed batch no
     /// older than the last one reported durable, never in the middle of one.
