@@ -17,7 +17,9 @@ pub enum Durability {
     /// Group commit: applied batches are held in memory (reads see them) and written together,
     /// as one atomic fjall batch followed by one `fdatasync`, once `max_cranks` batches wait or
     /// the oldest has waited `max_delay` on the store's [`Clock`] (checked at each `apply` and by
-    /// [`FjallStore::flush_due`]). Overwrites within a group reach the disk once.
+    /// [`FjallStore::flush_due`]). Overwrites within a group reach the disk once. A group
+    /// closed inside `apply` is synced by the store's sync thread while the kernel goes on;
+    /// [`Durable`] moves when that `fdatasync` returns.
     /// A batch not yet reported [`Durable`] may be lost to a process crash or a power loss; a
     /// reported one survives both. After a crash the store reopens at a committed batch no
     /// older than the last one reported durable, never in the middle of one.
@@ -123,10 +125,17 @@ pub struct Durable {
 pub(crate) struct Watermark {
     /// Batches applied over the store's life.
     pub applied: u64,
+    /// Batches handed to the engine (group commit holds the others in memory).
+    pub written: u64,
     /// Batches known to be on disk.
     pub durable: u64,
-    /// When the oldest batch not yet on disk was applied (group commit only).
+    /// When the oldest batch not yet handed to the engine was applied (group commit only).
     pub oldest_pending: Option<Duration>,
+    /// When the oldest group handed to the engine but not yet known to be on disk was written
+    /// (group commit: its `fdatasync` runs on the store's sync thread).
+    pub syncing_since: Option<Duration>,
+    /// Why the sync thread failed, if it did: the store refuses further writes.
+    pub failed: Option<String>,
     /// Observed cranks not yet on disk: (the batch that committed it, the crank).
     pub cranks: VecDeque<(u64, CrankNumber)>,
     /// The newest observed crank on disk.
@@ -139,7 +148,7 @@ impl Watermark {
     /// A store reopened with `applied` batches, all of them on disk.
     pub fn recovered(applied: u64) -> Self {
         let d = Durable { up_to_batch: applied, up_to_crank: None };
-        Watermark { applied, durable: applied, reported: d, ..Watermark::default() }
+        Watermark { applied, written: applied, durable: applied, reported: d, ..Watermark::default() }
     }
 
     pub fn current(&self) -> Durable {
@@ -148,8 +157,24 @@ impl Watermark {
 
     /// Everything applied is now on disk.
     pub fn synced(&mut self) {
-        self.durable = self.applied;
+        self.written = self.applied;
         self.oldest_pending = None;
+        self.durable_up_to(self.applied);
+    }
+
+    /// Group commit: every applied batch is now in the engine (not yet synced), since `now`.
+    pub fn handed_over(&mut self, now: Duration) {
+        self.written = self.applied;
+        self.oldest_pending = None;
+        self.syncing_since.get_or_insert(now);
+    }
+
+    /// Every batch up to `batch` is on disk.
+    pub fn durable_up_to(&mut self, batch: u64) {
+        self.durable = self.durable.max(batch);
+        if self.durable >= self.written {
+            self.syncing_since = None;
+        }
         while let Some(&(batch, crank)) = self.cranks.front() {
             if batch > self.durable {
                 break;

@@ -1,18 +1,39 @@
 //! What the store keeps in memory in front of the engine: under group commit, the writes of
-//! batches applied since the last sync ([`Overlay::pending`], written to the engine as one
-//! atomic batch when the group syncs), and in every mode a bounded cache of what the engine
-//! holds, so the kernel's hot records (endpoints, roots, counters) are not looked up in the LSM
-//! tree on every crank.
+//! batches applied since the last sync (written to the engine as one atomic batch when the group
+//! syncs), and in every mode a bounded cache of what the engine holds, so the kernel's hot
+//! records (endpoints, roots, counters) are not looked up in the LSM tree on every crank.
+//!
+//! Both are hash maps: the kernel's reads are point reads, and a group's batches are merged
+//! by key as they arrive (a key written by many cranks of a group is held, and written to the
+//! engine, once). Prefix scans, rare during cranks, need the pending keys in order: that index
+//! is built at the first scan of a group and kept up to date until the group is written, so a
+//! group without scans never pays for ordering.
 
-use kernel_core::StoreError;
-use std::collections::{BTreeMap, HashMap};
+use kernel_core::{StoreError, WriteBatch};
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
+
+/// A pending write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Slot {
+    /// `None` is a delete.
+    pub value: Option<Vec<u8>>,
+    /// The group's first write to the key set it: a key the group created, if the engine did
+    /// not hold it before. Such a key deleted again within the group (a run-queue entry queued
+    /// and delivered) need not reach the engine at all, once the engine is seen not to hold it.
+    pub created: bool,
+}
+
+/// The pending writes of a group, in key order: what goes to the engine.
+pub(crate) type Pending = Vec<(Vec<u8>, Slot)>;
 
 /// The in-memory state in front of the engine.
 #[derive(Debug)]
 pub(crate) struct Overlay {
     /// Written by applied batches, not yet in the engine: `None` is a delete.
-    pub pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pending: HashMap<Vec<u8>, Slot>,
+    /// The keys of `pending` in order, once a scan needed them in this group.
+    ordered: Option<BTreeSet<Vec<u8>>>,
     /// What the engine holds at some keys (`None`: absent). Always coherent: every write to the
     /// engine updates it.
     clean: HashMap<Vec<u8>, Option<Vec<u8>>>,
@@ -25,7 +46,7 @@ pub(crate) struct Overlay {
 impl Overlay {
     /// An empty overlay whose cache holds at most `clean_limit` keys.
     pub fn new(clean_limit: usize) -> Self {
-        Overlay { pending: BTreeMap::new(), clean: HashMap::new(), clean_limit, failed: None }
+        Overlay { pending: HashMap::new(), ordered: None, clean: HashMap::new(), clean_limit, failed: None }
     }
 
     /// Refuse if an earlier group write failed.
@@ -39,7 +60,10 @@ impl Overlay {
     /// What the store holds at `key`, if known without asking the engine: `Some(None)` is
     /// known-absent.
     pub fn lookup(&self, key: &[u8]) -> Option<Option<Vec<u8>>> {
-        self.pending.get(key).or_else(|| self.clean.get(key)).cloned()
+        match self.pending.get(key) {
+            Some(slot) => Some(slot.value.clone()),
+            None => self.clean.get(key).cloned(),
+        }
     }
 
     /// The engine holds `value` at `key` (read from it or just written to it).
@@ -47,30 +71,79 @@ impl Overlay {
         if self.clean_limit == 0 {
             return;
         }
-        if self.clean.len() >= self.clean_limit && !self.clean.contains_key(key) {
-            // Crude but cheap: start over. The hot records come straight back.
-            self.clean.clear();
+        if let Some(v) = self.clean.get_mut(key) {
+            *v = value.map(<[u8]>::to_vec);
+            return;
         }
+        self.make_room();
         self.clean.insert(key.to_vec(), value.map(<[u8]>::to_vec));
     }
 
-    /// Drop whatever the cache says about `keys` (they are about to change in the engine).
-    pub fn forget_all<'k>(&mut self, keys: impl Iterator<Item = &'k Vec<u8>>) {
-        if self.clean.is_empty() {
-            return;
-        }
-        for k in keys {
-            self.clean.remove(k);
+    fn make_room(&mut self) {
+        if self.clean.len() >= self.clean_limit {
+            // Crude but cheap: start over. The hot records come straight back.
+            self.clean.clear();
         }
     }
 
+    /// True if no batch waits to be written.
+    pub fn nothing_pending(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Hold `batch` until the group is written; reads see it from now on.
+    pub fn hold(&mut self, batch: WriteBatch) {
+        for (k, v) in batch {
+            match self.pending.entry(k) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().value = v,
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    if let Some(ordered) = &mut self.ordered {
+                        ordered.insert(e.key().clone());
+                    }
+                    let created = v.is_some();
+                    e.insert(Slot { value: v, created });
+                }
+            }
+        }
+    }
+
+    /// Every pending write, in key order, leaving none pending: the group to write. Pass it
+    /// back to [`Overlay::written`] once the engine holds it.
+    pub fn take_pending(&mut self) -> Pending {
+        self.ordered = None;
+        let mut out: Pending = self.pending.drain().collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The engine now holds `written` (taken by [`Overlay::take_pending`]): cache it as clean.
+    pub fn written(&mut self, written: Pending) {
+        if self.clean_limit == 0 {
+            return;
+        }
+        for (k, slot) in written {
+            if !self.clean.contains_key(&k) {
+                self.make_room();
+            }
+            self.clean.insert(k, slot.value);
+        }
+    }
+
+    /// Every pending write, in no particular order.
+    pub fn pending(&self) -> impl Iterator<Item = (&Vec<u8>, &Option<Vec<u8>>)> {
+        self.pending.iter().map(|(k, slot)| (k, &slot.value))
+    }
+
     /// The first pending entry with `prefix` after `after` (deletes included).
-    pub fn pending_next(&self, prefix: &[u8], after: Option<&[u8]>) -> Option<(&Vec<u8>, &Option<Vec<u8>>)> {
+    pub fn pending_next(&mut self, prefix: &[u8], after: Option<&[u8]>) -> Option<(&Vec<u8>, &Option<Vec<u8>>)> {
+        let pending = &self.pending;
+        let ordered = self.ordered.get_or_insert_with(|| pending.keys().cloned().collect());
         let lower = match after {
             Some(a) => Bound::Excluded(a),
             None => Bound::Included(prefix),
         };
-        self.pending.range::<[u8], _>((lower, Bound::Unbounded)).next().filter(|(k, _)| k.starts_with(prefix))
+        let key = ordered.range::<[u8], _>((lower, Bound::Unbounded)).next().filter(|k| k.starts_with(prefix))?;
+        pending.get_key_value(key.as_slice()).map(|(k, slot)| (k, &slot.value))
     }
 }
 
@@ -86,7 +159,7 @@ mod tests {
         assert_eq!(o.lookup(b"a"), Some(Some(b"1".to_vec())));
         assert_eq!(o.lookup(b"b"), Some(None));
         assert_eq!(o.lookup(b"c"), None);
-        o.pending.insert(b"a".to_vec(), None);
+        o.hold(vec![(b"a".to_vec(), None)]);
         assert_eq!(o.lookup(b"a"), Some(None));
         // A third key overflows the cache, which starts over.
         o.remember(b"c", Some(b"3"));
@@ -95,13 +168,31 @@ mod tests {
     }
 
     #[test]
+    fn written_groups_become_clean() {
+        let mut o = Overlay::new(8);
+        o.remember(b"a", Some(b"1"));
+        o.hold(vec![(b"b".to_vec(), Some(b"2".to_vec())), (b"a".to_vec(), Some(b"0".to_vec()))]);
+        o.hold(vec![(b"a".to_vec(), None)]);
+        let group = o.take_pending();
+        let slot = |value: Option<&[u8]>, created| Slot { value: value.map(<[u8]>::to_vec), created };
+        assert_eq!(group, vec![(b"a".to_vec(), slot(None, true)), (b"b".to_vec(), slot(Some(b"2"), true))]);
+        assert!(o.nothing_pending());
+        // Until the engine has it, the cache still says what the engine held before.
+        assert_eq!(o.lookup(b"a"), Some(Some(b"1".to_vec())));
+        o.written(group);
+        assert_eq!(o.lookup(b"a"), Some(None));
+        assert_eq!(o.lookup(b"b"), Some(Some(b"2".to_vec())));
+    }
+
+    #[test]
     fn pending_scans_stay_in_their_prefix() {
         let mut o = Overlay::new(0);
-        for k in ["p/1", "p/2", "q/1"] {
-            o.pending.insert(k.as_bytes().to_vec(), Some(vec![]));
-        }
+        o.hold(["p/2", "q/1", "p/1"].iter().map(|k| (k.as_bytes().to_vec(), Some(vec![]))).collect());
         assert_eq!(o.pending_next(b"p/", None).map(|e| e.0.clone()), Some(b"p/1".to_vec()));
-        assert_eq!(o.pending_next(b"p/", Some(b"p/1")).map(|e| e.0.clone()), Some(b"p/2".to_vec()));
+        // Keys held after the first scan join the order.
+        o.hold(vec![(b"p/15".to_vec(), None)]);
+        assert_eq!(o.pending_next(b"p/", Some(b"p/1")).map(|e| e.0.clone()), Some(b"p/15".to_vec()));
+        assert_eq!(o.pending_next(b"p/", Some(b"p/15")).map(|e| e.0.clone()), Some(b"p/2".to_vec()));
         assert_eq!(o.pending_next(b"p/", Some(b"p/2")), None);
     }
 }

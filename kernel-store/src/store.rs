@@ -20,7 +20,7 @@
 use crate::durability::{Clock, Durability, Durable, SystemClock, Watermark};
 use crate::error::OpenError;
 use crate::format::{self, Found, ENGINE_DIR, LOCK_FILE};
-use crate::overlay::Overlay;
+use crate::overlay::{Overlay, Pending};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use kernel_core::{CommitEvent, Store, StoreError, WriteBatch};
 use parking_lot::Mutex;
@@ -86,6 +86,9 @@ pub struct FjallStore {
     clock: Arc<dyn Clock>,
     watermark: Arc<Mutex<Watermark>>,
     overlay: Mutex<Overlay>,
+    /// Group commit: the thread that `fdatasync`s each group written to the engine, so the
+    /// kernel runs the next group's cranks meanwhile; it is sent the batch count to sync to.
+    syncer: Option<(std::sync::mpsc::Sender<u64>, std::thread::JoinHandle<()>)>,
     /// Held (locked) for as long as the store is open; the OS releases it if the process dies.
     _lock: File,
 }
@@ -151,14 +154,20 @@ impl FjallStore {
                 reason: "missing, but the kernel keyspace holds data".into(),
             });
         }
+        let watermark = Arc::new(Mutex::new(Watermark::recovered(applied)));
+        let syncer = match options.durability {
+            Durability::Group { .. } => Some(spawn_syncer(db.clone(), Arc::clone(&watermark)).map_err(io("starting the sync thread"))?),
+            Durability::Sync | Durability::Buffered => None,
+        };
         Ok(FjallStore {
             dir,
             db,
             data,
             durability: options.durability,
             clock: options.clock,
-            watermark: Arc::new(Mutex::new(Watermark::recovered(applied))),
+            watermark,
             overlay: Mutex::new(Overlay::new(CACHE_KEYS)),
+            syncer,
             _lock: lock,
         })
     }
@@ -201,7 +210,10 @@ impl FjallStore {
     /// the host's timer for [`FjallStore::flush_due`] while the kernel is idle.
     pub fn flush_deadline(&self) -> Option<Duration> {
         match self.durability {
-            Durability::Group { max_delay, .. } => self.watermark.lock().oldest_pending.map(|t| t + max_delay),
+            Durability::Group { max_delay, .. } => {
+                let w = self.watermark.lock();
+                w.oldest_pending.into_iter().chain(w.syncing_since).min().map(|t| t + max_delay)
+            }
             Durability::Sync | Durability::Buffered => None,
         }
     }
@@ -210,7 +222,13 @@ impl FjallStore {
     /// event if the watermark moved. Other modes only return the event.
     pub fn flush_due(&self) -> Result<Option<Durable>, StoreError> {
         let mut w = self.watermark.lock();
-        if self.group_sync_due(&w) {
+        // The kernel is idle here: sync on this thread, so the durable event is not later than
+        // `flush_deadline`. That includes a group the sync thread has had for `max_delay`.
+        let overdue = match (self.durability, w.syncing_since) {
+            (Durability::Group { max_delay, .. }, Some(since)) => self.clock.now().saturating_sub(since) >= max_delay,
+            _ => false,
+        };
+        if overdue || self.group_sync_due(&w) {
             self.sync_locked(&mut w)?;
         }
         Ok(w.take())
@@ -226,38 +244,125 @@ impl FjallStore {
     fn group_sync_due(&self, w: &Watermark) -> bool {
         match (self.durability, w.oldest_pending) {
             (Durability::Group { max_cranks, max_delay }, Some(oldest)) => {
-                w.applied - w.durable >= max_cranks || self.clock.now().saturating_sub(oldest) >= max_delay
+                w.applied - w.written >= max_cranks || self.clock.now().saturating_sub(oldest) >= max_delay
             }
             _ => false,
         }
     }
 
+    /// Write and sync everything applied, now, on this thread.
     fn sync_locked(&self, w: &mut Watermark) -> Result<(), StoreError> {
+        check_syncer(w)?;
+        if self.write_group(w, PersistMode::SyncData)? {
+            // Written and synced.
+        } else if w.applied > w.durable {
+            self.db.persist(PersistMode::SyncData).map_err(|e| engine_error("syncing the journal", e))?;
+        }
+        w.synced();
+        Ok(())
+    }
+
+    /// Group commit: write the group to the engine and leave its `fdatasync` to the sync
+    /// thread, which moves the durable watermark when it is done.
+    fn hand_over(&self, w: &mut Watermark) -> Result<(), StoreError> {
+        check_syncer(w)?;
+        if self.write_group(w, PersistMode::Buffer)? {
+            w.handed_over(self.clock.now());
+            if let Some((to_syncer, _)) = &self.syncer {
+                if to_syncer.send(w.written).is_err() {
+                    return Err(StoreError::new("the store's sync thread is gone"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Group commit: every batch since the last group, merged by key, as one atomic engine
+    /// write persisted with `mode`. False if there was nothing to write.
+    fn write_group(&self, w: &Watermark, mode: PersistMode) -> Result<bool, StoreError> {
         let mut overlay = self.overlay.lock();
-        if !overlay.pending.is_empty() {
-            // Group commit: every batch since the last sync, as one atomic write, synced.
-            let pending = std::mem::take(&mut overlay.pending);
-            overlay.forget_all(pending.keys());
-            let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), pending.len() + 1).durability(Some(PersistMode::SyncData));
-            for (k, v) in pending {
-                match v {
-                    Some(v) => b.insert(&self.data, k, v),
-                    None => b.remove(&self.data, k),
+        if !overlay.nothing_pending() {
+            let pending = overlay.take_pending();
+            let vanished = self.never_in_engine(&pending);
+            let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), pending.len() + 1).durability(Some(mode));
+            for ((k, slot), vanished) in pending.iter().zip(vanished) {
+                match &slot.value {
+                    Some(v) => b.insert(&self.data, k.as_slice(), v.as_slice()),
+                    None if vanished => {} // created and deleted within the group, never in the engine
+                    None => b.remove(&self.data, k.as_slice()),
                 }
             }
             b.insert(&self.data, APPLIED_KEY, w.applied.to_be_bytes().to_vec());
             if let Err(e) = b.commit() {
                 // The batches taken from `pending` are gone from memory and not in the engine:
                 // refuse every later read and write rather than serve an older state.
-                let what = format!("committing batches {}..={}", w.durable + 1, w.applied);
+                let what = format!("committing batches {}..={}", w.written + 1, w.applied);
                 overlay.failed = Some(format!("{what} failed: {e:?}"));
                 return Err(engine_error(&what, e));
             }
-        } else if w.applied > w.durable {
-            self.db.persist(PersistMode::SyncData).map_err(|e| engine_error("syncing the journal", e))?;
+            overlay.written(pending);
+            return Ok(true);
         }
-        w.synced();
-        Ok(())
+        Ok(false)
+    }
+
+    /// Which of a group's writes (in key order) delete a key the group created and the engine
+    /// does not hold: a delete the engine need not see (no tombstone). Run-queue entries are
+    /// the common case: queued and delivered within one group, they never reach the engine.
+    ///
+    /// Each run of consecutive such keys is checked with one range scan of the engine rather
+    /// than a point read per key. Short runs are not checked, and a scan that meets more
+    /// engine entries than its run has keys gives up: the tombstones are then written, which
+    /// is always correct.
+    fn never_in_engine(&self, pending: &Pending) -> Vec<bool> {
+        const MIN_RUN: usize = 8;
+        let mut out = vec![false; pending.len()];
+        let candidate = |i: usize| pending[i].1.created && pending[i].1.value.is_none();
+        let mut i = 0;
+        while i < pending.len() {
+            if !candidate(i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < pending.len() && candidate(i) {
+                i += 1;
+            }
+            let run = &pending[start..i];
+            let (Some(first), Some(last)) = (run.first(), run.last()) else { continue };
+            if run.len() < MIN_RUN {
+                continue;
+            }
+            // Walk the engine's keys in the run's span beside the run's keys: a run key the
+            // engine holds keeps its tombstone; every other one passed is absent.
+            let mut budget = run.len() + MIN_RUN;
+            let mut next = 0;
+            let mut complete = true;
+            for guard in self.data.range::<&[u8], _>(first.0.as_slice()..=last.0.as_slice()) {
+                let Ok(key) = guard.key() else {
+                    complete = false;
+                    break;
+                };
+                if budget == 0 {
+                    complete = false;
+                    break;
+                }
+                budget -= 1;
+                while next < run.len() && run[next].0.as_slice() < &*key {
+                    out[start + next] = true;
+                    next += 1;
+                }
+                if next < run.len() && run[next].0.as_slice() == &*key {
+                    next += 1;
+                }
+            }
+            if complete {
+                for absent in &mut out[start + next..i] {
+                    *absent = true;
+                }
+            }
+        }
+        out
     }
 
     /// Every entry of the kernel keyspace, in key order: for comparing whole states in tests.
@@ -269,7 +374,7 @@ impl FjallStore {
                 out.insert(k.to_vec(), v.to_vec());
             }
         }
-        for (k, v) in &self.overlay.lock().pending {
+        for (k, v) in self.overlay.lock().pending() {
             match v {
                 Some(v) => out.insert(k.clone(), v.clone()),
                 None => out.remove(k),
@@ -294,6 +399,39 @@ impl FjallStore {
     }
 }
 
+/// Refuse if the sync thread failed.
+fn check_syncer(w: &Watermark) -> Result<(), StoreError> {
+    match &w.failed {
+        None => Ok(()),
+        Some(why) => Err(StoreError::new(format!("the store failed earlier and must be reopened: {why}"))),
+    }
+}
+
+/// The group-commit sync thread: for each batch count it is sent, `fdatasync` the journal
+/// (everything written before counts), then move the durable watermark. Counts sent while it
+/// syncs are served together by the next `fdatasync`.
+fn spawn_syncer(
+    db: Database,
+    watermark: Arc<Mutex<Watermark>>,
+) -> std::io::Result<(std::sync::mpsc::Sender<u64>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    let thread = std::thread::Builder::new().name("kernel-store sync".into()).spawn(move || {
+        while let Ok(mut upto) = rx.recv() {
+            while let Ok(more) = rx.try_recv() {
+                upto = upto.max(more);
+            }
+            match db.persist(PersistMode::SyncData) {
+                Ok(()) => watermark.lock().durable_up_to(upto),
+                Err(e) => {
+                    watermark.lock().failed = Some(format!("syncing the journal up to batch {upto} failed: {e:?}"));
+                    return;
+                }
+            }
+        }
+    })?;
+    Ok((tx, thread))
+}
+
 impl Store for FjallStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if key.first() == Some(&RESERVED_PREFIX) {
@@ -310,9 +448,9 @@ impl Store for FjallStore {
     }
 
     fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let overlay = self.overlay.lock();
+        let mut overlay = self.overlay.lock();
         overlay.check()?;
-        if overlay.pending.is_empty() {
+        if overlay.nothing_pending() {
             return self.engine_next(prefix, after);
         }
         // Merge the engine's entries with the pending writes, which win where both have a key.
@@ -341,17 +479,18 @@ impl Store for FjallStore {
             )));
         }
         let mut w = self.watermark.lock();
+        check_syncer(&w)?;
         let applied = w.applied + 1;
         let persist = match self.durability {
             Durability::Group { .. } => {
                 let overlay = self.overlay.get_mut();
-                overlay.pending.extend(batch);
+                overlay.hold(batch);
                 w.applied = applied;
                 if w.oldest_pending.is_none() {
                     w.oldest_pending = Some(self.clock.now());
                 }
                 if self.group_sync_due(&w) {
-                    self.sync_locked(&mut w)?;
+                    self.hand_over(&mut w)?;
                 }
                 return Ok(());
             }
@@ -373,6 +512,7 @@ impl Store for FjallStore {
             return Err(engine_error(&format!("committing batch {applied}"), e));
         }
         w.applied = applied;
+        w.written = applied;
         if self.durability == Durability::Sync {
             w.synced();
         }
@@ -385,6 +525,10 @@ impl Drop for FjallStore {
     /// memtable so the next open replays no journal. Errors cannot be reported from here; call
     /// [`FjallStore::sync`] first to see them.
     fn drop(&mut self) {
+        if let Some((to_syncer, thread)) = self.syncer.take() {
+            drop(to_syncer);
+            let _ = thread.join();
+        }
         let mut w = self.watermark.lock();
         let _ = self.sync_locked(&mut w);
         // Write the memtable out as a table file, so the journal behind it can go and the next

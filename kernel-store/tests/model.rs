@@ -93,3 +93,29 @@ fn every_mode_answers_like_the_model() {
         run(Durability::Group { max_cranks: 1_000_000, max_delay: Duration::from_secs(3600) }, seed);
     }
 }
+
+/// Keys a group creates and deletes again need no tombstone in the engine, but only if the
+/// engine does not hold them: one it held before the group (then set and deleted again) must
+/// stay deleted after the group is written and the store reopened.
+#[test]
+fn keys_created_and_deleted_within_a_group_stay_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let group = Durability::Group { max_cranks: 1_000_000, max_delay: Duration::from_secs(3600) };
+    let key = |n: u32| [b"q/".as_slice(), &n.to_be_bytes()].concat();
+    let mut fjall = FjallStore::open(dir.path(), StoreOptions::new(group)).expect("open");
+    // In the engine before the group: q/3, q/20 and one beyond every run, q/99.
+    fjall.apply([3, 20, 99].map(|n| (key(n), Some(b"old".to_vec()))).to_vec()).expect("apply");
+    fjall.sync().expect("sync");
+    // The group: q/0..40 queued, then all but q/10 delivered (deleted); q/3 and q/20 among them.
+    for n in 0..40 {
+        fjall.apply(vec![(key(n), Some(vec![n as u8]))]).expect("queue");
+    }
+    for n in (0..40).filter(|&n| n != 10) {
+        fjall.apply(vec![(key(n), None)]).expect("deliver");
+    }
+    fjall.sync().expect("sync");
+    drop(fjall);
+    let fjall = FjallStore::open(dir.path(), StoreOptions::new(group)).expect("reopen");
+    let left: Vec<_> = scan(&fjall, b"q/").into_iter().map(|(k, _)| k).collect();
+    assert_eq!(left, vec![key(10), key(99)]);
+}

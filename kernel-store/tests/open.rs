@@ -234,7 +234,12 @@ fn group_commit_syncs_by_count_and_by_time_on_the_injected_clock() {
     for _ in 0..3 {
         k.queue_message(k.root(a).expect("root").into(), "count", CapData::plain("[]")).expect("queue");
     }
-    // The fourth waiting batch triggered a sync inside apply.
+    // The fourth waiting batch was written to the engine inside apply, and handed to the sync
+    // thread, whose fdatasync moves the watermark.
+    let started = std::time::Instant::now();
+    while k.store().durable().up_to_batch < 4 && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(k.store().durable().up_to_batch, 4);
     assert_eq!(k.store().take_durable().map(|d| d.up_to_batch), Some(4));
     k.run(Some(2)).expect("run");
