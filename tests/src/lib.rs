@@ -6,6 +6,8 @@
 //! which recomputes every reference count from scratch.
 #![forbid(unsafe_code)]
 
+pub mod gc_vat;
+
 use kernel_core::store::{scan_committed, Store};
 use kernel_core::{
     Allocator, ClistEntry, EndpointId, EndpointStatus, KObjectId, KPromiseId, KRef, Kernel, Message, ObjectRecord, PromiseRecord,
