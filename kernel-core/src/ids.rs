@@ -70,6 +70,17 @@ impl KRef {
         k[1..].copy_from_slice(&n.to_be_bytes());
         k
     }
+
+    /// The kref a [`KRef::key_bytes`] key stands for, if `b` is one.
+    pub fn from_key_bytes(b: &[u8]) -> Option<KRef> {
+        let (tag, n) = b.split_first()?;
+        let n = u64::from_be_bytes(n.try_into().ok()?);
+        match tag {
+            b'o' => Some(KRef::Object(KObjectId(n))),
+            b'p' => Some(KRef::Promise(KPromiseId(n))),
+            _ => None,
+        }
+    }
 }
 
 impl From<KObjectId> for KRef {
@@ -331,6 +342,9 @@ mod tests {
         let b = KRef::Object(KObjectId(256)).key_bytes();
         assert!(a < b);
         assert!(VRef::export(9).key_bytes() < VRef::export(10).key_bytes());
+        for k in [KRef::Object(KObjectId(2)), KRef::Promise(KPromiseId(u64::MAX))] {
+            assert_eq!(KRef::from_key_bytes(&k.key_bytes()), Some(k));
+        }
         for v in [VRef::export(9), VRef::import(3), VRef::imported_promise(7), VRef::ROOT] {
             assert_eq!(VRef::from_key_bytes(&v.key_bytes()), Some(v));
         }

@@ -716,7 +716,7 @@ impl<'s> KernelTxn<'s> {
         let mut merged = BTreeMap::new();
         for (k, v) in self.txn.scan_prefix(&prefix)? {
             let vref = decode::<ClistEntry>("c-list", &k, &v)?.vref;
-            let kref = kref_from_key_bytes(&k[prefix.len()..]).ok_or_else(|| KernelError::Corrupt {
+            let kref = KRef::from_key_bytes(&k[prefix.len()..]).ok_or_else(|| KernelError::Corrupt {
                 table: "c-list",
                 key: k.escape_ascii().to_string(),
                 reason: "bad kref key".into(),
@@ -861,14 +861,4 @@ fn vatstore_key(ep: EndpointId, key: &[u8]) -> Vec<u8> {
     let mut k = vatstore_prefix(ep);
     k.extend_from_slice(key);
     k
-}
-
-fn kref_from_key_bytes(b: &[u8]) -> Option<KRef> {
-    let (tag, n) = b.split_first()?;
-    let n = u64::from_be_bytes(n.try_into().ok()?);
-    match tag {
-        b'o' => Some(KRef::Object(KObjectId(n))),
-        b'p' => Some(KRef::Promise(KPromiseId(n))),
-        _ => None,
-    }
 }

@@ -24,16 +24,6 @@ struct RawCLists {
     aliases: BTreeMap<(EndpointId, VRef), KRef>,
 }
 
-fn kref_from_key(b: &[u8]) -> Option<KRef> {
-    let (tag, n) = b.split_first()?;
-    let n = u64::from_be_bytes(n.try_into().ok()?);
-    match tag {
-        b'o' => Some(KRef::Object(KObjectId(n))),
-        b'p' => Some(KRef::Promise(KPromiseId(n))),
-        _ => None,
-    }
-}
-
 /// Read the c-list rows (`l/<ep u32>/k<kref 9 bytes>` and `l/<ep u32>/v<vref 10 bytes>`, as
 /// `kernel-core`'s tables document them).
 fn read_clists<S: Store>(store: &S, problems: &mut Vec<String>) -> RawCLists {
@@ -54,20 +44,20 @@ fn read_clists<S: Store>(store: &S, problems: &mut Vec<String>) -> RawCLists {
         let ep = EndpointId(u32::from_be_bytes([key[2], key[3], key[4], key[5]]));
         let rest = &key[8..];
         match key[7] {
-            b'k' => match (kref_from_key(rest), postcard::from_bytes::<ClistEntry>(&value)) {
+            b'k' => match (KRef::from_key_bytes(rest), postcard::from_bytes::<ClistEntry>(&value)) {
                 (Some(k), Ok(entry)) if rest.len() == 9 => {
                     raw.kref_rows.insert((ep, k), entry);
                 }
                 (Some(_), Err(_)) if rest.len() == 9 => problems.push(format!("c-list row {shown} does not decode")),
                 _ => problems.push(format!("c-list row {shown} has a malformed kref key")),
             },
-            b'v' => match (vref_from_key(rest), postcard::from_bytes::<KRef>(&value)) {
+            b'v' => match (VRef::from_key_bytes(rest), postcard::from_bytes::<KRef>(&value)) {
                 (Some(v), Ok(k)) => {
                     raw.by_vref.insert((ep, v), k);
                 }
                 _ => problems.push(format!("c-list row {shown} does not decode")),
             },
-            b'a' => match (vref_from_key(rest), postcard::from_bytes::<KRef>(&value)) {
+            b'a' => match (VRef::from_key_bytes(rest), postcard::from_bytes::<KRef>(&value)) {
                 (Some(v), Ok(k)) => {
                     raw.aliases.insert((ep, v), k);
                 }
@@ -77,22 +67,6 @@ fn read_clists<S: Store>(store: &S, problems: &mut Vec<String>) -> RawCLists {
         }
     }
     raw
-}
-
-fn vref_from_key(b: &[u8]) -> Option<VRef> {
-    let [kind, alloc, n @ ..] = b else { return None };
-    let index = u64::from_be_bytes(n.try_into().ok()?);
-    let kind = match kind {
-        b'o' => RefKind::Object,
-        b'p' => RefKind::Promise,
-        _ => return None,
-    };
-    let allocator = match alloc {
-        b'+' => Allocator::Endpoint,
-        b'-' => Allocator::Kernel,
-        _ => return None,
-    };
-    Some(VRef { kind, allocator, index })
 }
 
 /// Every way the kernel's tables disagree with each other (empty: consistent). Checks:
