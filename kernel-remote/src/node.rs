@@ -316,17 +316,12 @@ impl<S: DurableStore> Node<S> {
     pub fn step(&mut self) -> Result<Option<CrankReport>, RemoteError> {
         self.gate.borrow_mut().generation += 1;
         let result = self.kernel.step();
-        let mut gate = self.gate.borrow_mut();
-        gate.staged.clear(); // a crank that failed without a commit event leaves nothing to send
-        if !gate.committed.is_empty() {
-            let mark = self.kernel.store().applied_mark();
-            for s in gate.committed.drain(..) {
-                let link = &mut self.links[s.link];
-                debug_assert_eq!(s.seq, link.written + 1, "outbox sequence for {}", link.peer);
-                link.written = s.seq;
-                link.unacked.push_back(OutEntry { seq: s.seq, message: s.message, mark });
-            }
-        }
+        let committed = {
+            let mut gate = self.gate.borrow_mut();
+            gate.staged.clear(); // a crank that failed without a commit event leaves nothing to send
+            std::mem::take(&mut gate.committed)
+        };
+        self.outbox_written(committed);
         Ok(result?)
     }
 
@@ -483,9 +478,12 @@ impl<S: DurableStore> Node<S> {
         Ok(())
     }
 
-    /// An outbox entry an immediate-path transaction wrote and committed: transmittable once
-    /// durable, like a crank's.
+    /// Outbox entries a crank or an immediate-path transaction wrote and committed, stamped
+    /// with the store position that covers them: transmittable once that is durable.
     fn outbox_written(&mut self, staged: Vec<link::Staged>) {
+        if staged.is_empty() {
+            return;
+        }
         let mark = self.kernel.store().applied_mark();
         for s in staged {
             let link = &mut self.links[s.link];
