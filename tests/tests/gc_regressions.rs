@@ -356,35 +356,42 @@ fn a_helper_vat_may_send_its_objects_in_any_order() {
     assert_eq!(report.outcome, CrankOutcome::Committed, "{report:?}");
 }
 
+/// Asks itself for an answer with result `p+1` and subscribes to it (`go`; `go_and_drop` also
+/// drops `p+1` at once), drops `p+1` (`drop`), answers anything with a result; records the
+/// promises it is notified of.
+struct Asker(Rc<RefCell<Vec<VRef>>>);
+
+impl Vat for Asker {
+    fn deliver(&mut self, _: VRef, method: &str, _: VatData, result: Option<VRef>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        let p = VRef::local_promise(1);
+        if method.starts_with("go") {
+            sys.send(VRef::ROOT, "answer", &VatData::plain("[]"), Some(p))?;
+            sys.subscribe(p)?;
+        }
+        if method.ends_with("drop") {
+            sys.drop_imports(&[p])?;
+        }
+        if let Some(r) = result {
+            sys.resolve(&[(r, false, VatData::plain("1"))])?;
+        }
+        Ok(())
+    }
+    fn notify(&mut self, resolutions: Vec<Resolution>, _: &mut Syscall<'_, '_>) -> Result<(), VatError> {
+        self.0.borrow_mut().extend(resolutions.iter().map(|r| r.promise));
+        Ok(())
+    }
+}
+
 /// A vat subscribes to a promise and then drops it (`dropImports` of a promise it does not
 /// decide is legal and forgets it at once): dropping unsubscribes it, so no notify comes naming
 /// the promise under a fresh vref the vat never saw.
 #[test]
 fn a_vat_that_dropped_a_promise_is_not_notified_of_it() {
-    struct Asker(Rc<RefCell<Vec<VRef>>>);
-    impl Vat for Asker {
-        fn deliver(&mut self, _: VRef, method: &str, _: VatData, result: Option<VRef>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
-            if method == "go" {
-                let p = VRef::local_promise(1);
-                sys.send(VRef::ROOT, "answer", &VatData::plain("[]"), Some(p))?;
-                sys.subscribe(p)?;
-                sys.drop_imports(&[p])?;
-            }
-            if let Some(r) = result {
-                sys.resolve(&[(r, false, VatData::plain("1"))])?;
-            }
-            Ok(())
-        }
-        fn notify(&mut self, resolutions: Vec<Resolution>, _: &mut Syscall<'_, '_>) -> Result<(), VatError> {
-            self.0.borrow_mut().extend(resolutions.iter().map(|r| r.promise));
-            Ok(())
-        }
-    }
     let notified: Rc<RefCell<Vec<VRef>>> = Rc::default();
     let mut k = Kernel::open(MemStore::new()).expect("open");
     let v = k.add_endpoint("asker", VatEndpoint::boxed(Asker(Rc::clone(&notified)))).expect("add");
     let root = k.root(v).expect("root");
-    let kp = k.queue_message(root.into(), "go", args(&[])).expect("queue");
+    let kp = k.queue_message(root.into(), "go_and_drop", args(&[])).expect("queue");
     k.set_pinned(kp.into(), false).expect("unpin");
     while k.step().expect("step").is_some() {}
     assert!(notified.borrow().is_empty(), "notified of {:?} after dropping it", notified.borrow());
@@ -395,28 +402,6 @@ fn a_vat_that_dropped_a_promise_is_not_notified_of_it() {
 /// `drop` drops `p+1` before the notify is delivered. The notify is not delivered.
 #[test]
 fn a_notify_queued_before_the_drop_is_not_delivered() {
-    struct Asker(Rc<RefCell<Vec<VRef>>>);
-    impl Vat for Asker {
-        fn deliver(&mut self, _: VRef, method: &str, _: VatData, result: Option<VRef>, sys: &mut Syscall<'_, '_>) -> Result<(), VatError> {
-            let p = VRef::local_promise(1);
-            match method {
-                "go" => {
-                    sys.send(VRef::ROOT, "answer", &VatData::plain("[]"), Some(p))?;
-                    sys.subscribe(p)?;
-                }
-                "drop" => sys.drop_imports(&[p])?,
-                _ => {}
-            }
-            if let Some(r) = result {
-                sys.resolve(&[(r, false, VatData::plain("1"))])?;
-            }
-            Ok(())
-        }
-        fn notify(&mut self, resolutions: Vec<Resolution>, _: &mut Syscall<'_, '_>) -> Result<(), VatError> {
-            self.0.borrow_mut().extend(resolutions.iter().map(|r| r.promise));
-            Ok(())
-        }
-    }
     let notified: Rc<RefCell<Vec<VRef>>> = Rc::default();
     let mut k = Kernel::open(MemStore::new()).expect("open");
     let v = k.add_endpoint("asker", VatEndpoint::boxed(Asker(Rc::clone(&notified)))).expect("add");
