@@ -205,10 +205,7 @@ impl<'s> CrankContext<'s> {
             }
             // ...or an export of its own it has not yet heard was retired here: a new object.
             if vref.allocator == Allocator::Endpoint && vref.kind == RefKind::Object {
-                let kref = KRef::Object(self.work.db.new_object(ep, false));
-                let r = self.work.db.clist_insert(ep, kref, vref);
-                self.check(r)?;
-                return Ok(kref);
+                return self.allocate_export(vref);
             }
         }
         if vref.allocator == Allocator::Kernel {
