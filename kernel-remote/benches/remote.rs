@@ -394,69 +394,48 @@ fn main() {
     println!("remote: fdatasync p50                    {}", ms(fsync));
     let commit = fjall_commit_p50();
     println!("remote: fjall sync commit p50            {} (one small batch: journal append + fdatasync)", ms(commit));
+    // Each case: its rate beside the in-memory baseline, the round trip one message at a time,
+    // and the one-way details.
+    let report = |label: &str, r: &Remote, ratio_digits: usize, extra: String| {
+        println!(
+            "remote: tcp loopback, {label:<19}{:>10.0} msg/s ({:.ratio_digits$}x in-memory); round trip p50 {} p99 {} (one at a time){extra}",
+            r.rate,
+            r.rate / local,
+            ms(r.p50),
+            ms(r.p99)
+        );
+    };
+    let loaded = |r: &Remote| format!(", p50 {} with {window} in flight", ms(r.load_p50));
     if run("memory") {
         let m = remote(Backing::Memory, group_total, window, pings);
-        println!(
-            "remote: tcp loopback, in-memory stores   {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
-            m.rate,
-            m.rate / local,
-            ms(m.p50),
-            ms(m.p99)
-        );
+        report("in-memory stores", &m, 3, String::new());
         println!("remote:   {}", details(&m, fsync));
     }
     if run("group") {
         let g = remote(Backing::Fjall(Durability::GROUP), group_total, window, pings);
-        println!(
-        "remote: tcp loopback, group commit       {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time), p50 {} with {window} in flight",
-        g.rate,
-        g.rate / local,
-        ms(g.p50),
-        ms(g.p99),
-        ms(g.load_p50)
-    );
+        report("group commit", &g, 3, loaded(&g));
         println!("remote:   {}", details(&g, fsync));
     }
     if run("group-no-early") {
         let g = remote(Backing::FjallNoEarlySync(Durability::GROUP), group_total, window, pings);
-        println!(
-            "remote: tcp loopback, group, no early sync {:>8.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time), p50 {} with {window} in flight",
-            g.rate,
-            g.rate / local,
-            ms(g.p50),
-            ms(g.p99),
-            ms(g.load_p50)
-        );
+        report("group, no early sync", &g, 3, loaded(&g));
         println!("remote:   {}", details(&g, fsync));
     }
     if run("wide") {
         let wide = Durability::Group { max_cranks: 20_000, max_delay: Duration::from_millis(10) };
         let w = remote(Backing::Fjall(wide), group_total, window * 4, pings.min(200));
-        println!(
-            "remote: tcp loopback, group (20k / 10 ms) {:>10.0} msg/s ({:.3}x in-memory); round trip p50 {} p99 {} (one at a time)",
-            w.rate,
-            w.rate / local,
-            ms(w.p50),
-            ms(w.p99)
-        );
+        report("group (20k / 10 ms)", &w, 3, String::new());
         println!("remote:   {}", details(&w, fsync));
     }
     if run("sync") {
         let s = remote(Backing::Fjall(Durability::Sync), sync_total, window.min(64), pings.min(200));
-        println!(
-        "remote: tcp loopback, sync               {:>10.0} msg/s ({:.4}x in-memory); round trip p50 {} p99 {} (one at a time) = {:.1} fdatasyncs",
-        s.rate,
-        s.rate / local,
-        ms(s.p50),
-        ms(s.p99),
-        s.p50.as_secs_f64() / fsync.as_secs_f64().max(1e-9)
-    );
+        report("sync", &s, 4, format!(" = {:.1} fdatasyncs", s.p50.as_secs_f64() / fsync.as_secs_f64().max(1e-9)));
         // Each is a store batch, synced before the next can start: a queues (host) and sends
         // (crank); b applies, delivers to the echo vat, sends the answer (notify crank); a applies.
         println!(
-        "remote:   a round trip is 6 durable commits in sequence (a: queue, send; b: apply, deliver, answer; a: apply): p50 {:.1} fjall sync commits",
-        s.p50.as_secs_f64() / commit.as_secs_f64().max(1e-9)
-    );
+            "remote:   a round trip is 6 durable commits in sequence (a: queue, send; b: apply, deliver, answer; a: apply): p50 {:.1} fjall sync commits",
+            s.p50.as_secs_f64() / commit.as_secs_f64().max(1e-9)
+        );
         println!("remote:   {}", details(&s, fsync));
     }
 }
