@@ -383,8 +383,7 @@ impl<S: Store> Kernel<S> {
     fn apply_immediate(&mut self, end: TxnEnd) -> Result<(), KernelError> {
         self.store.apply(end.batch)?;
         self.counters = end.counters;
-        self.cache.absorb_fetched(end.fetched);
-        self.cache.absorb(end.dirty);
+        self.cache.absorb_commit(end.fetched, end.dirty, &end.born);
         Ok(())
     }
 
@@ -579,8 +578,7 @@ impl<S: Store> Kernel<S> {
     fn apply_finished(&mut self, done: Finished) -> Result<usize, KernelError> {
         self.store.apply(done.end.batch)?;
         self.counters = done.end.counters;
-        self.cache.absorb_fetched(done.end.fetched);
-        self.cache.absorb(done.end.dirty);
+        self.cache.absorb_commit(done.end.fetched, done.end.dirty, &done.end.born);
         for (kp, s) in done.watched {
             if let Some(callbacks) = self.watchers.remove(&kp) {
                 for cb in callbacks {

@@ -62,11 +62,42 @@ pub(crate) struct Records {
     pub clist_rev: HashMap<(EndpointId, VRef), Option<KRef>>,
     pub status: HashMap<EndpointId, Option<EndpointStatus>>,
     pub clist_counters: HashMap<EndpointId, Option<ClistCounters>>,
+    /// Krefs whose c-list entries are all in `clist` (only in the committed cache): allocated
+    /// by a transaction whose entries this cache absorbed, and kept since. An endpoint with no
+    /// entry here for such a kref holds none, so importing a new promise costs no store miss.
+    pub complete: HashMap<KRef, ()>,
 }
 
 impl Records {
     fn len(&self) -> usize {
-        self.objects.len() + self.promises.len() + self.clist.len() + self.clist_rev.len() + self.status.len() + self.clist_counters.len()
+        self.objects.len()
+            + self.promises.len()
+            + self.clist.len()
+            + self.clist_rev.len()
+            + self.status.len()
+            + self.clist_counters.len()
+            + self.complete.len()
+    }
+
+    /// Fold in a committed transaction: what it read from the store, what it wrote, and the
+    /// krefs it allocated (`born`), whose every c-list entry it wrote.
+    pub fn absorb_commit(&mut self, fetched: Records, written: Records, born: &[KRef]) {
+        self.absorb_fetched(fetched);
+        self.absorb(written);
+        for &k in born {
+            let gone = match k {
+                KRef::Object(o) => !self.objects.contains_key(&o),
+                KRef::Promise(p) => !self.promises.contains_key(&p),
+            };
+            if !gone {
+                self.complete.insert(k, ());
+            }
+        }
+    }
+
+    /// True if `ep` holds no c-list entry for `kref` by what the cache knows for sure.
+    pub fn surely_not_held(&self, ep: EndpointId, kref: KRef) -> bool {
+        self.complete.contains_key(&kref) && !self.clist.contains_key(&(ep, kref))
     }
 
     fn clear(&mut self) {
@@ -92,6 +123,14 @@ impl Records {
         }
         if self.len() + newer.len() > CACHE_BOUND {
             self.clear();
+        }
+        // A deleted object or promise has no c-list entries left to be complete about.
+        if !self.complete.is_empty() {
+            let deleted_objects = newer.objects.iter().filter(|(_, v)| v.is_none()).map(|(o, _)| KRef::Object(*o));
+            let deleted_promises = newer.promises.iter().filter(|(_, v)| v.is_none()).map(|(p, _)| KRef::Promise(*p));
+            for k in deleted_objects.chain(deleted_promises) {
+                self.complete.remove(&k);
+            }
         }
         merge(&mut self.objects, newer.objects);
         merge(&mut self.promises, newer.promises);

@@ -18,7 +18,7 @@
 //! - `s/<ep u32>/<key bytes>` -> vatstore value
 
 use crate::error::KernelError;
-use crate::ids::{EndpointId, KObjectId, KPromiseId, KRef, RefKind, VRef};
+use crate::ids::{Allocator, EndpointId, KObjectId, KPromiseId, KRef, RefKind, VRef};
 use crate::message::{Message, RunQueueItem, Settlement};
 use crate::records::{HashMap, Records};
 use crate::store::WriteBatch;
@@ -251,6 +251,9 @@ pub struct KernelTxn<'s> {
     pub(crate) maybe_free: Vec<KRef>,
     /// The counters as this transaction sees them; written back at commit if changed.
     pub counters: Counters,
+    /// The committed counters, as the transaction began: an id at or past them was allocated
+    /// here, so the committed state holds nothing under it.
+    start: Counters,
     counters_dirty: bool,
 }
 
@@ -261,6 +264,8 @@ pub(crate) struct TxnEnd {
     pub counters: Counters,
     pub dirty: Records,
     pub fetched: Records,
+    /// The objects and promises this transaction allocated.
+    pub born: Vec<KRef>,
 }
 
 impl<'s> KernelTxn<'s> {
@@ -274,31 +279,84 @@ impl<'s> KernelTxn<'s> {
             fetched: RefCell::default(),
             maybe_free: Vec::new(),
             counters,
+            start: counters,
             counters_dirty: false,
         }
     }
 
-    /// End the transaction: every written record encoded once into the batch.
+    /// End the transaction: every written record encoded once into the batch. A record deleted
+    /// here that the committed state never held (its id or vref was allocated in this
+    /// transaction, or it was looked up and found absent) puts no delete in the batch: a
+    /// c-list entry made and dropped within one crank, say, leaves no tombstone in the store.
     pub(crate) fn finish(mut self) -> TxnEnd {
-        fn encode_all<K: Copy, V: Serialize>(txn: &mut Txn<'_, dyn Store + '_>, map: &HashMap<K, Option<V>>, key: impl Fn(K) -> Vec<u8>) {
+        fn encode_all<K: Copy, V: Serialize>(
+            txn: &mut Txn<'_, dyn Store + '_>,
+            map: &HashMap<K, Option<V>>,
+            key: impl Fn(K) -> Vec<u8>,
+            never_committed: impl Fn(K) -> bool,
+        ) {
             for (k, v) in map {
                 match v {
                     Some(v) => txn.set(key(*k), encode(v)),
+                    None if never_committed(*k) => {}
                     None => txn.delete(key(*k)),
                 }
             }
         }
-        let d = &self.dirty;
-        encode_all(&mut self.txn, &d.objects, |o: KObjectId| u64_key(OBJECT_PREFIX, o.0));
-        encode_all(&mut self.txn, &d.promises, |p: KPromiseId| u64_key(PROMISE_PREFIX, p.0));
-        encode_all(&mut self.txn, &d.clist, |(ep, k)| clist_kref_key(ep, k));
-        encode_all(&mut self.txn, &d.clist_rev, |(ep, v)| clist_vref_key(ep, v));
-        encode_all(&mut self.txn, &d.status, |ep| endpoint_key(ep, b"s"));
-        encode_all(&mut self.txn, &d.clist_counters, |ep| endpoint_key(ep, b"c"));
+        let (d, f, start) = (&self.dirty, self.fetched.get_mut(), self.start);
+        let born = |kref: KRef| match kref {
+            KRef::Object(o) => o.0 >= start.next_object,
+            KRef::Promise(p) => p.0 >= start.next_promise,
+        };
+        let absent = |found: Option<bool>| found == Some(false);
+        encode_all(
+            &mut self.txn,
+            &d.objects,
+            |o: KObjectId| u64_key(OBJECT_PREFIX, o.0),
+            |o| born(KRef::Object(o)) || absent(f.objects.get(&o).map(Option::is_some)),
+        );
+        encode_all(
+            &mut self.txn,
+            &d.promises,
+            |p: KPromiseId| u64_key(PROMISE_PREFIX, p.0),
+            |p| born(KRef::Promise(p)) || absent(f.promises.get(&p).map(Option::is_some)),
+        );
+        let (cache, f) = (self.cache, &*f);
+        encode_all(
+            &mut self.txn,
+            &d.clist,
+            |(ep, k)| clist_kref_key(ep, k),
+            |(ep, k)| born(k) || absent(f.clist.get(&(ep, k)).map(Option::is_some)) || cache.surely_not_held(ep, k),
+        );
+        // A vref numbered past its endpoint's committed watermark was allocated here.
+        let vref_born = |ep: EndpointId, v: VRef| {
+            let committed = cache.clist_counters.get(&ep).or_else(|| f.clist_counters.get(&ep));
+            // Known absent: the endpoint has numbered nothing yet.
+            let Some(c) = committed.map(|c| c.unwrap_or_default()) else { return false };
+            let watermark = match (v.allocator, v.kind) {
+                (Allocator::Kernel, RefKind::Object) => c.import_object,
+                (Allocator::Kernel, RefKind::Promise) => c.import_promise,
+                (Allocator::Endpoint, RefKind::Object) => c.export_object,
+                (Allocator::Endpoint, RefKind::Promise) => c.export_promise,
+            };
+            v.index > watermark
+        };
+        encode_all(
+            &mut self.txn,
+            &d.clist_rev,
+            |(ep, v)| clist_vref_key(ep, v),
+            |(ep, v)| vref_born(ep, v) || absent(f.clist_rev.get(&(ep, v)).map(Option::is_some)),
+        );
+        encode_all(&mut self.txn, &d.status, |ep| endpoint_key(ep, b"s"), |_| false);
+        encode_all(&mut self.txn, &d.clist_counters, |ep| endpoint_key(ep, b"c"), |_| false);
         if self.counters_dirty {
             self.txn.set(COUNTERS_KEY.to_vec(), encode(&self.counters));
         }
-        TxnEnd { batch: self.txn.into_batch(), counters: self.counters, dirty: self.dirty, fetched: self.fetched.into_inner() }
+        let born = (start.next_object..self.counters.next_object)
+            .map(|o| KRef::Object(KObjectId(o)))
+            .chain((start.next_promise..self.counters.next_promise).map(|p| KRef::Promise(KPromiseId(p))))
+            .collect();
+        TxnEnd { batch: self.txn.into_batch(), counters: self.counters, dirty: self.dirty, fetched: self.fetched.into_inner(), born }
     }
 
     /// A record of a cached table: written here, else committed and decoded, else read from
@@ -508,6 +566,9 @@ impl<'s> KernelTxn<'s> {
 
     /// `ep`'s c-list entry for `kref`.
     pub fn clist_entry(&self, ep: EndpointId, kref: KRef) -> Result<Option<ClistEntry>, KernelError> {
+        if !self.dirty.clist.contains_key(&(ep, kref)) && self.cache.surely_not_held(ep, kref) {
+            return Ok(None);
+        }
         self.cached(|r| &r.clist, |r| &mut r.clist, "c-list", (ep, kref), || clist_kref_key(ep, kref))
     }
 

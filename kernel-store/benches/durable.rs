@@ -54,6 +54,8 @@ impl Endpoint for Player {
         let kp = ctx.export(VRef::local_promise(n)).map_err(fail)?;
         // Carry our own root along so the peer learns whom to answer.
         ctx.send(peer, "ping".into(), CapData::reference(target.into()), kp.as_promise()).map_err(fail)?;
+        // Nobody waits for the answer: let it go, so the tables stay the size of the rally.
+        ctx.drop_imports(&[kp]).map_err(fail)?;
         Ok(())
     }
 }
