@@ -10,7 +10,10 @@
 //! group without scans never pays for ordering.
 
 use kernel_core::{StoreError, WriteBatch};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+/// Hash maps keyed by byte strings (see the workspace's note on aHash).
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 use std::ops::Bound;
 
 /// A pending write.
@@ -46,7 +49,7 @@ pub(crate) struct Overlay {
 impl Overlay {
     /// An empty overlay whose cache holds at most `clean_limit` keys.
     pub fn new(clean_limit: usize) -> Self {
-        Overlay { pending: HashMap::new(), ordered: None, clean: HashMap::new(), clean_limit, failed: None }
+        Overlay { pending: HashMap::default(), ordered: None, clean: HashMap::default(), clean_limit, failed: None }
     }
 
     /// Refuse if an earlier group write failed.
@@ -116,16 +119,27 @@ impl Overlay {
         out
     }
 
-    /// The engine now holds `written` (taken by [`Overlay::take_pending`]): cache it as clean.
+    /// The engine now holds `written` (taken by [`Overlay::take_pending`]): cache what it set
+    /// as clean. A deleted key leaves the cache rather than being cached as absent: most are
+    /// run-queue entries and promises, whose keys are never used again.
     pub fn written(&mut self, written: Pending) {
         if self.clean_limit == 0 {
             return;
         }
         for (k, slot) in written {
-            if !self.clean.contains_key(&k) {
-                self.make_room();
+            match slot.value {
+                Some(v) => {
+                    if let Some(cached) = self.clean.get_mut(&k) {
+                        *cached = Some(v);
+                    } else {
+                        self.make_room();
+                        self.clean.insert(k, Some(v));
+                    }
+                }
+                None => {
+                    self.clean.remove(&k);
+                }
             }
-            self.clean.insert(k, slot.value);
         }
     }
 
@@ -180,7 +194,8 @@ mod tests {
         // Until the engine has it, the cache still says what the engine held before.
         assert_eq!(o.lookup(b"a"), Some(Some(b"1".to_vec())));
         o.written(group);
-        assert_eq!(o.lookup(b"a"), Some(None));
+        // A deleted key is no longer cached: the engine is asked (and knows it is absent).
+        assert_eq!(o.lookup(b"a"), None);
         assert_eq!(o.lookup(b"b"), Some(Some(b"2".to_vec())));
     }
 
