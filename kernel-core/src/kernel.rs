@@ -503,7 +503,7 @@ impl<S: Store> Kernel<S> {
                     // A decider always holds its promise in its c-list (an endpoint that never
                     // translated its result gets it now), so its termination finds it and
                     // collection never takes it while it is undecided.
-                    if work.db.promise(kp)?.and_then(|s| s.decider()) == Some(endpoint) {
+                    if work.db.promise_decider(kp)? == Some(endpoint) {
                         work.db.import(endpoint, KRef::Promise(kp))?;
                     }
                 }
@@ -664,8 +664,8 @@ fn close(mut work: Work<'_>, watchers: &HashMap<KPromiseId, Vec<Watcher>>) -> Re
 }
 
 fn set_decider(work: &mut Work<'_>, kp: KPromiseId, endpoint: EndpointId) -> Result<(), KernelError> {
-    if let Some(PromiseState::Unresolved { subscribers, queue, .. }) = work.db.promise(kp)? {
-        work.db.set_promise(kp, &PromiseState::Unresolved { decider: Some(endpoint), subscribers, queue })?;
+    if let Some(PromiseRecord { state: PromiseState::Unresolved { decider, .. }, .. }) = work.db.promise_mut(kp)? {
+        *decider = Some(endpoint);
     }
     Ok(())
 }
@@ -683,7 +683,7 @@ fn terminate(work: &mut Work<'_>, ep: EndpointId, reason: &str, data: CapData) -
     let entries = work.db.clist_entries(ep)?;
     for (kref, _) in &entries {
         if let KRef::Promise(kp) = kref {
-            if work.db.promise(*kp)?.and_then(|p| p.decider()) == Some(ep) {
+            if work.db.promise_decider(*kp)? == Some(ep) {
                 promise::reject(work, *kp, data.clone())?;
             }
         }

@@ -288,43 +288,59 @@ impl<'s> KernelTxn<'s> {
     /// here that the committed state never held (its id or vref was allocated in this
     /// transaction, or it was looked up and found absent) puts no delete in the batch: a
     /// c-list entry made and dropped within one crank, say, leaves no tombstone in the store.
-    pub(crate) fn finish(mut self) -> TxnEnd {
-        fn encode_all<K: Copy, V: Serialize>(
-            txn: &mut Txn<'_, dyn Store + '_>,
-            map: &HashMap<K, Option<V>>,
+    /// Likewise a record written back unchanged (a root object whose counts a ping-pong crank
+    /// lowers and raises again) puts nothing in the batch.
+    pub(crate) fn finish(self) -> TxnEnd {
+        /// Encode the records of one table into `batch`: a record equal to its committed
+        /// version (counts that went down and up again, say) is not written again.
+        fn encode_all<K: Copy + Hash + Eq, V: Serialize + PartialEq>(
+            batch: &mut WriteBatch,
+            written: &HashMap<K, Option<V>>,
+            committed: [&HashMap<K, Option<V>>; 2],
             key: impl Fn(K) -> Vec<u8>,
             never_committed: impl Fn(K) -> bool,
         ) {
-            for (k, v) in map {
+            for (k, v) in written {
                 match v {
-                    Some(v) => txn.set(key(*k), encode(v)),
+                    Some(v) => {
+                        let before = committed[0].get(k).or_else(|| committed[1].get(k));
+                        if !matches!(before, Some(Some(c)) if c == v) {
+                            batch.push((key(*k), Some(encode(v))));
+                        }
+                    }
                     None if never_committed(*k) => {}
-                    None => txn.delete(key(*k)),
+                    None => batch.push((key(*k), None)),
                 }
             }
         }
-        let (d, f, start) = (&self.dirty, self.fetched.get_mut(), self.start);
+        let KernelTxn { txn, cache, dirty: d, fetched, counters, start, counters_dirty, .. } = self;
+        let f = fetched.into_inner();
+        // The records go straight into the batch: only this transaction's raw writes (run
+        // queue, vatstores, ...) pass through the overlay, which reads needed to see.
+        let mut batch = txn.into_batch();
         let born = |kref: KRef| match kref {
             KRef::Object(o) => o.0 >= start.next_object,
             KRef::Promise(p) => p.0 >= start.next_promise,
         };
         let absent = |found: Option<bool>| found == Some(false);
         encode_all(
-            &mut self.txn,
+            &mut batch,
             &d.objects,
+            [&cache.objects, &f.objects],
             |o: KObjectId| u64_key(OBJECT_PREFIX, o.0),
             |o| born(KRef::Object(o)) || absent(f.objects.get(&o).map(Option::is_some)),
         );
         encode_all(
-            &mut self.txn,
+            &mut batch,
             &d.promises,
+            [&cache.promises, &f.promises],
             |p: KPromiseId| u64_key(PROMISE_PREFIX, p.0),
             |p| born(KRef::Promise(p)) || absent(f.promises.get(&p).map(Option::is_some)),
         );
-        let (cache, f) = (self.cache, &*f);
         encode_all(
-            &mut self.txn,
+            &mut batch,
             &d.clist,
+            [&cache.clist, &f.clist],
             |(ep, k)| clist_kref_key(ep, k),
             |(ep, k)| born(k) || absent(f.clist.get(&(ep, k)).map(Option::is_some)) || cache.surely_not_held(ep, k),
         );
@@ -342,21 +358,32 @@ impl<'s> KernelTxn<'s> {
             v.index > watermark
         };
         encode_all(
-            &mut self.txn,
+            &mut batch,
             &d.clist_rev,
+            [&cache.clist_rev, &f.clist_rev],
             |(ep, v)| clist_vref_key(ep, v),
             |(ep, v)| vref_born(ep, v) || absent(f.clist_rev.get(&(ep, v)).map(Option::is_some)),
         );
-        encode_all(&mut self.txn, &d.status, |ep| endpoint_key(ep, b"s"), |_| false);
-        encode_all(&mut self.txn, &d.clist_counters, |ep| endpoint_key(ep, b"c"), |_| false);
-        if self.counters_dirty {
-            self.txn.set(COUNTERS_KEY.to_vec(), encode(&self.counters));
+        encode_all(&mut batch, &d.status, [&cache.status, &f.status], |ep| endpoint_key(ep, b"s"), |_| false);
+        encode_all(&mut batch, &d.clist_counters, [&cache.clist_counters, &f.clist_counters], |ep| endpoint_key(ep, b"c"), |_| false);
+        if counters_dirty {
+            batch.push((COUNTERS_KEY.to_vec(), Some(encode(&counters))));
         }
-        let born = (start.next_object..self.counters.next_object)
+        // A batch is sorted by key, one write per key: of two writes to one key (none is
+        // expected: the tables and the raw keys do not overlap) the later, a record, wins.
+        batch.sort_by(|a, b| a.0.cmp(&b.0));
+        batch.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                std::mem::swap(later, earlier);
+            }
+            same
+        });
+        let born = (start.next_object..counters.next_object)
             .map(|o| KRef::Object(KObjectId(o)))
-            .chain((start.next_promise..self.counters.next_promise).map(|p| KRef::Promise(KPromiseId(p))))
+            .chain((start.next_promise..counters.next_promise).map(|p| KRef::Promise(KPromiseId(p))))
             .collect();
-        TxnEnd { batch: self.txn.into_batch(), counters: self.counters, dirty: self.dirty, fetched: self.fetched.into_inner(), born }
+        TxnEnd { batch, counters, dirty: d, fetched: f, born }
     }
 
     /// A record of a cached table: written here, else committed and decoded, else read from
@@ -369,12 +396,41 @@ impl<'s> KernelTxn<'s> {
         key: K,
         raw_key: impl FnOnce() -> Vec<u8>,
     ) -> Result<Option<V>, KernelError> {
+        self.peek(pick, pick_mut, table, key, raw_key, |v| v.cloned())
+    }
+
+    /// `f` of a record of a cached table, found as [`KernelTxn::cached`] finds it, without
+    /// copying it when it is decoded already (most reads want one field of a record).
+    fn peek<K: Hash + Eq + Copy, V: Clone + DeserializeOwned, R>(
+        &self,
+        pick: fn(&Records) -> &HashMap<K, Option<V>>,
+        pick_mut: fn(&mut Records) -> &mut HashMap<K, Option<V>>,
+        table: &'static str,
+        key: K,
+        raw_key: impl FnOnce() -> Vec<u8>,
+        f: impl FnOnce(Option<&V>) -> R,
+    ) -> Result<R, KernelError> {
         if let Some(v) = pick(&self.dirty).get(&key) {
-            return Ok(v.clone());
+            return Ok(f(v.as_ref()));
         }
         if let Some(v) = pick(self.cache).get(&key) {
-            return Ok(v.clone());
+            return Ok(f(v.as_ref()));
         }
+        // A copy, so that `f` runs with no borrow of `fetched` held.
+        let v = self.fetch(pick, pick_mut, table, key, raw_key)?;
+        Ok(f(v.as_ref()))
+    }
+
+    /// A record this transaction has not written: read earlier in it, else decoded from the
+    /// store (and remembered in `fetched`).
+    fn fetch<K: Hash + Eq + Copy, V: Clone + DeserializeOwned>(
+        &self,
+        pick: fn(&Records) -> &HashMap<K, Option<V>>,
+        pick_mut: fn(&mut Records) -> &mut HashMap<K, Option<V>>,
+        table: &'static str,
+        key: K,
+        raw_key: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Option<V>, KernelError> {
         if let Some(v) = pick(&self.fetched.borrow()).get(&key) {
             return Ok(v.clone());
         }
@@ -385,6 +441,27 @@ impl<'s> KernelTxn<'s> {
         };
         pick_mut(&mut self.fetched.borrow_mut()).insert(key, v.clone());
         Ok(v)
+    }
+
+    /// A record of a cached table to change in place: moved into this transaction's writes
+    /// (copied from committed state the first time). An absent record stays absent.
+    fn cached_mut<K: Hash + Eq + Copy + 'static, V: Clone + DeserializeOwned + 'static>(
+        &mut self,
+        pick: fn(&Records) -> &HashMap<K, Option<V>>,
+        pick_mut: fn(&mut Records) -> &mut HashMap<K, Option<V>>,
+        table: &'static str,
+        key: K,
+        raw_key: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Option<&mut V>, KernelError> {
+        if !pick(&self.dirty).contains_key(&key) {
+            let committed = match pick(self.cache).get(&key) {
+                Some(v) => v.clone(),
+                None => self.fetch(pick, pick_mut, table, key, raw_key)?,
+            };
+            let Some(v) = committed else { return Ok(None) };
+            pick_mut(&mut self.dirty).insert(key, Some(v));
+        }
+        Ok(pick_mut(&mut self.dirty).get_mut(&key).and_then(Option::as_mut))
     }
 
     fn get<T: DeserializeOwned>(&self, table: &'static str, key: &[u8]) -> Result<Option<T>, KernelError> {
@@ -450,6 +527,16 @@ impl<'s> KernelTxn<'s> {
         self.cached(|r| &r.objects, |r| &mut r.objects, "object", id, || u64_key(OBJECT_PREFIX, id.0))
     }
 
+    /// `f` of an object's record, without copying it.
+    pub fn peek_object<R>(&self, id: KObjectId, f: impl FnOnce(Option<&ObjectRecord>) -> R) -> Result<R, KernelError> {
+        self.peek(|r| &r.objects, |r| &mut r.objects, "object", id, || u64_key(OBJECT_PREFIX, id.0), f)
+    }
+
+    /// An object's record, to change in place (it is written when the transaction ends).
+    pub fn object_mut(&mut self, id: KObjectId) -> Result<Option<&mut ObjectRecord>, KernelError> {
+        self.cached_mut(|r| &r.objects, |r| &mut r.objects, "object", id, || u64_key(OBJECT_PREFIX, id.0))
+    }
+
     /// Overwrite an object's record.
     pub fn set_object(&mut self, id: KObjectId, rec: &ObjectRecord) {
         self.dirty.objects.insert(id, Some(rec.clone()));
@@ -476,26 +563,40 @@ impl<'s> KernelTxn<'s> {
         self.cached(|r| &r.promises, |r| &mut r.promises, "promise", id, || u64_key(PROMISE_PREFIX, id.0))
     }
 
-    /// Overwrite a promise's full record.
-    pub fn set_promise_record(&mut self, id: KPromiseId, rec: PromiseRecord) {
-        self.dirty.promises.insert(id, Some(rec));
+    /// `f` of a promise's record, which is not copied (a promise carries its queued messages).
+    pub fn with_promise<R>(&self, id: KPromiseId, f: impl FnOnce(Option<&PromiseRecord>) -> R) -> Result<R, KernelError> {
+        self.peek(|r| &r.promises, |r| &mut r.promises, "promise", id, || u64_key(PROMISE_PREFIX, id.0), f)
     }
 
-    /// Delete a promise.
-    pub fn delete_promise(&mut self, id: KPromiseId) {
+    /// A promise's record, to change in place (it is written when the transaction ends).
+    pub fn promise_mut(&mut self, id: KPromiseId) -> Result<Option<&mut PromiseRecord>, KernelError> {
+        self.cached_mut(|r| &r.promises, |r| &mut r.promises, "promise", id, || u64_key(PROMISE_PREFIX, id.0))
+    }
+
+    /// The decider of a promise (`None` if it is settled, decided by the kernel, or unknown).
+    pub fn promise_decider(&self, id: KPromiseId) -> Result<Option<EndpointId>, KernelError> {
+        self.with_promise(id, |r| r.and_then(|r| r.state.decider()))
+    }
+
+    /// Delete a promise, returning its record.
+    pub fn take_promise(&mut self, id: KPromiseId) -> Result<Option<PromiseRecord>, KernelError> {
+        let rec = match self.dirty.promises.get_mut(&id) {
+            Some(written) => written.take(),
+            None => self.promise_record(id)?,
+        };
         self.dirty.promises.insert(id, None);
+        Ok(rec)
     }
 
     /// A promise's state.
     pub fn promise(&self, id: KPromiseId) -> Result<Option<PromiseState>, KernelError> {
-        Ok(self.promise_record(id)?.map(|r| r.state))
+        self.with_promise(id, |r| r.map(|r| r.state.clone()))
     }
 
     /// Overwrite a promise's state, keeping its count and pin.
-    pub fn set_promise(&mut self, id: KPromiseId, state: &PromiseState) -> Result<(), KernelError> {
-        let mut rec = self.promise_record(id)?.ok_or(KernelError::UnknownRef(KRef::Promise(id)))?;
-        rec.state = state.clone();
-        self.set_promise_record(id, rec);
+    pub fn set_promise(&mut self, id: KPromiseId, state: PromiseState) -> Result<(), KernelError> {
+        let rec = self.promise_mut(id)?.ok_or(KernelError::UnknownRef(KRef::Promise(id)))?;
+        rec.state = state;
         Ok(())
     }
 
@@ -503,7 +604,7 @@ impl<'s> KernelTxn<'s> {
     pub fn exists(&self, r: KRef) -> Result<bool, KernelError> {
         Ok(match r {
             KRef::Object(o) => self.object(o)?.is_some(),
-            KRef::Promise(p) => self.promise_record(p)?.is_some(),
+            KRef::Promise(p) => self.with_promise(p, |r| r.is_some())?,
         })
     }
 
@@ -597,7 +698,7 @@ impl<'s> KernelTxn<'s> {
         entry.reachable = reachable;
         self.dirty.clist.insert((ep, kref), Some(entry));
         if let (KRef::Object(o), false) = (kref, self.is_exporter(ep, kref)?) {
-            if let Some(mut rec) = self.object(o)? {
+            if let Some(rec) = self.object_mut(o)? {
                 if reachable {
                     rec.reachable += 1;
                 } else {
@@ -606,7 +707,6 @@ impl<'s> KernelTxn<'s> {
                         self.maybe_free.push(kref);
                     }
                 }
-                self.set_object(o, &rec);
             }
         }
         Ok(())
@@ -690,7 +790,7 @@ impl<'s> KernelTxn<'s> {
     /// import, counted like any other.
     fn is_exporter(&self, ep: EndpointId, kref: KRef) -> Result<bool, KernelError> {
         Ok(match kref {
-            KRef::Object(o) => self.object(o)?.is_some_and(|r| r.owner == ep && !r.abandoned),
+            KRef::Object(o) => self.peek_object(o, |r| r.is_some_and(|r| r.owner == ep && !r.abandoned))?,
             KRef::Promise(_) => false,
         })
     }
@@ -701,15 +801,13 @@ impl<'s> KernelTxn<'s> {
     pub fn pin(&mut self, kref: KRef, pinned: bool) -> Result<(), KernelError> {
         match kref {
             KRef::Object(o) => {
-                if let Some(mut rec) = self.object(o)? {
+                if let Some(rec) = self.object_mut(o)? {
                     rec.pinned = pinned;
-                    self.set_object(o, &rec);
                 }
             }
             KRef::Promise(p) => {
-                if let Some(mut rec) = self.promise_record(p)? {
+                if let Some(rec) = self.promise_mut(p)? {
                     rec.pinned = pinned;
-                    self.set_promise_record(p, rec);
                 }
             }
         }
@@ -723,18 +821,16 @@ impl<'s> KernelTxn<'s> {
     pub fn incref(&mut self, kref: KRef, reachable: bool) -> Result<(), KernelError> {
         match kref {
             KRef::Object(o) => {
-                if let Some(mut rec) = self.object(o)? {
+                if let Some(rec) = self.object_mut(o)? {
                     rec.recognizable += 1;
                     if reachable {
                         rec.reachable += 1;
                     }
-                    self.set_object(o, &rec);
                 }
             }
             KRef::Promise(p) => {
-                if let Some(mut rec) = self.promise_record(p)? {
+                if let Some(rec) = self.promise_mut(p)? {
                     rec.refs += 1;
-                    self.set_promise_record(p, rec);
                 }
             }
         }
@@ -745,7 +841,7 @@ impl<'s> KernelTxn<'s> {
     pub fn decref(&mut self, kref: KRef, reachable: bool) -> Result<(), KernelError> {
         match kref {
             KRef::Object(o) => {
-                if let Some(mut rec) = self.object(o)? {
+                if let Some(rec) = self.object_mut(o)? {
                     rec.recognizable = rec.recognizable.saturating_sub(1);
                     if reachable {
                         rec.reachable = rec.reachable.saturating_sub(1);
@@ -753,16 +849,14 @@ impl<'s> KernelTxn<'s> {
                     if rec.reachable == 0 {
                         self.maybe_free.push(kref);
                     }
-                    self.set_object(o, &rec);
                 }
             }
             KRef::Promise(p) => {
-                if let Some(mut rec) = self.promise_record(p)? {
+                if let Some(rec) = self.promise_mut(p)? {
                     rec.refs = rec.refs.saturating_sub(1);
                     if rec.refs == 0 {
                         self.maybe_free.push(kref);
                     }
-                    self.set_promise_record(p, rec);
                 }
             }
         }
