@@ -7,7 +7,7 @@ use crate::gc::{self, GcAction};
 use crate::ids::{CrankNumber, EndpointId, KObjectId, KPromiseId, KRef, VRef};
 use crate::message::{CapData, Message, RunQueueItem, Settlement};
 use crate::promise;
-use crate::records::Records;
+use crate::records::{Records, Scratch};
 use crate::routing::{self, Route};
 use crate::store::{Entry, Store};
 use crate::tables::{
@@ -128,6 +128,8 @@ pub struct Kernel<S: Store> {
     counters: Counters,
     /// Decoded committed records (see `records.rs`).
     cache: Records,
+    /// The emptied maps of the last committed transaction, for the next.
+    scratch: Scratch,
     endpoints: Vec<Option<Box<dyn Endpoint>>>,
     watchers: HashMap<KPromiseId, Vec<Watcher>>,
     observers: Vec<Observer>,
@@ -168,7 +170,15 @@ impl<S: Store> Kernel<S> {
                 end.counters
             }
         };
-        Ok(Kernel { store, counters, cache, endpoints: Vec::new(), watchers: HashMap::new(), observers: Vec::new() })
+        Ok(Kernel {
+            store,
+            counters,
+            cache,
+            scratch: Scratch::default(),
+            endpoints: Vec::new(),
+            watchers: HashMap::new(),
+            observers: Vec::new(),
+        })
     }
 
     /// The store, for inspection.
@@ -381,9 +391,11 @@ impl<S: Store> Kernel<S> {
     }
 
     fn apply_immediate(&mut self, end: TxnEnd) -> Result<(), KernelError> {
-        self.store.apply(end.batch)?;
-        self.counters = end.counters;
-        self.cache.absorb_commit(end.fetched, end.dirty, &end.born);
+        let TxnEnd { batch, counters, mut dirty, mut fetched, born } = end;
+        self.store.apply(batch)?;
+        self.counters = counters;
+        self.cache.absorb_commit(&mut fetched, &mut dirty, &born);
+        self.scratch = Scratch { dirty, fetched };
         Ok(())
     }
 
@@ -413,7 +425,12 @@ impl<S: Store> Kernel<S> {
     /// Run one crank: take the next run-queue item, route it, deliver it, and commit or abort.
     /// Returns `None` if the queue is empty. On `Err` the crank left nothing behind.
     pub fn step(&mut self) -> Result<Option<CrankReport>, KernelError> {
-        let mut work = Work { db: KernelTxn::begin(&self.store, &self.cache, self.counters), buf: CrankBuffer::default() };
+        if self.queue_len() == 0 {
+            return Ok(None);
+        }
+        // In the maps the last committed transaction left.
+        let scratch = std::mem::take(&mut self.scratch);
+        let mut work = Work { db: KernelTxn::begin_in(&self.store, &self.cache, self.counters, scratch), buf: CrankBuffer::default() };
         let Some(item) = work.db.pop_run_queue()? else {
             return Ok(None);
         };
@@ -576,9 +593,7 @@ impl<S: Store> Kernel<S> {
 
     /// Write a finished transaction, then run the host callbacks of the promises it settled.
     fn apply_finished(&mut self, done: Finished) -> Result<usize, KernelError> {
-        self.store.apply(done.end.batch)?;
-        self.counters = done.end.counters;
-        self.cache.absorb_commit(done.end.fetched, done.end.dirty, &done.end.born);
+        self.apply_immediate(done.end)?;
         for (kp, s) in done.watched {
             if let Some(callbacks) = self.watchers.remove(&kp) {
                 for cb in callbacks {
@@ -605,7 +620,8 @@ impl<S: Store> Kernel<S> {
         if !self.read().is_live(ep)? {
             return Ok(Err(Fault::IllegalSyscall(format!("{ep} is not a live endpoint"))));
         }
-        let work = Work { db: KernelTxn::begin(&self.store, &self.cache, self.counters), buf: CrankBuffer::default() };
+        let scratch = std::mem::take(&mut self.scratch);
+        let work = Work { db: KernelTxn::begin_in(&self.store, &self.cache, self.counters, scratch), buf: CrankBuffer::default() };
         let peer = self.endpoints.get(ep.0 as usize).and_then(Option::as_ref).is_some_and(|e| e.is_peer_kernel());
         let mut ctx = CrankContext::new(work, ep, peer);
         let returned = f(&mut ctx);

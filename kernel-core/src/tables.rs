@@ -20,7 +20,7 @@
 use crate::error::KernelError;
 use crate::ids::{Allocator, EndpointId, KObjectId, KPromiseId, KRef, RefKind, VRef};
 use crate::message::{Message, RunQueueItem, Settlement};
-use crate::records::{HashMap, Records};
+use crate::records::{HashMap, Records, Scratch};
 use crate::store::WriteBatch;
 use crate::store::{Entry, Store, Txn};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -228,6 +228,12 @@ pub(crate) fn vatstore_prefix(ep: EndpointId) -> Vec<u8> {
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Most records are a few dozen bytes: serialised on the stack first, one costs a single
+    // allocation of its exact size rather than the several of a vector grown as it is written.
+    let mut scratch = [0u8; 128];
+    if let Ok(bytes) = postcard::to_slice(v, &mut scratch) {
+        return bytes.to_vec();
+    }
     // postcard serialisation of these plain data types cannot fail (no maps with non-string
     // keys, no unsized sequences); an error here would be a programming error.
     postcard::to_allocvec(v).unwrap_or_else(|e| unreachable!("postcard encode of kernel record failed: {e}"))
@@ -272,11 +278,17 @@ impl<'s> KernelTxn<'s> {
     /// Begin a transaction over `store` whose committed counters are `counters` and whose
     /// committed records, as far as decoded, are in `cache`.
     pub(crate) fn begin(store: &'s (dyn Store + 's), cache: &'s Records, counters: Counters) -> Self {
+        Self::begin_in(store, cache, counters, Scratch::default())
+    }
+
+    /// [`KernelTxn::begin`], filling `scratch`'s (empty) maps rather than new ones.
+    pub(crate) fn begin_in(store: &'s (dyn Store + 's), cache: &'s Records, counters: Counters, scratch: Scratch) -> Self {
+        debug_assert!(scratch.dirty.is_empty() && scratch.fetched.is_empty(), "scratch maps must come back empty");
         KernelTxn {
             txn: Txn::begin(store),
             cache,
-            dirty: Records::default(),
-            fetched: RefCell::default(),
+            dirty: scratch.dirty,
+            fetched: RefCell::new(scratch.fetched),
             maybe_free: Vec::new(),
             counters,
             start: counters,
