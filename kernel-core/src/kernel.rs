@@ -7,7 +7,7 @@ use crate::gc::{self, GcAction};
 use crate::ids::{CrankNumber, EndpointId, KObjectId, KPromiseId, KRef, VRef};
 use crate::message::{CapData, Message, RunQueueItem, Settlement};
 use crate::promise;
-use crate::records::{Records, Scratch};
+use crate::records::{HashMap as IdHashMap, Records, Scratch};
 use crate::routing::{self, Route};
 use crate::store::{Entry, Store};
 use crate::tables::{
@@ -119,6 +119,9 @@ pub struct RunSummary {
     pub quiescent: bool,
 }
 
+/// How many decoded run-queue items the kernel keeps (a long queue is read from the store).
+const QUEUED_BOUND: usize = 4096;
+
 type Watcher = Box<dyn FnOnce(KPromiseId, &Settlement)>;
 type Observer = Box<dyn FnMut(&CommitEvent)>;
 
@@ -130,6 +133,10 @@ pub struct Kernel<S: Store> {
     cache: Records,
     /// The emptied maps of the last committed transaction, for the next.
     scratch: Scratch,
+    /// Run-queue items committed by cranks, by sequence, as they were before encoding (at
+    /// most [`QUEUED_BOUND`]): the crank that takes one off the queue does not read and decode
+    /// it again. An item is here only while the store holds it; any it lacks, the store has.
+    queued: IdHashMap<u64, RunQueueItem>,
     endpoints: Vec<Option<Box<dyn Endpoint>>>,
     watchers: HashMap<KPromiseId, Vec<Watcher>>,
     observers: Vec<Observer>,
@@ -175,6 +182,7 @@ impl<S: Store> Kernel<S> {
             counters,
             cache,
             scratch: Scratch::default(),
+            queued: IdHashMap::default(),
             endpoints: Vec::new(),
             watchers: HashMap::new(),
             observers: Vec::new(),
@@ -428,10 +436,13 @@ impl<S: Store> Kernel<S> {
         if self.queue_len() == 0 {
             return Ok(None);
         }
+        // The item leaves the decoded queue whatever becomes of this crank: should it not
+        // commit, the store still has it.
+        let decoded = self.queued.remove(&self.counters.queue_head);
         // In the maps the last committed transaction left.
         let scratch = std::mem::take(&mut self.scratch);
         let mut work = Work { db: KernelTxn::begin_in(&self.store, &self.cache, self.counters, scratch), buf: CrankBuffer::default() };
-        let Some(item) = work.db.pop_run_queue()? else {
+        let Some(item) = work.db.pop_run_queue(decoded)? else {
             return Ok(None);
         };
         work.db.counters.cranks += 1;
@@ -553,7 +564,7 @@ impl<S: Store> Kernel<S> {
                 // alone: the item is consumed, the endpoint terminated, the result rejected.
                 drop(work);
                 let mut work = Work { db: KernelTxn::begin(&self.store, &self.cache, self.counters), buf: CrankBuffer::default() };
-                let consumed = work.db.pop_run_queue()?;
+                let consumed = work.db.pop_run_queue(None)?;
                 work.db.counters.cranks += 1;
                 let reason = fault.to_string();
                 terminate(&mut work, endpoint, &reason, CapData::error(&format!("vat terminated: {reason}")))?;
@@ -594,6 +605,12 @@ impl<S: Store> Kernel<S> {
     /// Write a finished transaction, then run the host callbacks of the promises it settled.
     fn apply_finished(&mut self, done: Finished) -> Result<usize, KernelError> {
         self.apply_immediate(done.end)?;
+        for (seq, item) in (done.first_queued..).zip(done.queued) {
+            if self.queued.len() >= QUEUED_BOUND {
+                break;
+            }
+            self.queued.insert(seq, item);
+        }
         for (kp, s) in done.watched {
             if let Some(callbacks) = self.watchers.remove(&kp) {
                 for cb in callbacks {
@@ -651,6 +668,9 @@ enum Delivery {
 /// A crank's transaction closed, with its buffer flushed into the same batch.
 struct Finished {
     end: TxnEnd,
+    /// The run-queue items it queued, the first under sequence `first_queued`.
+    queued: Vec<RunQueueItem>,
+    first_queued: u64,
     /// The settlements of the promises it settled that host watchers wait for.
     watched: Vec<(KPromiseId, Settlement)>,
     flushed: usize,
@@ -673,10 +693,11 @@ fn close(mut work: Work<'_>, watchers: &HashMap<KPromiseId, Vec<Watcher>>) -> Re
     gc::collect(&mut work)?;
     let Work { mut db, buf } = work;
     let flushed = buf.outputs.len();
+    let first_queued = db.counters.queue_tail;
     for item in &buf.outputs {
         db.push_run_queue(item);
     }
-    Ok(Finished { end: db.finish(), watched, flushed })
+    Ok(Finished { end: db.finish(), queued: buf.outputs, first_queued, watched, flushed })
 }
 
 fn set_decider(work: &mut Work<'_>, kp: KPromiseId, endpoint: EndpointId) -> Result<(), KernelError> {

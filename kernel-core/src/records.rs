@@ -84,7 +84,8 @@ impl Records {
         self.len() == 0
     }
 
-    fn len(&self) -> usize {
+    /// How many records (and absences) the maps hold.
+    pub fn len(&self) -> usize {
         self.objects.len()
             + self.promises.len()
             + self.clist.len()

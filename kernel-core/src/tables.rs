@@ -330,6 +330,7 @@ impl<'s> KernelTxn<'s> {
         // The records go straight into the batch: only this transaction's raw writes (run
         // queue, vatstores, ...) pass through the overlay, which reads needed to see.
         let mut batch = txn.into_batch();
+        batch.reserve(d.len() + 1);
         let born = |kref: KRef| match kref {
             KRef::Object(o) => o.0 >= start.next_object,
             KRef::Promise(p) => p.0 >= start.next_promise,
@@ -502,17 +503,21 @@ impl<'s> KernelTxn<'s> {
         self.put(u64_key(RUN_QUEUE_PREFIX, seq), item);
     }
 
-    /// Take the first item off the run queue.
-    pub fn pop_run_queue(&mut self) -> Result<Option<RunQueueItem>, KernelError> {
+    /// Take the first item off the run queue. `decoded` is that item as committed, if the
+    /// caller kept it decoded (then the store is not read).
+    pub fn pop_run_queue(&mut self, decoded: Option<RunQueueItem>) -> Result<Option<RunQueueItem>, KernelError> {
         if self.counters.queue_head == self.counters.queue_tail {
             return Ok(None);
         }
         let key = u64_key(RUN_QUEUE_PREFIX, self.counters.queue_head);
-        let item = self.get("run-queue", &key)?.ok_or_else(|| KernelError::Corrupt {
-            table: "run-queue",
-            key: key.escape_ascii().to_string(),
-            reason: "queued item missing".into(),
-        })?;
+        let item = match decoded {
+            Some(item) => item,
+            None => self.get("run-queue", &key)?.ok_or_else(|| KernelError::Corrupt {
+                table: "run-queue",
+                key: key.escape_ascii().to_string(),
+                reason: "queued item missing".into(),
+            })?,
+        };
         self.txn.delete(key);
         self.counters_mut().queue_head += 1;
         Ok(Some(item))
