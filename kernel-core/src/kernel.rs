@@ -132,7 +132,7 @@ pub struct Kernel<S: Store> {
     /// Decoded committed records (see `records.rs`).
     cache: Records,
     /// The emptied maps of the last committed transaction, for the next.
-    scratch: Scratch,
+    scratch: Option<Scratch>,
     /// Run-queue items committed by cranks, by sequence, as they were before encoding (at
     /// most [`QUEUED_BOUND`]): the crank that takes one off the queue does not read and decode
     /// it again. An item is here only while the store holds it; any it lacks, the store has.
@@ -181,7 +181,7 @@ impl<S: Store> Kernel<S> {
             store,
             counters,
             cache,
-            scratch: Scratch::default(),
+            scratch: None,
             queued: IdHashMap::default(),
             endpoints: Vec::new(),
             watchers: HashMap::new(),
@@ -403,7 +403,7 @@ impl<S: Store> Kernel<S> {
         self.store.apply(batch)?;
         self.counters = counters;
         self.cache.absorb_commit(&mut fetched, &mut dirty, &born);
-        self.scratch = Scratch { dirty, fetched };
+        self.scratch = Some(Scratch { dirty, fetched });
         Ok(())
     }
 
@@ -440,7 +440,7 @@ impl<S: Store> Kernel<S> {
         // commit, the store still has it.
         let decoded = self.queued.remove(&self.counters.queue_head);
         // In the maps the last committed transaction left.
-        let scratch = std::mem::take(&mut self.scratch);
+        let scratch = self.scratch.take().unwrap_or_default();
         let mut work = Work { db: KernelTxn::begin_in(&self.store, &self.cache, self.counters, scratch), buf: CrankBuffer::default() };
         let Some(item) = work.db.pop_run_queue(decoded)? else {
             return Ok(None);
@@ -637,7 +637,7 @@ impl<S: Store> Kernel<S> {
         if !self.read().is_live(ep)? {
             return Ok(Err(Fault::IllegalSyscall(format!("{ep} is not a live endpoint"))));
         }
-        let scratch = std::mem::take(&mut self.scratch);
+        let scratch = self.scratch.take().unwrap_or_default();
         let work = Work { db: KernelTxn::begin_in(&self.store, &self.cache, self.counters, scratch), buf: CrankBuffer::default() };
         let peer = self.endpoints.get(ep.0 as usize).and_then(Option::as_ref).is_some_and(|e| e.is_peer_kernel());
         let mut ctx = CrankContext::new(work, ep, peer);

@@ -51,13 +51,14 @@ impl Hasher for IdHasher {
 }
 
 /// The record maps of a committed transaction, emptied by [`Records::absorb_commit`], for the
-/// next transaction to fill: a crank then allocates no maps of its own.
+/// next transaction to fill: a crank then allocates no maps of its own. Boxed, so that moving
+/// a transaction (into a delivery's context and out again) copies two pointers, not the maps.
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     /// Becomes the next transaction's written records.
-    pub dirty: Records,
+    pub dirty: Box<Records>,
     /// Becomes the next transaction's fetched records.
-    pub fetched: Records,
+    pub fetched: Box<Records>,
 }
 
 /// How many records the committed cache holds before it starts over.

@@ -249,9 +249,9 @@ pub struct KernelTxn<'s> {
     /// Decoded committed records the kernel kept from earlier transactions.
     cache: &'s Records,
     /// Records this transaction wrote, decoded; each is encoded once when it ends.
-    dirty: Records,
+    dirty: Box<Records>,
     /// Records this transaction decoded from the store.
-    fetched: RefCell<Records>,
+    fetched: RefCell<Box<Records>>,
     /// Krefs whose reference counts fell to zero in this transaction; `gc::collect` looks at
     /// each before the transaction ends.
     pub(crate) maybe_free: Vec<KRef>,
@@ -268,8 +268,8 @@ pub struct KernelTxn<'s> {
 pub(crate) struct TxnEnd {
     pub batch: WriteBatch,
     pub counters: Counters,
-    pub dirty: Records,
-    pub fetched: Records,
+    pub dirty: Box<Records>,
+    pub fetched: Box<Records>,
     /// The objects and promises this transaction allocated.
     pub born: Vec<KRef>,
 }
