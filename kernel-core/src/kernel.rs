@@ -399,10 +399,11 @@ impl<S: Store> Kernel<S> {
     }
 
     fn apply_immediate(&mut self, end: TxnEnd) -> Result<(), KernelError> {
-        let TxnEnd { batch, counters, mut dirty, mut fetched, born } = end;
+        let born = end.born();
+        let TxnEnd { batch, counters, mut dirty, mut fetched, .. } = end;
         self.store.apply(batch)?;
         self.counters = counters;
-        self.cache.absorb_commit(&mut fetched, &mut dirty, &born);
+        self.cache.absorb_commit(&mut fetched, &mut dirty, born);
         self.scratch = Some(Scratch { dirty, fetched });
         Ok(())
     }
@@ -440,8 +441,7 @@ impl<S: Store> Kernel<S> {
         // commit, the store still has it.
         let decoded = self.queued.remove(&self.counters.queue_head);
         // In the maps the last committed transaction left.
-        let scratch = self.scratch.take().unwrap_or_default();
-        let mut work = Work { db: KernelTxn::begin_in(&self.store, &self.cache, self.counters, scratch), buf: CrankBuffer::default() };
+        let mut work = begin_work(&self.store, &self.cache, self.counters, self.scratch.take());
         let Some(item) = work.db.pop_run_queue(decoded)? else {
             return Ok(None);
         };
@@ -637,8 +637,7 @@ impl<S: Store> Kernel<S> {
         if !self.read().is_live(ep)? {
             return Ok(Err(Fault::IllegalSyscall(format!("{ep} is not a live endpoint"))));
         }
-        let scratch = self.scratch.take().unwrap_or_default();
-        let work = Work { db: KernelTxn::begin_in(&self.store, &self.cache, self.counters, scratch), buf: CrankBuffer::default() };
+        let work = begin_work(&self.store, &self.cache, self.counters, self.scratch.take());
         let peer = self.endpoints.get(ep.0 as usize).and_then(Option::as_ref).is_some_and(|e| e.is_peer_kernel());
         let mut ctx = CrankContext::new(work, ep, peer);
         let returned = f(&mut ctx);
@@ -698,6 +697,11 @@ fn close(mut work: Work<'_>, watchers: &HashMap<KPromiseId, Vec<Watcher>>) -> Re
         db.push_run_queue(item);
     }
     Ok(Finished { end: db.finish(), queued: buf.outputs, first_queued, watched, flushed })
+}
+
+/// Begin a crank's work in the maps the last committed transaction left, if any.
+fn begin_work<'s, S: Store>(store: &'s S, cache: &'s Records, counters: Counters, scratch: Option<Scratch>) -> Work<'s> {
+    Work { db: KernelTxn::begin_in(store, cache, counters, scratch.unwrap_or_default()), buf: CrankBuffer::default() }
 }
 
 fn set_decider(work: &mut Work<'_>, kp: KPromiseId, endpoint: EndpointId) -> Result<(), KernelError> {

@@ -99,10 +99,10 @@ impl Records {
     /// Fold in a committed transaction: what it read from the store, what it wrote, and the
     /// krefs it allocated (`born`), whose every c-list entry it wrote. `fetched` and `written`
     /// are left empty, their maps' room kept for the next transaction.
-    pub fn absorb_commit(&mut self, fetched: &mut Records, written: &mut Records, born: &[KRef]) {
+    pub fn absorb_commit(&mut self, fetched: &mut Records, written: &mut Records, born: impl IntoIterator<Item = KRef>) {
         self.absorb_fetched(fetched);
         self.absorb(written);
-        for &k in born {
+        for k in born {
             let gone = match k {
                 KRef::Object(o) => !self.objects.contains_key(&o),
                 KRef::Promise(p) => !self.promises.contains_key(&p),

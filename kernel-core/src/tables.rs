@@ -270,8 +270,16 @@ pub(crate) struct TxnEnd {
     pub counters: Counters,
     pub dirty: Box<Records>,
     pub fetched: Box<Records>,
+    /// The counters as the transaction began: the ids from there on were allocated in it.
+    pub start: Counters,
+}
+
+impl TxnEnd {
     /// The objects and promises this transaction allocated.
-    pub born: Vec<KRef>,
+    pub fn born(&self) -> impl Iterator<Item = KRef> {
+        let objects = (self.start.next_object..self.counters.next_object).map(|o| KRef::Object(KObjectId(o)));
+        objects.chain((self.start.next_promise..self.counters.next_promise).map(|p| KRef::Promise(KPromiseId(p))))
+    }
 }
 
 impl<'s> KernelTxn<'s> {
@@ -329,8 +337,7 @@ impl<'s> KernelTxn<'s> {
         let f = fetched.into_inner();
         // The records go straight into the batch: only this transaction's raw writes (run
         // queue, vatstores, ...) pass through the overlay, which reads needed to see.
-        let mut batch = txn.into_batch();
-        batch.reserve(d.len() + 1);
+        let mut batch = txn.into_batch_with_room(d.len() + 1);
         let born = |kref: KRef| match kref {
             KRef::Object(o) => o.0 >= start.next_object,
             KRef::Promise(p) => p.0 >= start.next_promise,
@@ -392,11 +399,7 @@ impl<'s> KernelTxn<'s> {
             }
             same
         });
-        let born = (start.next_object..counters.next_object)
-            .map(|o| KRef::Object(KObjectId(o)))
-            .chain((start.next_promise..counters.next_promise).map(|p| KRef::Promise(KPromiseId(p))))
-            .collect();
-        TxnEnd { batch, counters, dirty: d, fetched: f, born }
+        TxnEnd { batch, counters, dirty: d, fetched: f, start }
     }
 
     /// A record of a cached table: written here, else committed and decoded, else read from

@@ -143,7 +143,14 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
 
     /// End the transaction, yielding its writes as one sorted batch.
     pub fn into_batch(self) -> WriteBatch {
-        self.writes.into_iter().collect()
+        self.into_batch_with_room(0)
+    }
+
+    /// [`Txn::into_batch`], with room in the batch for `extra` more writes.
+    pub(crate) fn into_batch_with_room(self, extra: usize) -> WriteBatch {
+        let mut batch = Vec::with_capacity(self.writes.len() + extra);
+        batch.extend(self.writes);
+        batch
     }
 }
 
