@@ -389,16 +389,12 @@ impl<'s> KernelTxn<'s> {
         if counters_dirty {
             batch.push((COUNTERS_KEY.to_vec(), Some(encode(&counters))));
         }
-        // A batch is sorted by key, one write per key: of two writes to one key (none is
-        // expected: the tables and the raw keys do not overlap) the later, a record, wins.
+        // A batch is sorted by key. The record tables and the raw keys do not overlap, so each
+        // key is written once (were one written twice, the stable sort would keep the record
+        // after the raw write, and a store applying the batch in order would end with the
+        // record, as the overlay did).
         batch.sort_by(|a, b| a.0.cmp(&b.0));
-        batch.dedup_by(|later, earlier| {
-            let same = later.0 == earlier.0;
-            if same {
-                std::mem::swap(later, earlier);
-            }
-            same
-        });
+        debug_assert!(batch.windows(2).all(|w| w[0].0 < w[1].0), "a batch writes each key once");
         TxnEnd { batch, counters, dirty: d, fetched: f, start }
     }
 
