@@ -7,7 +7,7 @@ use crate::gc::{self, GcAction};
 use crate::ids::{Allocator, EndpointId, KObjectId, KPromiseId, KRef, RefKind, VRef};
 use crate::message::{CapData, Message, RunQueueItem, Settlement};
 use crate::promise;
-use crate::tables::{ClistEntry, KernelTxn, PromiseState};
+use crate::tables::{ClistEntry, KernelTxn, PromiseRecord, PromiseState};
 
 /// What a crank produced that only takes effect if it commits: run-queue items in the order
 /// made, and the promises it settled (whose host watchers run after the commit).
@@ -252,8 +252,8 @@ impl<'s> CrankContext<'s> {
     /// to resolve it).
     pub fn decides(&mut self, kp: KPromiseId) -> Result<bool, SyscallError> {
         self.guard()?;
-        let r = self.work.db.promise(kp);
-        Ok(self.check(r)?.and_then(|s| s.decider()) == Some(self.endpoint))
+        let r = self.work.db.promise_decider(kp);
+        Ok(self.check(r)? == Some(self.endpoint))
     }
 
     /// True if [`CrankContext::retire_exports`] of `kref` would be legal now: an object this
@@ -336,8 +336,8 @@ impl<'s> CrankContext<'s> {
                     vref.allocator == Allocator::Kernel && self.check(r)?.is_some_and(|e| e.reachable)
                 }
                 KRef::Promise(p) => {
-                    let r = self.work.db.promise(p);
-                    self.check(r)?.and_then(|s| s.decider()) != Some(self.endpoint)
+                    let r = self.work.db.promise_decider(p);
+                    self.check(r)? != Some(self.endpoint)
                 }
             };
             if keep {
@@ -355,13 +355,16 @@ impl<'s> CrankContext<'s> {
     pub fn send(&mut self, target: KRef, method: String, args: CapData, result: Option<KPromiseId>) -> Result<(), SyscallError> {
         self.guard()?;
         if let Some(kp) = result {
-            match self.check(self.work.db.promise(kp))? {
-                Some(PromiseState::Unresolved { decider: Some(d), subscribers, queue }) if d == self.endpoint => {
-                    let r = self.work.db.set_promise(kp, &PromiseState::Unresolved { decider: None, subscribers, queue });
-                    self.check(r)?;
-                }
-                _ => return Err(self.illegal(format!("result {kp} is not an unresolved promise decided by {}", self.endpoint))),
+            if self.check(self.work.db.promise_decider(kp))? != Some(self.endpoint) {
+                return Err(self.illegal(format!("result {kp} is not an unresolved promise decided by {}", self.endpoint)));
             }
+            // The kernel decides it while the message is in flight.
+            let r = self.work.db.promise_mut(kp).map(|rec| {
+                if let Some(PromiseRecord { state: PromiseState::Unresolved { decider, .. }, .. }) = rec {
+                    *decider = None;
+                }
+            });
+            self.check(r)?;
         }
         let message = Message { method, args, result };
         let r = gc::add_message_refs(&mut self.work.db, target, &message);
@@ -389,16 +392,23 @@ impl<'s> CrankContext<'s> {
             if resolutions[..i].iter().any(|(q, _)| q == kp) {
                 return Err(self.illegal(format!("{kp} resolved twice in one syscall")));
             }
-            match self.check(self.work.db.promise(*kp))? {
-                Some(PromiseState::Unresolved { decider: Some(d), .. }) if d == ep => {}
-                Some(PromiseState::Settled(_)) => return Err(self.illegal(format!("{kp} is already resolved"))),
-                _ => return Err(self.illegal(format!("{ep} is not the decider of {kp}"))),
+            let r = self.work.db.with_promise(*kp, |r| match r.map(|r| &r.state) {
+                Some(PromiseState::Unresolved { decider: Some(d), .. }) if *d == ep => Ok(()),
+                Some(PromiseState::Settled(_)) => Err(format!("{kp} is already resolved")),
+                _ => Err(format!("{ep} is not the decider of {kp}")),
+            });
+            if let Err(reason) = self.check(r)? {
+                return Err(self.illegal(reason));
             }
         }
         for (kp, settlement) in resolutions {
             // The resolver is done with the promise, unless it also awaits its own notify,
             // which will make it forget the promise then.
-            let subscribed = matches!(self.check(self.work.db.promise(kp))?, Some(PromiseState::Unresolved { subscribers, .. }) if subscribers.contains(&ep));
+            let r = self.work.db.with_promise(
+                kp,
+                |r| matches!(r.map(|r| &r.state), Some(PromiseState::Unresolved { subscribers, .. }) if subscribers.contains(&ep)),
+            );
+            let subscribed = self.check(r)?;
             let r = promise::resolve(&mut self.work, kp, settlement);
             self.check(r)?;
             if !subscribed {
@@ -427,7 +437,7 @@ impl<'s> CrankContext<'s> {
             let entry = self.check(self.work.db.clist_entry(ep, k))?;
             let legal = match (k, entry) {
                 (KRef::Object(_), Some(e)) => e.vref.allocator == Allocator::Kernel && e.reachable,
-                (KRef::Promise(p), Some(_)) => self.check(self.work.db.promise(p))?.and_then(|s| s.decider()) != Some(ep),
+                (KRef::Promise(p), Some(_)) => self.check(self.work.db.promise_decider(p))? != Some(ep),
                 (_, None) => false,
             };
             if !legal {

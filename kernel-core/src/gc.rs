@@ -112,11 +112,10 @@ pub(crate) fn collect(w: &mut Work<'_>) -> Result<(), KernelError> {
     while let Some(kref) = w.db.maybe_free.pop() {
         match kref {
             KRef::Promise(p) => {
-                let Some(rec) = w.db.promise_record(p)? else { continue };
-                if rec.refs > 0 || rec.pinned {
+                if !w.db.with_promise(p, |r| r.is_some_and(|r| r.refs == 0 && !r.pinned))? {
                     continue;
                 }
-                w.db.delete_promise(p);
+                let Some(rec) = w.db.take_promise(p)? else { continue };
                 if let PromiseState::Settled(s) = rec.state {
                     remove_data_refs(&mut w.db, s.data())?;
                 }

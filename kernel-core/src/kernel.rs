@@ -7,7 +7,7 @@ use crate::gc::{self, GcAction};
 use crate::ids::{CrankNumber, EndpointId, KObjectId, KPromiseId, KRef, VRef};
 use crate::message::{CapData, Message, RunQueueItem, Settlement};
 use crate::promise;
-use crate::records::Records;
+use crate::records::{HashMap as IdHashMap, Records, Scratch};
 use crate::routing::{self, Route};
 use crate::store::{Entry, Store};
 use crate::tables::{
@@ -119,6 +119,9 @@ pub struct RunSummary {
     pub quiescent: bool,
 }
 
+/// How many decoded run-queue items the kernel keeps (a long queue is read from the store).
+const QUEUED_BOUND: usize = 4096;
+
 type Watcher = Box<dyn FnOnce(KPromiseId, &Settlement)>;
 type Observer = Box<dyn FnMut(&CommitEvent)>;
 
@@ -128,6 +131,12 @@ pub struct Kernel<S: Store> {
     counters: Counters,
     /// Decoded committed records (see `records.rs`).
     cache: Records,
+    /// The emptied maps of the last committed transaction, for the next.
+    scratch: Option<Scratch>,
+    /// Run-queue items committed by cranks, by sequence, as they were before encoding (at
+    /// most [`QUEUED_BOUND`]): the crank that takes one off the queue does not read and decode
+    /// it again. An item is here only while the store holds it; any it lacks, the store has.
+    queued: IdHashMap<u64, RunQueueItem>,
     endpoints: Vec<Option<Box<dyn Endpoint>>>,
     watchers: HashMap<KPromiseId, Vec<Watcher>>,
     observers: Vec<Observer>,
@@ -168,7 +177,16 @@ impl<S: Store> Kernel<S> {
                 end.counters
             }
         };
-        Ok(Kernel { store, counters, cache, endpoints: Vec::new(), watchers: HashMap::new(), observers: Vec::new() })
+        Ok(Kernel {
+            store,
+            counters,
+            cache,
+            scratch: None,
+            queued: IdHashMap::default(),
+            endpoints: Vec::new(),
+            watchers: HashMap::new(),
+            observers: Vec::new(),
+        })
     }
 
     /// The store, for inspection.
@@ -381,9 +399,12 @@ impl<S: Store> Kernel<S> {
     }
 
     fn apply_immediate(&mut self, end: TxnEnd) -> Result<(), KernelError> {
-        self.store.apply(end.batch)?;
-        self.counters = end.counters;
-        self.cache.absorb_commit(end.fetched, end.dirty, &end.born);
+        let born = end.born();
+        let TxnEnd { batch, counters, mut dirty, mut fetched, .. } = end;
+        self.store.apply(batch)?;
+        self.counters = counters;
+        self.cache.absorb_commit(&mut fetched, &mut dirty, born);
+        self.scratch = Some(Scratch { dirty, fetched });
         Ok(())
     }
 
@@ -413,8 +434,15 @@ impl<S: Store> Kernel<S> {
     /// Run one crank: take the next run-queue item, route it, deliver it, and commit or abort.
     /// Returns `None` if the queue is empty. On `Err` the crank left nothing behind.
     pub fn step(&mut self) -> Result<Option<CrankReport>, KernelError> {
-        let mut work = Work { db: KernelTxn::begin(&self.store, &self.cache, self.counters), buf: CrankBuffer::default() };
-        let Some(item) = work.db.pop_run_queue()? else {
+        if self.queue_len() == 0 {
+            return Ok(None);
+        }
+        // The item leaves the decoded queue whatever becomes of this crank: should it not
+        // commit, the store still has it.
+        let decoded = self.queued.remove(&self.counters.queue_head);
+        // In the maps the last committed transaction left.
+        let mut work = begin_work(&self.store, &self.cache, self.counters, self.scratch.take());
+        let Some(item) = work.db.pop_run_queue(decoded)? else {
             return Ok(None);
         };
         work.db.counters.cranks += 1;
@@ -503,7 +531,7 @@ impl<S: Store> Kernel<S> {
                     // A decider always holds its promise in its c-list (an endpoint that never
                     // translated its result gets it now), so its termination finds it and
                     // collection never takes it while it is undecided.
-                    if work.db.promise(kp)?.and_then(|s| s.decider()) == Some(endpoint) {
+                    if work.db.promise_decider(kp)? == Some(endpoint) {
                         work.db.import(endpoint, KRef::Promise(kp))?;
                     }
                 }
@@ -536,7 +564,7 @@ impl<S: Store> Kernel<S> {
                 // alone: the item is consumed, the endpoint terminated, the result rejected.
                 drop(work);
                 let mut work = Work { db: KernelTxn::begin(&self.store, &self.cache, self.counters), buf: CrankBuffer::default() };
-                let consumed = work.db.pop_run_queue()?;
+                let consumed = work.db.pop_run_queue(None)?;
                 work.db.counters.cranks += 1;
                 let reason = fault.to_string();
                 terminate(&mut work, endpoint, &reason, CapData::error(&format!("vat terminated: {reason}")))?;
@@ -576,9 +604,13 @@ impl<S: Store> Kernel<S> {
 
     /// Write a finished transaction, then run the host callbacks of the promises it settled.
     fn apply_finished(&mut self, done: Finished) -> Result<usize, KernelError> {
-        self.store.apply(done.end.batch)?;
-        self.counters = done.end.counters;
-        self.cache.absorb_commit(done.end.fetched, done.end.dirty, &done.end.born);
+        self.apply_immediate(done.end)?;
+        for (seq, item) in (done.first_queued..).zip(done.queued) {
+            if self.queued.len() >= QUEUED_BOUND {
+                break;
+            }
+            self.queued.insert(seq, item);
+        }
         for (kp, s) in done.watched {
             if let Some(callbacks) = self.watchers.remove(&kp) {
                 for cb in callbacks {
@@ -605,7 +637,7 @@ impl<S: Store> Kernel<S> {
         if !self.read().is_live(ep)? {
             return Ok(Err(Fault::IllegalSyscall(format!("{ep} is not a live endpoint"))));
         }
-        let work = Work { db: KernelTxn::begin(&self.store, &self.cache, self.counters), buf: CrankBuffer::default() };
+        let work = begin_work(&self.store, &self.cache, self.counters, self.scratch.take());
         let peer = self.endpoints.get(ep.0 as usize).and_then(Option::as_ref).is_some_and(|e| e.is_peer_kernel());
         let mut ctx = CrankContext::new(work, ep, peer);
         let returned = f(&mut ctx);
@@ -635,6 +667,9 @@ enum Delivery {
 /// A crank's transaction closed, with its buffer flushed into the same batch.
 struct Finished {
     end: TxnEnd,
+    /// The run-queue items it queued, the first under sequence `first_queued`.
+    queued: Vec<RunQueueItem>,
+    first_queued: u64,
     /// The settlements of the promises it settled that host watchers wait for.
     watched: Vec<(KPromiseId, Settlement)>,
     flushed: usize,
@@ -657,15 +692,21 @@ fn close(mut work: Work<'_>, watchers: &HashMap<KPromiseId, Vec<Watcher>>) -> Re
     gc::collect(&mut work)?;
     let Work { mut db, buf } = work;
     let flushed = buf.outputs.len();
+    let first_queued = db.counters.queue_tail;
     for item in &buf.outputs {
         db.push_run_queue(item);
     }
-    Ok(Finished { end: db.finish(), watched, flushed })
+    Ok(Finished { end: db.finish(), queued: buf.outputs, first_queued, watched, flushed })
+}
+
+/// Begin a crank's work in the maps the last committed transaction left, if any.
+fn begin_work<'s, S: Store>(store: &'s S, cache: &'s Records, counters: Counters, scratch: Option<Scratch>) -> Work<'s> {
+    Work { db: KernelTxn::begin_in(store, cache, counters, scratch.unwrap_or_default()), buf: CrankBuffer::default() }
 }
 
 fn set_decider(work: &mut Work<'_>, kp: KPromiseId, endpoint: EndpointId) -> Result<(), KernelError> {
-    if let Some(PromiseState::Unresolved { subscribers, queue, .. }) = work.db.promise(kp)? {
-        work.db.set_promise(kp, &PromiseState::Unresolved { decider: Some(endpoint), subscribers, queue })?;
+    if let Some(PromiseRecord { state: PromiseState::Unresolved { decider, .. }, .. }) = work.db.promise_mut(kp)? {
+        *decider = Some(endpoint);
     }
     Ok(())
 }
@@ -683,7 +724,7 @@ fn terminate(work: &mut Work<'_>, ep: EndpointId, reason: &str, data: CapData) -
     let entries = work.db.clist_entries(ep)?;
     for (kref, _) in &entries {
         if let KRef::Promise(kp) = kref {
-            if work.db.promise(*kp)?.and_then(|p| p.decider()) == Some(ep) {
+            if work.db.promise_decider(*kp)? == Some(ep) {
                 promise::reject(work, *kp, data.clone())?;
             }
         }

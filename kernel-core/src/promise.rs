@@ -6,7 +6,9 @@ use crate::error::KernelError;
 use crate::gc;
 use crate::ids::{EndpointId, KPromiseId, KRef};
 use crate::message::{CapData, RunQueueItem, Settlement};
-use crate::tables::PromiseState;
+use crate::tables::{PromiseRecord, PromiseState};
+use std::mem::take;
+use std::ops::ControlFlow;
 
 /// Settle the unresolved promise `kp`.
 ///
@@ -15,8 +17,11 @@ use crate::tables::PromiseState;
 /// another promise forwards: subscribers follow to the end of that promise's chain. A
 /// resolution that would make a chain of promises loop is turned into a rejection.
 pub(crate) fn resolve(w: &mut Work<'_>, kp: KPromiseId, mut settlement: Settlement) -> Result<(), KernelError> {
-    let Some(PromiseState::Unresolved { subscribers, queue, .. }) = w.db.promise(kp)? else {
-        return Ok(()); // already settled: callers validate, so this is the kernel's own reject racing a settle
+    // Its subscribers and queued messages leave the record, which is settled below.
+    let (subscribers, queue) = match w.db.promise_mut(kp)? {
+        Some(PromiseRecord { state: PromiseState::Unresolved { subscribers, queue, .. }, .. }) => (take(subscribers), take(queue)),
+        // Already settled: callers validate, so this is the kernel's own reject racing a settle.
+        _ => return Ok(()),
     };
     let mut follow_to: Option<KPromiseId> = None;
     if let Settlement::Fulfilled(data) = &settlement {
@@ -31,16 +36,19 @@ pub(crate) fn resolve(w: &mut Work<'_>, kp: KPromiseId, mut settlement: Settleme
         }
     }
     if let Some(end) = follow_to {
-        if let Some(PromiseState::Unresolved { decider, subscribers: mut subs, queue: q }) = w.db.promise(end)? {
-            let mut changed = false;
-            for s in &subscribers {
-                if Some(*s) != decider && !subs.contains(s) {
-                    subs.push(*s);
-                    changed = true;
-                }
+        let joining = w.db.with_promise(end, |r| match r.map(|r| &r.state) {
+            Some(PromiseState::Unresolved { decider, subscribers: subs, .. }) => {
+                subscribers.iter().any(|s| Some(*s) != *decider && !subs.contains(s))
             }
-            if changed {
-                w.db.set_promise(end, &PromiseState::Unresolved { decider, subscribers: subs, queue: q })?;
+            _ => false,
+        })?;
+        if joining {
+            if let Some(PromiseRecord { state: PromiseState::Unresolved { decider, subscribers: subs, .. }, .. }) = w.db.promise_mut(end)? {
+                for s in &subscribers {
+                    if Some(*s) != *decider && !subs.contains(s) {
+                        subs.push(*s);
+                    }
+                }
             }
         }
     }
@@ -49,7 +57,7 @@ pub(crate) fn resolve(w: &mut Work<'_>, kp: KPromiseId, mut settlement: Settleme
         _ => KRef::Promise(kp),
     };
     gc::add_data_refs(&mut w.db, settlement.data())?;
-    w.db.set_promise(kp, &PromiseState::Settled(settlement))?;
+    w.db.set_promise(kp, PromiseState::Settled(settlement))?;
     for endpoint in subscribers {
         w.db.incref(KRef::Promise(kp), true)?;
         w.buf.outputs.push(RunQueueItem::Notify { endpoint, promise: kp });
@@ -79,28 +87,39 @@ enum ChainEnd {
 /// Follow promises fulfilled to promises until an unresolved one or a final settlement.
 fn chain_end(w: &Work<'_>, mut kp: KPromiseId) -> Result<ChainEnd, KernelError> {
     loop {
-        match w.db.promise(kp)? {
-            None => return Ok(ChainEnd::Settled),
-            Some(PromiseState::Unresolved { .. }) => return Ok(ChainEnd::Unresolved(kp)),
+        let step = w.db.with_promise(kp, |r| match r.map(|r| &r.state) {
+            None => ControlFlow::Break(ChainEnd::Settled),
+            Some(PromiseState::Unresolved { .. }) => ControlFlow::Break(ChainEnd::Unresolved(kp)),
             Some(PromiseState::Settled(Settlement::Fulfilled(d))) => match d.as_reference() {
-                Some(KRef::Promise(next)) => kp = next,
-                _ => return Ok(ChainEnd::Settled),
+                Some(KRef::Promise(next)) => ControlFlow::Continue(next),
+                _ => ControlFlow::Break(ChainEnd::Settled),
             },
-            Some(PromiseState::Settled(Settlement::Rejected(_))) => return Ok(ChainEnd::Settled),
+            Some(PromiseState::Settled(Settlement::Rejected(_))) => ControlFlow::Break(ChainEnd::Settled),
+        })?;
+        match step {
+            ControlFlow::Break(end) => return Ok(end),
+            ControlFlow::Continue(next) => kp = next,
         }
     }
 }
 
 /// Subscribe `ep` to `kp`: noted if unresolved, or a `notify` buffered at once if settled.
 pub(crate) fn subscribe(w: &mut Work<'_>, ep: EndpointId, kp: KPromiseId) -> Result<(), KernelError> {
-    match w.db.promise(kp)? {
-        Some(PromiseState::Unresolved { decider, mut subscribers, queue }) => {
-            if !subscribers.contains(&ep) {
+    // `Some(subscribed)` while unresolved.
+    let unresolved = w.db.with_promise(kp, |r| {
+        r.map(|r| match &r.state {
+            PromiseState::Unresolved { subscribers, .. } => Some(subscribers.contains(&ep)),
+            PromiseState::Settled(_) => None,
+        })
+    })?;
+    match unresolved {
+        Some(Some(true)) => {}
+        Some(Some(false)) => {
+            if let Some(PromiseRecord { state: PromiseState::Unresolved { subscribers, .. }, .. }) = w.db.promise_mut(kp)? {
                 subscribers.push(ep);
-                w.db.set_promise(kp, &PromiseState::Unresolved { decider, subscribers, queue })?;
             }
         }
-        Some(PromiseState::Settled(_)) => {
+        Some(None) => {
             w.db.incref(KRef::Promise(kp), true)?;
             w.buf.outputs.push(RunQueueItem::Notify { endpoint: ep, promise: kp });
         }
@@ -113,10 +132,13 @@ pub(crate) fn subscribe(w: &mut Work<'_>, ep: EndpointId, kp: KPromiseId) -> Res
 /// it and will not be told when it settles. (A notify already queued for a settled promise is
 /// not delivered to an endpoint whose c-list no longer holds the promise.)
 pub(crate) fn unsubscribe(w: &mut Work<'_>, ep: EndpointId, kp: KPromiseId) -> Result<(), KernelError> {
-    if let Some(PromiseState::Unresolved { decider, mut subscribers, queue }) = w.db.promise(kp)? {
-        if subscribers.contains(&ep) {
+    let subscribed = w.db.with_promise(
+        kp,
+        |r| matches!(r.map(|r| &r.state), Some(PromiseState::Unresolved { subscribers, .. }) if subscribers.contains(&ep)),
+    )?;
+    if subscribed {
+        if let Some(PromiseRecord { state: PromiseState::Unresolved { subscribers, .. }, .. }) = w.db.promise_mut(kp)? {
             subscribers.retain(|s| *s != ep);
-            w.db.set_promise(kp, &PromiseState::Unresolved { decider, subscribers, queue })?;
         }
     }
     Ok(())
@@ -131,7 +153,11 @@ pub(crate) fn resolutions_for_notify(w: &Work<'_>, kp: KPromiseId) -> Result<Vec
         if out.iter().any(|(q, _)| *q == p) {
             continue;
         }
-        if let Some(PromiseState::Settled(s)) = w.db.promise(p)? {
+        let settled = w.db.with_promise(p, |r| match r.map(|r| &r.state) {
+            Some(PromiseState::Settled(s)) => Some(s.clone()),
+            _ => None,
+        })?;
+        if let Some(s) = settled {
             for slot in s.data().slots.iter().rev() {
                 if let KRef::Promise(q) = slot {
                     pending.push(*q);

@@ -50,6 +50,17 @@ impl Hasher for IdHasher {
     }
 }
 
+/// The record maps of a committed transaction, emptied by [`Records::absorb_commit`], for the
+/// next transaction to fill: a crank then allocates no maps of its own. Boxed, so that moving
+/// a transaction (into a delivery's context and out again) copies two pointers, not the maps.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    /// Becomes the next transaction's written records.
+    pub dirty: Box<Records>,
+    /// Becomes the next transaction's fetched records.
+    pub fetched: Box<Records>,
+}
+
 /// How many records the committed cache holds before it starts over.
 const CACHE_BOUND: usize = 1 << 20;
 
@@ -69,7 +80,13 @@ pub(crate) struct Records {
 }
 
 impl Records {
-    fn len(&self) -> usize {
+    /// True if no map holds anything.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many records (and absences) the maps hold.
+    pub fn len(&self) -> usize {
         self.objects.len()
             + self.promises.len()
             + self.clist.len()
@@ -80,11 +97,12 @@ impl Records {
     }
 
     /// Fold in a committed transaction: what it read from the store, what it wrote, and the
-    /// krefs it allocated (`born`), whose every c-list entry it wrote.
-    pub fn absorb_commit(&mut self, fetched: Records, written: Records, born: &[KRef]) {
+    /// krefs it allocated (`born`), whose every c-list entry it wrote. `fetched` and `written`
+    /// are left empty, their maps' room kept for the next transaction.
+    pub fn absorb_commit(&mut self, fetched: &mut Records, written: &mut Records, born: impl IntoIterator<Item = KRef>) {
         self.absorb_fetched(fetched);
         self.absorb(written);
-        for &k in born {
+        for k in born {
             let gone = match k {
                 KRef::Object(o) => !self.objects.contains_key(&o),
                 KRef::Promise(p) => !self.promises.contains_key(&p),
@@ -104,13 +122,13 @@ impl Records {
         *self = Records::default();
     }
 
-    /// Fold `newer` in, its records replacing these. A deleted record leaves the cache rather
+    /// Fold `newer` in, its records replacing these, and leave it empty. A deleted record leaves the cache rather
     /// than staying as a tombstone: ids are never reused, so a long-running kernel would
     /// otherwise fill the cache with the dead (memory growing with history, not with live
     /// state, until the bound clears it). Forgetting is always safe: the store answers.
-    pub fn absorb(&mut self, newer: Records) {
-        fn merge<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: HashMap<K, Option<V>>) {
-            for (k, v) in from {
+    pub fn absorb(&mut self, newer: &mut Records) {
+        fn merge<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: &mut HashMap<K, Option<V>>) {
+            for (k, v) in from.drain() {
                 match v {
                     Some(v) => {
                         into.insert(k, Some(v));
@@ -132,19 +150,21 @@ impl Records {
                 self.complete.remove(&k);
             }
         }
-        merge(&mut self.objects, newer.objects);
-        merge(&mut self.promises, newer.promises);
-        merge(&mut self.clist, newer.clist);
-        merge(&mut self.clist_rev, newer.clist_rev);
-        merge(&mut self.status, newer.status);
-        merge(&mut self.clist_counters, newer.clist_counters);
+        merge(&mut self.objects, &mut newer.objects);
+        merge(&mut self.promises, &mut newer.promises);
+        merge(&mut self.clist, &mut newer.clist);
+        merge(&mut self.clist_rev, &mut newer.clist_rev);
+        merge(&mut self.status, &mut newer.status);
+        merge(&mut self.clist_counters, &mut newer.clist_counters);
+        newer.complete.clear();
     }
 
-    /// Fold in what a transaction read from the store, where this cache has nothing newer.
-    /// Absences are not kept (see [`Records::absorb`]): they are mostly ids looked up once.
-    pub fn absorb_fetched(&mut self, fetched: Records) {
-        fn fill<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: HashMap<K, Option<V>>) {
-            for (k, v) in from {
+    /// Fold in what a transaction read from the store, where this cache has nothing newer, and
+    /// leave `fetched` empty. Absences are not kept (see [`Records::absorb`]): they are mostly
+    /// ids looked up once.
+    pub fn absorb_fetched(&mut self, fetched: &mut Records) {
+        fn fill<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: &mut HashMap<K, Option<V>>) {
+            for (k, v) in from.drain() {
                 if v.is_some() {
                     into.entry(k).or_insert(v);
                 }
@@ -153,12 +173,13 @@ impl Records {
         if self.len() + fetched.len() > CACHE_BOUND {
             self.clear();
         }
-        fill(&mut self.objects, fetched.objects);
-        fill(&mut self.promises, fetched.promises);
-        fill(&mut self.clist, fetched.clist);
-        fill(&mut self.clist_rev, fetched.clist_rev);
-        fill(&mut self.status, fetched.status);
-        fill(&mut self.clist_counters, fetched.clist_counters);
+        fill(&mut self.objects, &mut fetched.objects);
+        fill(&mut self.promises, &mut fetched.promises);
+        fill(&mut self.clist, &mut fetched.clist);
+        fill(&mut self.clist_rev, &mut fetched.clist_rev);
+        fill(&mut self.status, &mut fetched.status);
+        fill(&mut self.clist_counters, &mut fetched.clist_counters);
+        fetched.complete.clear();
     }
 }
 
@@ -173,17 +194,17 @@ mod tests {
         let mut cache = Records::default();
         let mut written = Records::default();
         written.objects.insert(KObjectId(1), Some(ObjectRecord::new(EndpointId(1), false)));
-        cache.absorb(written);
+        cache.absorb(&mut written);
         assert_eq!(cache.len(), 1);
         let mut deleted = Records::default();
         deleted.objects.insert(KObjectId(1), None);
         deleted.promises.insert(KPromiseId(7), None);
-        cache.absorb(deleted);
+        cache.absorb(&mut deleted);
         assert_eq!(cache.len(), 0);
         let mut fetched = Records::default();
         fetched.objects.insert(KObjectId(2), None);
         fetched.objects.insert(KObjectId(3), Some(ObjectRecord::new(EndpointId(1), false)));
-        cache.absorb_fetched(fetched);
+        cache.absorb_fetched(&mut fetched);
         assert_eq!(cache.objects.keys().copied().collect::<Vec<_>>(), vec![KObjectId(3)]);
     }
 }

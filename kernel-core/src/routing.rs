@@ -8,7 +8,7 @@ use crate::gc;
 use crate::ids::{EndpointId, KObjectId, KRef};
 use crate::message::{CapData, Message, Settlement};
 use crate::promise;
-use crate::tables::{EndpointStatus, PromiseState};
+use crate::tables::{EndpointStatus, PromiseRecord, PromiseState};
 
 /// Where a send goes.
 pub(crate) enum Route {
@@ -43,17 +43,18 @@ pub(crate) fn route(w: &mut Work<'_>, mut target: KRef, message: Message) -> Res
                     None => return Err(KernelError::UnknownEndpoint(rec.owner)),
                 }
             }
-            KRef::Promise(p) => match w.db.promise(p)? {
+            KRef::Promise(p) => match w.db.with_promise(p, |r| r.map(|r| Found::of(&r.state)))? {
                 None => {
                     reject_result(w, target, &message, CapData::error(&format!("no such promise {p}")))?;
                     return Ok(Route::Done);
                 }
-                Some(PromiseState::Unresolved { decider, subscribers, mut queue }) => {
-                    queue.push(message);
-                    w.db.set_promise(p, &PromiseState::Unresolved { decider, subscribers, queue })?;
+                Some(Found::Unresolved) => {
+                    if let Some(PromiseRecord { state: PromiseState::Unresolved { queue, .. }, .. }) = w.db.promise_mut(p)? {
+                        queue.push(message);
+                    }
                     return Ok(Route::Done);
                 }
-                Some(PromiseState::Settled(Settlement::Fulfilled(data))) => match data.as_reference() {
+                Some(Found::Fulfilled(reference)) => match reference {
                     Some(next) => {
                         w.db.incref(next, true)?;
                         w.db.decref(target, true)?;
@@ -65,11 +66,29 @@ pub(crate) fn route(w: &mut Work<'_>, mut target: KRef, message: Message) -> Res
                         return Ok(Route::Done);
                     }
                 },
-                Some(PromiseState::Settled(Settlement::Rejected(reason))) => {
+                Some(Found::Rejected(reason)) => {
                     reject_result(w, target, &message, reason)?;
                     return Ok(Route::Done);
                 }
             },
+        }
+    }
+}
+
+/// What routing needs of a promise, taken without copying its queue.
+enum Found {
+    Unresolved,
+    /// What it was fulfilled to, if exactly a reference.
+    Fulfilled(Option<KRef>),
+    Rejected(CapData),
+}
+
+impl Found {
+    fn of(state: &PromiseState) -> Self {
+        match state {
+            PromiseState::Unresolved { .. } => Found::Unresolved,
+            PromiseState::Settled(Settlement::Fulfilled(data)) => Found::Fulfilled(data.as_reference()),
+            PromiseState::Settled(Settlement::Rejected(reason)) => Found::Rejected(reason.clone()),
         }
     }
 }

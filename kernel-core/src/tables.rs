@@ -20,7 +20,7 @@
 use crate::error::KernelError;
 use crate::ids::{Allocator, EndpointId, KObjectId, KPromiseId, KRef, RefKind, VRef};
 use crate::message::{Message, RunQueueItem, Settlement};
-use crate::records::{HashMap, Records};
+use crate::records::{HashMap, Records, Scratch};
 use crate::store::WriteBatch;
 use crate::store::{Entry, Store, Txn};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -228,6 +228,12 @@ pub(crate) fn vatstore_prefix(ep: EndpointId) -> Vec<u8> {
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Most records are a few dozen bytes: serialised on the stack first, one costs a single
+    // allocation of its exact size rather than the several of a vector grown as it is written.
+    let mut scratch = [0u8; 128];
+    if let Ok(bytes) = postcard::to_slice(v, &mut scratch) {
+        return bytes.to_vec();
+    }
     // postcard serialisation of these plain data types cannot fail (no maps with non-string
     // keys, no unsized sequences); an error here would be a programming error.
     postcard::to_allocvec(v).unwrap_or_else(|e| unreachable!("postcard encode of kernel record failed: {e}"))
@@ -243,9 +249,9 @@ pub struct KernelTxn<'s> {
     /// Decoded committed records the kernel kept from earlier transactions.
     cache: &'s Records,
     /// Records this transaction wrote, decoded; each is encoded once when it ends.
-    dirty: Records,
+    dirty: Box<Records>,
     /// Records this transaction decoded from the store.
-    fetched: RefCell<Records>,
+    fetched: RefCell<Box<Records>>,
     /// Krefs whose reference counts fell to zero in this transaction; `gc::collect` looks at
     /// each before the transaction ends.
     pub(crate) maybe_free: Vec<KRef>,
@@ -262,21 +268,35 @@ pub struct KernelTxn<'s> {
 pub(crate) struct TxnEnd {
     pub batch: WriteBatch,
     pub counters: Counters,
-    pub dirty: Records,
-    pub fetched: Records,
+    pub dirty: Box<Records>,
+    pub fetched: Box<Records>,
+    /// The counters as the transaction began: the ids from there on were allocated in it.
+    pub start: Counters,
+}
+
+impl TxnEnd {
     /// The objects and promises this transaction allocated.
-    pub born: Vec<KRef>,
+    pub fn born(&self) -> impl Iterator<Item = KRef> {
+        let objects = (self.start.next_object..self.counters.next_object).map(|o| KRef::Object(KObjectId(o)));
+        objects.chain((self.start.next_promise..self.counters.next_promise).map(|p| KRef::Promise(KPromiseId(p))))
+    }
 }
 
 impl<'s> KernelTxn<'s> {
     /// Begin a transaction over `store` whose committed counters are `counters` and whose
     /// committed records, as far as decoded, are in `cache`.
     pub(crate) fn begin(store: &'s (dyn Store + 's), cache: &'s Records, counters: Counters) -> Self {
+        Self::begin_in(store, cache, counters, Scratch::default())
+    }
+
+    /// [`KernelTxn::begin`], filling `scratch`'s (empty) maps rather than new ones.
+    pub(crate) fn begin_in(store: &'s (dyn Store + 's), cache: &'s Records, counters: Counters, scratch: Scratch) -> Self {
+        debug_assert!(scratch.dirty.is_empty() && scratch.fetched.is_empty(), "scratch maps must come back empty");
         KernelTxn {
             txn: Txn::begin(store),
             cache,
-            dirty: Records::default(),
-            fetched: RefCell::default(),
+            dirty: scratch.dirty,
+            fetched: RefCell::new(scratch.fetched),
             maybe_free: Vec::new(),
             counters,
             start: counters,
@@ -288,43 +308,59 @@ impl<'s> KernelTxn<'s> {
     /// here that the committed state never held (its id or vref was allocated in this
     /// transaction, or it was looked up and found absent) puts no delete in the batch: a
     /// c-list entry made and dropped within one crank, say, leaves no tombstone in the store.
-    pub(crate) fn finish(mut self) -> TxnEnd {
-        fn encode_all<K: Copy, V: Serialize>(
-            txn: &mut Txn<'_, dyn Store + '_>,
-            map: &HashMap<K, Option<V>>,
+    /// Likewise a record written back unchanged (a root object whose counts a ping-pong crank
+    /// lowers and raises again) puts nothing in the batch.
+    pub(crate) fn finish(self) -> TxnEnd {
+        /// Encode the records of one table into `batch`: a record equal to its committed
+        /// version (counts that went down and up again, say) is not written again.
+        fn encode_all<K: Copy + Hash + Eq, V: Serialize + PartialEq>(
+            batch: &mut WriteBatch,
+            written: &HashMap<K, Option<V>>,
+            committed: [&HashMap<K, Option<V>>; 2],
             key: impl Fn(K) -> Vec<u8>,
             never_committed: impl Fn(K) -> bool,
         ) {
-            for (k, v) in map {
+            for (k, v) in written {
                 match v {
-                    Some(v) => txn.set(key(*k), encode(v)),
+                    Some(v) => {
+                        let before = committed[0].get(k).or_else(|| committed[1].get(k));
+                        if !matches!(before, Some(Some(c)) if c == v) {
+                            batch.push((key(*k), Some(encode(v))));
+                        }
+                    }
                     None if never_committed(*k) => {}
-                    None => txn.delete(key(*k)),
+                    None => batch.push((key(*k), None)),
                 }
             }
         }
-        let (d, f, start) = (&self.dirty, self.fetched.get_mut(), self.start);
+        let KernelTxn { txn, cache, dirty: d, fetched, counters, start, counters_dirty, .. } = self;
+        let f = fetched.into_inner();
+        // The records go straight into the batch: only this transaction's raw writes (run
+        // queue, vatstores, ...) pass through the overlay, which reads needed to see.
+        let mut batch = txn.into_batch_with_room(d.len() + 1);
         let born = |kref: KRef| match kref {
             KRef::Object(o) => o.0 >= start.next_object,
             KRef::Promise(p) => p.0 >= start.next_promise,
         };
         let absent = |found: Option<bool>| found == Some(false);
         encode_all(
-            &mut self.txn,
+            &mut batch,
             &d.objects,
+            [&cache.objects, &f.objects],
             |o: KObjectId| u64_key(OBJECT_PREFIX, o.0),
             |o| born(KRef::Object(o)) || absent(f.objects.get(&o).map(Option::is_some)),
         );
         encode_all(
-            &mut self.txn,
+            &mut batch,
             &d.promises,
+            [&cache.promises, &f.promises],
             |p: KPromiseId| u64_key(PROMISE_PREFIX, p.0),
             |p| born(KRef::Promise(p)) || absent(f.promises.get(&p).map(Option::is_some)),
         );
-        let (cache, f) = (self.cache, &*f);
         encode_all(
-            &mut self.txn,
+            &mut batch,
             &d.clist,
+            [&cache.clist, &f.clist],
             |(ep, k)| clist_kref_key(ep, k),
             |(ep, k)| born(k) || absent(f.clist.get(&(ep, k)).map(Option::is_some)) || cache.surely_not_held(ep, k),
         );
@@ -342,21 +378,24 @@ impl<'s> KernelTxn<'s> {
             v.index > watermark
         };
         encode_all(
-            &mut self.txn,
+            &mut batch,
             &d.clist_rev,
+            [&cache.clist_rev, &f.clist_rev],
             |(ep, v)| clist_vref_key(ep, v),
             |(ep, v)| vref_born(ep, v) || absent(f.clist_rev.get(&(ep, v)).map(Option::is_some)),
         );
-        encode_all(&mut self.txn, &d.status, |ep| endpoint_key(ep, b"s"), |_| false);
-        encode_all(&mut self.txn, &d.clist_counters, |ep| endpoint_key(ep, b"c"), |_| false);
-        if self.counters_dirty {
-            self.txn.set(COUNTERS_KEY.to_vec(), encode(&self.counters));
+        encode_all(&mut batch, &d.status, [&cache.status, &f.status], |ep| endpoint_key(ep, b"s"), |_| false);
+        encode_all(&mut batch, &d.clist_counters, [&cache.clist_counters, &f.clist_counters], |ep| endpoint_key(ep, b"c"), |_| false);
+        if counters_dirty {
+            batch.push((COUNTERS_KEY.to_vec(), Some(encode(&counters))));
         }
-        let born = (start.next_object..self.counters.next_object)
-            .map(|o| KRef::Object(KObjectId(o)))
-            .chain((start.next_promise..self.counters.next_promise).map(|p| KRef::Promise(KPromiseId(p))))
-            .collect();
-        TxnEnd { batch: self.txn.into_batch(), counters: self.counters, dirty: self.dirty, fetched: self.fetched.into_inner(), born }
+        // A batch is sorted by key. The record tables and the raw keys do not overlap, so each
+        // key is written once (were one written twice, the stable sort would keep the record
+        // after the raw write, and a store applying the batch in order would end with the
+        // record, as the overlay did).
+        batch.sort_by(|a, b| a.0.cmp(&b.0));
+        debug_assert!(batch.windows(2).all(|w| w[0].0 < w[1].0), "a batch writes each key once");
+        TxnEnd { batch, counters, dirty: d, fetched: f, start }
     }
 
     /// A record of a cached table: written here, else committed and decoded, else read from
@@ -369,12 +408,41 @@ impl<'s> KernelTxn<'s> {
         key: K,
         raw_key: impl FnOnce() -> Vec<u8>,
     ) -> Result<Option<V>, KernelError> {
+        self.peek(pick, pick_mut, table, key, raw_key, |v| v.cloned())
+    }
+
+    /// `f` of a record of a cached table, found as [`KernelTxn::cached`] finds it, without
+    /// copying it when it is decoded already (most reads want one field of a record).
+    fn peek<K: Hash + Eq + Copy, V: Clone + DeserializeOwned, R>(
+        &self,
+        pick: fn(&Records) -> &HashMap<K, Option<V>>,
+        pick_mut: fn(&mut Records) -> &mut HashMap<K, Option<V>>,
+        table: &'static str,
+        key: K,
+        raw_key: impl FnOnce() -> Vec<u8>,
+        f: impl FnOnce(Option<&V>) -> R,
+    ) -> Result<R, KernelError> {
         if let Some(v) = pick(&self.dirty).get(&key) {
-            return Ok(v.clone());
+            return Ok(f(v.as_ref()));
         }
         if let Some(v) = pick(self.cache).get(&key) {
-            return Ok(v.clone());
+            return Ok(f(v.as_ref()));
         }
+        // A copy, so that `f` runs with no borrow of `fetched` held.
+        let v = self.fetch(pick, pick_mut, table, key, raw_key)?;
+        Ok(f(v.as_ref()))
+    }
+
+    /// A record this transaction has not written: read earlier in it, else decoded from the
+    /// store (and remembered in `fetched`).
+    fn fetch<K: Hash + Eq + Copy, V: Clone + DeserializeOwned>(
+        &self,
+        pick: fn(&Records) -> &HashMap<K, Option<V>>,
+        pick_mut: fn(&mut Records) -> &mut HashMap<K, Option<V>>,
+        table: &'static str,
+        key: K,
+        raw_key: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Option<V>, KernelError> {
         if let Some(v) = pick(&self.fetched.borrow()).get(&key) {
             return Ok(v.clone());
         }
@@ -385,6 +453,27 @@ impl<'s> KernelTxn<'s> {
         };
         pick_mut(&mut self.fetched.borrow_mut()).insert(key, v.clone());
         Ok(v)
+    }
+
+    /// A record of a cached table to change in place: moved into this transaction's writes
+    /// (copied from committed state the first time). An absent record stays absent.
+    fn cached_mut<K: Hash + Eq + Copy + 'static, V: Clone + DeserializeOwned + 'static>(
+        &mut self,
+        pick: fn(&Records) -> &HashMap<K, Option<V>>,
+        pick_mut: fn(&mut Records) -> &mut HashMap<K, Option<V>>,
+        table: &'static str,
+        key: K,
+        raw_key: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Option<&mut V>, KernelError> {
+        if !pick(&self.dirty).contains_key(&key) {
+            let committed = match pick(self.cache).get(&key) {
+                Some(v) => v.clone(),
+                None => self.fetch(pick, pick_mut, table, key, raw_key)?,
+            };
+            let Some(v) = committed else { return Ok(None) };
+            pick_mut(&mut self.dirty).insert(key, Some(v));
+        }
+        Ok(pick_mut(&mut self.dirty).get_mut(&key).and_then(Option::as_mut))
     }
 
     fn get<T: DeserializeOwned>(&self, table: &'static str, key: &[u8]) -> Result<Option<T>, KernelError> {
@@ -413,17 +502,21 @@ impl<'s> KernelTxn<'s> {
         self.put(u64_key(RUN_QUEUE_PREFIX, seq), item);
     }
 
-    /// Take the first item off the run queue.
-    pub fn pop_run_queue(&mut self) -> Result<Option<RunQueueItem>, KernelError> {
+    /// Take the first item off the run queue. `decoded` is that item as committed, if the
+    /// caller kept it decoded (then the store is not read).
+    pub fn pop_run_queue(&mut self, decoded: Option<RunQueueItem>) -> Result<Option<RunQueueItem>, KernelError> {
         if self.counters.queue_head == self.counters.queue_tail {
             return Ok(None);
         }
         let key = u64_key(RUN_QUEUE_PREFIX, self.counters.queue_head);
-        let item = self.get("run-queue", &key)?.ok_or_else(|| KernelError::Corrupt {
-            table: "run-queue",
-            key: key.escape_ascii().to_string(),
-            reason: "queued item missing".into(),
-        })?;
+        let item = match decoded {
+            Some(item) => item,
+            None => self.get("run-queue", &key)?.ok_or_else(|| KernelError::Corrupt {
+                table: "run-queue",
+                key: key.escape_ascii().to_string(),
+                reason: "queued item missing".into(),
+            })?,
+        };
         self.txn.delete(key);
         self.counters_mut().queue_head += 1;
         Ok(Some(item))
@@ -448,6 +541,16 @@ impl<'s> KernelTxn<'s> {
     /// An object's record.
     pub fn object(&self, id: KObjectId) -> Result<Option<ObjectRecord>, KernelError> {
         self.cached(|r| &r.objects, |r| &mut r.objects, "object", id, || u64_key(OBJECT_PREFIX, id.0))
+    }
+
+    /// `f` of an object's record, without copying it.
+    pub fn peek_object<R>(&self, id: KObjectId, f: impl FnOnce(Option<&ObjectRecord>) -> R) -> Result<R, KernelError> {
+        self.peek(|r| &r.objects, |r| &mut r.objects, "object", id, || u64_key(OBJECT_PREFIX, id.0), f)
+    }
+
+    /// An object's record, to change in place (it is written when the transaction ends).
+    pub fn object_mut(&mut self, id: KObjectId) -> Result<Option<&mut ObjectRecord>, KernelError> {
+        self.cached_mut(|r| &r.objects, |r| &mut r.objects, "object", id, || u64_key(OBJECT_PREFIX, id.0))
     }
 
     /// Overwrite an object's record.
@@ -476,26 +579,40 @@ impl<'s> KernelTxn<'s> {
         self.cached(|r| &r.promises, |r| &mut r.promises, "promise", id, || u64_key(PROMISE_PREFIX, id.0))
     }
 
-    /// Overwrite a promise's full record.
-    pub fn set_promise_record(&mut self, id: KPromiseId, rec: PromiseRecord) {
-        self.dirty.promises.insert(id, Some(rec));
+    /// `f` of a promise's record, which is not copied (a promise carries its queued messages).
+    pub fn with_promise<R>(&self, id: KPromiseId, f: impl FnOnce(Option<&PromiseRecord>) -> R) -> Result<R, KernelError> {
+        self.peek(|r| &r.promises, |r| &mut r.promises, "promise", id, || u64_key(PROMISE_PREFIX, id.0), f)
     }
 
-    /// Delete a promise.
-    pub fn delete_promise(&mut self, id: KPromiseId) {
+    /// A promise's record, to change in place (it is written when the transaction ends).
+    pub fn promise_mut(&mut self, id: KPromiseId) -> Result<Option<&mut PromiseRecord>, KernelError> {
+        self.cached_mut(|r| &r.promises, |r| &mut r.promises, "promise", id, || u64_key(PROMISE_PREFIX, id.0))
+    }
+
+    /// The decider of a promise (`None` if it is settled, decided by the kernel, or unknown).
+    pub fn promise_decider(&self, id: KPromiseId) -> Result<Option<EndpointId>, KernelError> {
+        self.with_promise(id, |r| r.and_then(|r| r.state.decider()))
+    }
+
+    /// Delete a promise, returning its record.
+    pub fn take_promise(&mut self, id: KPromiseId) -> Result<Option<PromiseRecord>, KernelError> {
+        let rec = match self.dirty.promises.get_mut(&id) {
+            Some(written) => written.take(),
+            None => self.promise_record(id)?,
+        };
         self.dirty.promises.insert(id, None);
+        Ok(rec)
     }
 
     /// A promise's state.
     pub fn promise(&self, id: KPromiseId) -> Result<Option<PromiseState>, KernelError> {
-        Ok(self.promise_record(id)?.map(|r| r.state))
+        self.with_promise(id, |r| r.map(|r| r.state.clone()))
     }
 
     /// Overwrite a promise's state, keeping its count and pin.
-    pub fn set_promise(&mut self, id: KPromiseId, state: &PromiseState) -> Result<(), KernelError> {
-        let mut rec = self.promise_record(id)?.ok_or(KernelError::UnknownRef(KRef::Promise(id)))?;
-        rec.state = state.clone();
-        self.set_promise_record(id, rec);
+    pub fn set_promise(&mut self, id: KPromiseId, state: PromiseState) -> Result<(), KernelError> {
+        let rec = self.promise_mut(id)?.ok_or(KernelError::UnknownRef(KRef::Promise(id)))?;
+        rec.state = state;
         Ok(())
     }
 
@@ -503,7 +620,7 @@ impl<'s> KernelTxn<'s> {
     pub fn exists(&self, r: KRef) -> Result<bool, KernelError> {
         Ok(match r {
             KRef::Object(o) => self.object(o)?.is_some(),
-            KRef::Promise(p) => self.promise_record(p)?.is_some(),
+            KRef::Promise(p) => self.with_promise(p, |r| r.is_some())?,
         })
     }
 
@@ -597,7 +714,7 @@ impl<'s> KernelTxn<'s> {
         entry.reachable = reachable;
         self.dirty.clist.insert((ep, kref), Some(entry));
         if let (KRef::Object(o), false) = (kref, self.is_exporter(ep, kref)?) {
-            if let Some(mut rec) = self.object(o)? {
+            if let Some(rec) = self.object_mut(o)? {
                 if reachable {
                     rec.reachable += 1;
                 } else {
@@ -606,7 +723,6 @@ impl<'s> KernelTxn<'s> {
                         self.maybe_free.push(kref);
                     }
                 }
-                self.set_object(o, &rec);
             }
         }
         Ok(())
@@ -690,7 +806,7 @@ impl<'s> KernelTxn<'s> {
     /// import, counted like any other.
     fn is_exporter(&self, ep: EndpointId, kref: KRef) -> Result<bool, KernelError> {
         Ok(match kref {
-            KRef::Object(o) => self.object(o)?.is_some_and(|r| r.owner == ep && !r.abandoned),
+            KRef::Object(o) => self.peek_object(o, |r| r.is_some_and(|r| r.owner == ep && !r.abandoned))?,
             KRef::Promise(_) => false,
         })
     }
@@ -701,15 +817,13 @@ impl<'s> KernelTxn<'s> {
     pub fn pin(&mut self, kref: KRef, pinned: bool) -> Result<(), KernelError> {
         match kref {
             KRef::Object(o) => {
-                if let Some(mut rec) = self.object(o)? {
+                if let Some(rec) = self.object_mut(o)? {
                     rec.pinned = pinned;
-                    self.set_object(o, &rec);
                 }
             }
             KRef::Promise(p) => {
-                if let Some(mut rec) = self.promise_record(p)? {
+                if let Some(rec) = self.promise_mut(p)? {
                     rec.pinned = pinned;
-                    self.set_promise_record(p, rec);
                 }
             }
         }
@@ -723,18 +837,16 @@ impl<'s> KernelTxn<'s> {
     pub fn incref(&mut self, kref: KRef, reachable: bool) -> Result<(), KernelError> {
         match kref {
             KRef::Object(o) => {
-                if let Some(mut rec) = self.object(o)? {
+                if let Some(rec) = self.object_mut(o)? {
                     rec.recognizable += 1;
                     if reachable {
                         rec.reachable += 1;
                     }
-                    self.set_object(o, &rec);
                 }
             }
             KRef::Promise(p) => {
-                if let Some(mut rec) = self.promise_record(p)? {
+                if let Some(rec) = self.promise_mut(p)? {
                     rec.refs += 1;
-                    self.set_promise_record(p, rec);
                 }
             }
         }
@@ -745,7 +857,7 @@ impl<'s> KernelTxn<'s> {
     pub fn decref(&mut self, kref: KRef, reachable: bool) -> Result<(), KernelError> {
         match kref {
             KRef::Object(o) => {
-                if let Some(mut rec) = self.object(o)? {
+                if let Some(rec) = self.object_mut(o)? {
                     rec.recognizable = rec.recognizable.saturating_sub(1);
                     if reachable {
                         rec.reachable = rec.reachable.saturating_sub(1);
@@ -753,16 +865,14 @@ impl<'s> KernelTxn<'s> {
                     if rec.reachable == 0 {
                         self.maybe_free.push(kref);
                     }
-                    self.set_object(o, &rec);
                 }
             }
             KRef::Promise(p) => {
-                if let Some(mut rec) = self.promise_record(p)? {
+                if let Some(rec) = self.promise_mut(p)? {
                     rec.refs = rec.refs.saturating_sub(1);
                     if rec.refs == 0 {
                         self.maybe_free.push(kref);
                     }
-                    self.set_promise_record(p, rec);
                 }
             }
         }

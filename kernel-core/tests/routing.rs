@@ -667,3 +667,24 @@ fn a_store_error_in_the_middle_of_a_delivery_leaves_nothing_and_keeps_the_item_q
     k.add_endpoint("v", busy_vat(Some(fail_get))).expect("add");
     assert_store_error_leaves_nothing(k, None);
 }
+
+#[test]
+fn a_store_error_when_a_crank_commits_keeps_an_item_a_crank_queued() {
+    let store = FailingStore::default();
+    let fail_apply = store.fail_apply.clone();
+    let mut k = Kernel::open(store).expect("open");
+    let ep = k.add_endpoint("v", busy_vat(None)).expect("add");
+    let root = k.root(ep).expect("root");
+    k.queue_message(root.into(), "work", plain("")).expect("queue");
+    step(&mut k); // queues `again` (the kernel keeps the items cranks queue decoded)
+    let before = committed(&k);
+    let queue_before = k.run_queue().expect("queue");
+    fail_apply.set(true);
+    assert!(k.step().is_err(), "the store failure is reported to the host");
+    assert_eq!(committed(&k), before, "the store is unchanged");
+    assert_eq!(k.run_queue().expect("queue"), queue_before, "the item is still queued");
+    fail_apply.set(false);
+    let again = CrankInput::Send { target: root.into(), method: "again".into(), delivered_to: Some(ep) };
+    assert_eq!(step(&mut k).input, again, "the same item is delivered again");
+    assert_eq!(step(&mut k).input, again, "and the one it queued then");
+}

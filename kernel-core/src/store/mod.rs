@@ -6,7 +6,6 @@
 mod key;
 mod mem;
 
-pub(crate) use key::Key;
 pub use mem::MemStore;
 
 use std::collections::BTreeMap;
@@ -58,7 +57,9 @@ pub trait Store {
 /// One transaction: reads see its own writes first, then the committed store.
 pub struct Txn<'s, S: Store + ?Sized> {
     store: &'s S,
-    writes: BTreeMap<Key, Option<Vec<u8>>>,
+    /// Keyed by the caller's own key vectors, which go into the batch as they are: an overlay
+    /// holds a handful of keys, so comparing them costs less than converting each one.
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl<'s, S: Store + ?Sized> Txn<'s, S> {
@@ -72,7 +73,7 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
         if self.writes.is_empty() {
             return self.store.get(key);
         }
-        match self.writes.get(&Key::new(key)) {
+        match self.writes.get(key) {
             Some(v) => Ok(v.clone()),
             None => self.store.get(key),
         }
@@ -80,12 +81,12 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
 
     /// Set `key` to `value` in this transaction.
     pub fn set(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.writes.insert(Key::new(&key), Some(value));
+        self.writes.insert(key, Some(value));
     }
 
     /// Delete `key` in this transaction.
     pub fn delete(&mut self, key: Vec<u8>) {
-        self.writes.insert(Key::new(&key), None);
+        self.writes.insert(key, None);
     }
 
     /// The first entry (as this transaction sees it) whose key starts with `prefix` and sorts
@@ -94,10 +95,14 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
         let mut cursor: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
         loop {
             let committed = self.store.next(prefix, cursor.as_deref())?;
-            let lower = Key::new(cursor.as_deref().unwrap_or(prefix));
+            let lower = cursor.as_deref().unwrap_or(prefix);
             let lower = if cursor.is_some() { Bound::Excluded(lower) } else { Bound::Included(lower) };
-            let overlay =
-                self.writes.range((lower, Bound::Unbounded)).next().map(|(k, v)| (k.to_vec(), v)).filter(|(k, _)| k.starts_with(prefix));
+            let overlay = self
+                .writes
+                .range::<[u8], _>((lower, Bound::Unbounded))
+                .next()
+                .map(|(k, v)| (k.clone(), v))
+                .filter(|(k, _)| k.starts_with(prefix));
             match (committed, overlay) {
                 (None, None) => return Ok(None),
                 (Some((ck, cv)), None) => return Ok(Some((ck, cv))),
@@ -138,7 +143,14 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
 
     /// End the transaction, yielding its writes as one sorted batch.
     pub fn into_batch(self) -> WriteBatch {
-        self.writes.into_iter().map(|(k, v)| (k.to_vec(), v)).collect()
+        self.into_batch_with_room(0)
+    }
+
+    /// [`Txn::into_batch`], with room in the batch for `extra` more writes.
+    pub(crate) fn into_batch_with_room(self, extra: usize) -> WriteBatch {
+        let mut batch = Vec::with_capacity(self.writes.len() + extra);
+        batch.extend(self.writes);
+        batch
     }
 }
 
