@@ -312,23 +312,25 @@ impl<'s> KernelTxn<'s> {
     /// lowers and raises again) puts nothing in the batch.
     pub(crate) fn finish(self) -> TxnEnd {
         /// Encode the records of one table into `batch`: a record equal to its committed
-        /// version (counts that went down and up again, say) is not written again.
+        /// version (counts that went down and up again, say) is not written again, and a
+        /// deleted one the committed state never held (`born` here, or fetched and found
+        /// absent) is not deleted.
         fn encode_all<K: Copy + Hash + Eq, V: Serialize + PartialEq>(
             batch: &mut WriteBatch,
             written: &HashMap<K, Option<V>>,
-            committed: [&HashMap<K, Option<V>>; 2],
+            [cached, fetched]: [&HashMap<K, Option<V>>; 2],
             key: impl Fn(K) -> Vec<u8>,
-            never_committed: impl Fn(K) -> bool,
+            born: impl Fn(K) -> bool,
         ) {
             for (k, v) in written {
                 match v {
                     Some(v) => {
-                        let before = committed[0].get(k).or_else(|| committed[1].get(k));
+                        let before = cached.get(k).or_else(|| fetched.get(k));
                         if !matches!(before, Some(Some(c)) if c == v) {
                             batch.push((key(*k), Some(encode(v))));
                         }
                     }
-                    None if never_committed(*k) => {}
+                    None if matches!(fetched.get(k), Some(None)) || born(*k) => {}
                     None => batch.push((key(*k), None)),
                 }
             }
@@ -342,27 +344,26 @@ impl<'s> KernelTxn<'s> {
             KRef::Object(o) => o.0 >= start.next_object,
             KRef::Promise(p) => p.0 >= start.next_promise,
         };
-        let absent = |found: Option<bool>| found == Some(false);
         encode_all(
             &mut batch,
             &d.objects,
             [&cache.objects, &f.objects],
             |o: KObjectId| u64_key(OBJECT_PREFIX, o.0),
-            |o| born(KRef::Object(o)) || absent(f.objects.get(&o).map(Option::is_some)),
+            |o| born(KRef::Object(o)),
         );
         encode_all(
             &mut batch,
             &d.promises,
             [&cache.promises, &f.promises],
             |p: KPromiseId| u64_key(PROMISE_PREFIX, p.0),
-            |p| born(KRef::Promise(p)) || absent(f.promises.get(&p).map(Option::is_some)),
+            |p| born(KRef::Promise(p)),
         );
         encode_all(
             &mut batch,
             &d.clist,
             [&cache.clist, &f.clist],
             |(ep, k)| clist_kref_key(ep, k),
-            |(ep, k)| born(k) || absent(f.clist.get(&(ep, k)).map(Option::is_some)) || cache.surely_not_held(ep, k),
+            |(ep, k)| born(k) || cache.surely_not_held(ep, k),
         );
         // A vref numbered past its endpoint's committed watermark was allocated here.
         let vref_born = |ep: EndpointId, v: VRef| {
@@ -377,13 +378,7 @@ impl<'s> KernelTxn<'s> {
             };
             v.index > watermark
         };
-        encode_all(
-            &mut batch,
-            &d.clist_rev,
-            [&cache.clist_rev, &f.clist_rev],
-            |(ep, v)| clist_vref_key(ep, v),
-            |(ep, v)| vref_born(ep, v) || absent(f.clist_rev.get(&(ep, v)).map(Option::is_some)),
-        );
+        encode_all(&mut batch, &d.clist_rev, [&cache.clist_rev, &f.clist_rev], |(ep, v)| clist_vref_key(ep, v), |(ep, v)| vref_born(ep, v));
         encode_all(&mut batch, &d.status, [&cache.status, &f.status], |ep| endpoint_key(ep, b"s"), |_| false);
         encode_all(&mut batch, &d.clist_counters, [&cache.clist_counters, &f.clist_counters], |ep| endpoint_key(ep, b"c"), |_| false);
         if counters_dirty {
