@@ -16,6 +16,10 @@
 //! One keyspace, not two, because fjall deletes a journal only once every keyspace with data in
 //! it has been flushed: a small, rarely flushed second keyspace would keep the journal (and the
 //! replay at the next open) growing to hundreds of megabytes.
+//!
+//! A clean close (dropping the store) flushes the memtable to a table and, once fjall is closed,
+//! empties the journal, so the next open replays nothing; after a crash the next open replays
+//! the journal, and takes time in proportion to it (fjall seals a journal at 64 MB).
 
 use crate::durability::{Clock, Durability, Durable, SystemClock, Watermark};
 use crate::error::OpenError;
@@ -89,7 +93,12 @@ pub struct FjallStore {
     /// Group commit: the thread that `fdatasync`s each group written to the engine, so the
     /// kernel runs the next group's cranks meanwhile; it is sent the batch count to sync to.
     syncer: Option<(std::sync::mpsc::Sender<u64>, std::thread::JoinHandle<()>)>,
+    /// Empties the journal once the engine is closed, if the close flushed everything. Declared
+    /// after `db` and `data` because fields drop in declaration order: fjall is closed (its
+    /// journal writer gone) by the time this runs.
+    journal_reset: JournalReset,
     /// Held (locked) for as long as the store is open; the OS releases it if the process dies.
+    /// Last, so no other open sees the engine before the journal is emptied.
     _lock: File,
 }
 
@@ -159,6 +168,7 @@ impl FjallStore {
             Durability::Group { .. } => Some(spawn_syncer(db.clone(), Arc::clone(&watermark)).map_err(io("starting the sync thread"))?),
             Durability::Sync | Durability::Buffered => None,
         };
+        let journal_reset = JournalReset { engine_dir: dir.join(ENGINE_DIR), armed: false };
         Ok(FjallStore {
             dir,
             db,
@@ -168,6 +178,7 @@ impl FjallStore {
             watermark,
             overlay: Mutex::new(Overlay::new(CACHE_KEYS)),
             syncer,
+            journal_reset,
             _lock: lock,
         })
     }
@@ -522,18 +533,72 @@ impl Store for FjallStore {
 
 impl Drop for FjallStore {
     /// A clean close writes out and syncs what group commit still holds, then flushes the
-    /// memtable so the next open replays no journal. Errors cannot be reported from here; call
-    /// [`FjallStore::sync`] first to see them.
+    /// memtable and, once fjall is closed, empties its journal, so the next open replays
+    /// nothing. Errors cannot be reported from here; call [`FjallStore::sync`] first to see them.
     fn drop(&mut self) {
         if let Some((to_syncer, thread)) = self.syncer.take() {
             drop(to_syncer);
             let _ = thread.join();
         }
         let mut w = self.watermark.lock();
-        let _ = self.sync_locked(&mut w);
-        // Write the memtable out as a table file, so the journal behind it can go and the next
-        // open has nothing to replay (a crash still replays it: reopen time after a crash
-        // follows the journal's length).
-        let _ = self.data.rotate_memtable_and_wait();
+        let synced = self.sync_locked(&mut w).is_ok();
+        // Write the memtable out as a table file. On its own this does not spare the next open
+        // its replay: fjall deletes a journal only once it is sealed, and it seals (rotates) the
+        // active journal only when a flush finds it past 64 MB, a fixed threshold no option or
+        // API lowers. Below that, every open reads the whole active journal (at ~30 MB/s: each
+        // item's keyspace is resolved through the meta tree) even though it skips every item as
+        // already in a table. `rotate_memtable_and_wait` is `#[doc(hidden)]`: fjall has no public
+        // way to flush a memtable. The `SyncAll` leaves fjall's journal buffer empty.
+        let flushed = self.data.rotate_memtable_and_wait().is_ok() && self.db.persist(PersistMode::SyncAll).is_ok();
+        // So empty the journal ourselves, once fjall is closed, if nothing in it is outside the
+        // tables: every batch applied reached the engine, no memtable of any keyspace holds a
+        // byte (`write_buffer_size` counts the active and sealed memtables, what a replay would
+        // rebuild; `#[doc(hidden)]`, but fjall's only measure of it) and no sealed journal waits
+        // for eviction (`journal_count` counts the active one too). Otherwise the journal stays
+        // and the next open replays it, which is always correct. Nothing writes to the engine
+        // after this: the sync thread is gone and the store is being dropped.
+        self.journal_reset.armed = synced && flushed && self.db.write_buffer_size() == 0 && self.db.journal_count() == 1;
+    }
+}
+
+/// Truncates the engine's one journal file to nothing when dropped, if armed: see
+/// `FjallStore::drop`, which arms it once a clean close has flushed every memtable.
+///
+/// Truncated, not deleted: fjall recovers its sequence number from the tables only when an
+/// active journal file exists (an empty one is replayed as nothing); with no journal file at all
+/// it would start again at 0, and later writes would sort below the tables' older versions.
+/// An active journal holding nothing is what fjall itself leaves after sealing a journal and
+/// evicting it (a new, empty one). A crash before the truncation leaves a journal whose every
+/// item is already in a table: the next open reads it and skips them, as it always has.
+struct JournalReset {
+    engine_dir: PathBuf,
+    armed: bool,
+}
+
+impl Drop for JournalReset {
+    fn drop(&mut self) {
+        if self.armed {
+            // An error leaves the journal as it was: the next open replays it, correctly.
+            let _ = self.reset();
+        }
+    }
+}
+
+impl JournalReset {
+    fn reset(&self) -> std::io::Result<()> {
+        let mut journals = Vec::new();
+        for entry in std::fs::read_dir(&self.engine_dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|x| x.eq_ignore_ascii_case("jnl")) {
+                journals.push(path);
+            }
+        }
+        // More than one would be a sealed journal fjall has not evicted: not ours to judge.
+        if let [journal] = &journals[..] {
+            let file = OpenOptions::new().write(true).open(journal)?;
+            file.set_len(0)?;
+            file.sync_all()?;
+        }
+        Ok(())
     }
 }
