@@ -557,8 +557,8 @@ impl Transport for TcpTransport {
 }
 
 /// One round of a host loop on TCP: handle the events waiting (at most
-/// [`InboundLimits::events_per_round`]), run up to `max_cranks` cranks, do the due I/O
-/// ([`crate::Node::pump`]); if the kernel has nothing queued, wait up to `idle_wait` for the next
+/// [`InboundLimits::events_per_round`]), do the due I/O ([`crate::Node::pump`]: apply what
+/// arrived, send what is durable), run up to `max_cranks` cranks, do the due I/O again; if the kernel has nothing queued, wait up to `idle_wait` for the next
 /// event (less if a retransmission falls due). `now` is the host's clock.
 pub fn serve_once<S: crate::DurableStore>(
     node: &mut crate::Node<S>,
@@ -571,9 +571,12 @@ pub fn serve_once<S: crate::DurableStore>(
         let Some(e) = net.poll_event() else { break };
         node.handle(now(), e, net)?;
     }
-    // Apply what arrived before running cranks, so the cranks it queues run in this round and
-    // their outputs share the round's sync with the acknowledgements.
-    node.apply_received(net)?;
+    // Apply what arrived before running cranks, so the cranks it queues run in this round, and
+    // send what is already durable (under sync durability, the acknowledgements of what was just
+    // applied) before the cranks, rather than hold it back behind their commits. Under group
+    // commit nothing waits here: with cranks queued the node does not sync early, so the
+    // acknowledgements still share the round's sync with the cranks' outputs.
+    node.pump(now(), net)?;
     node.run(Some(max_cranks))?;
     node.pump(now(), net)?;
     if node.kernel().queue_len() == 0 {
