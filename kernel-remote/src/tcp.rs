@@ -477,7 +477,10 @@ impl TcpTransport {
         });
     }
 
-    /// Wait up to `timeout` for the next event.
+    /// Wait up to `timeout` for the next event, driving the transport's runtime on this thread
+    /// meanwhile (so, like [`Transport::poll_event`], not to be called from inside a tokio
+    /// runtime). Timers have a resolution of a millisecond: a shorter wait with nothing
+    /// arriving may last one.
     pub fn wait_event(&mut self, timeout: Duration) -> Option<TransportEvent> {
         // Nothing queued stays unwritten while the host sleeps.
         Transport::flush(self);
