@@ -5,18 +5,14 @@
 //! reason and delivers nothing from it; a malformed frame or unknown version is caught by the
 //! node, which asks the transport to close the connection. Other connections are unaffected.
 //!
-//! I/O runs on a single-threaded tokio runtime owned by the transport. The host's thread drives
-//! it while it waits for events ([`TcpTransport::wait_event`]) or polls them
-//! ([`Transport::poll_event`]): a frame arriving then wakes the host itself, and its reader
-//! hands it over on a channel inside the same thread. Whenever the host has been away longer
-//! than a millisecond (running cranks, or not looking), the transport's own thread drives the
-//! runtime instead, so connections are still accepted, read (up to the inbound budget) and
-//! written; the host takes the runtime back when it returns. Writing is the host's: `send`
-//! seals a frame into the connection's buffer and [`Transport::flush`] (or `wait_event`) writes
-//! every buffered frame in one non-blocking system call from the host's thread; only what a
-//! full socket does not take is left to the connection's writer task. The side given a peer's
-//! address dials it and redials with capped backoff whenever the connection drops; the other
-//! side accepts.
+//! Reading, accepting, dialing and handshakes run on a tokio runtime owned by the transport;
+//! events arrive on a channel the host polls ([`Transport::poll_event`]) or waits on
+//! ([`TcpTransport::wait_event`]). Writing is the host's: `send` seals a frame into the
+//! connection's buffer and [`Transport::flush`] (or `wait_event`) writes every buffered frame
+//! in one non-blocking system call from the host's thread, so a frame reaches the socket without
+//! waking the runtime's thread; only what a full socket does not take is left to the
+//! connection's writer task. The side given a peer's address dials it and redials with capped
+//! backoff whenever the connection drops; the other side accepts.
 //!
 //! With [`crate::NoiseSecurity`] the handshake authenticates both kernels' keys against an
 //! allow-list, and the `Hello` must name the kernel the peer's key is allowed as
@@ -33,7 +29,8 @@ use crate::transport::{Transport, TransportEvent};
 use crate::wire::{Frame, DEFAULT_MAX_FRAME};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -262,19 +259,23 @@ struct Inner {
     config: TcpConfig,
     conns: Mutex<Conns>,
     gate: Mutex<ConnectionGate>,
-    events: tmpsc::UnboundedSender<Queued>,
+    events: Mutex<mpsc::Sender<Queued>>,
     /// Bytes of frames waiting for the host, all connections together.
     queued_in: AtomicUsize,
 }
 
 impl Inner {
     fn emit(&self, e: TransportEvent) {
-        let _ = self.events.send((e, None));
+        if let Ok(tx) = self.events.lock() {
+            let _ = tx.send((e, None));
+        }
     }
 
     fn emit_frame(&self, peer: KernelId, frame: Vec<u8>, permit: OwnedSemaphorePermit) {
         self.queued_in.fetch_add(frame.len(), Ordering::Relaxed);
-        let _ = self.events.send((TransportEvent::Frame(peer, frame), Some(permit)));
+        if let Ok(tx) = self.events.lock() {
+            let _ = tx.send((TransportEvent::Frame(peer, frame), Some(permit)));
+        }
     }
 }
 
@@ -292,86 +293,12 @@ impl Drop for HandshakeSlot {
     }
 }
 
-/// Who drives the transport's single-threaded runtime: the host's thread while it is inside
-/// [`TcpTransport::wait_event`] or [`Transport::poll_event`] (a frame then wakes the host itself,
-/// with no hand-off between threads on the path of a message), the transport's own thread
-/// whenever the host has been away for `HOST_AWAY` (so connections are accepted, read and
-/// written while the host runs cranks or does not look).
-struct Driver {
-    runtime: tokio::runtime::Runtime,
-    /// The host is inside the runtime, or about to enter it.
-    host_inside: AtomicBool,
-    /// When the host last left the runtime (nanoseconds since `epoch`).
-    host_left: AtomicU64,
-    epoch: std::time::Instant,
-    /// The transport's thread is driving the runtime (or about to).
-    background: AtomicBool,
-    /// Tells the transport's thread to let go of the runtime (the host wants it, or the
-    /// transport is dropped).
-    yield_to_host: tokio::sync::Notify,
-    stop: AtomicBool,
-}
-
-/// How long the host may stay away from the runtime before the transport's thread drives it.
-const HOST_AWAY: Duration = Duration::from_millis(1);
-
-impl Driver {
-    /// Run `f` to completion on the calling (host) thread, taking the runtime from the
-    /// transport's thread if that is driving it.
-    fn host_block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
-        self.host_inside.store(true, Ordering::SeqCst);
-        if self.background.load(Ordering::SeqCst) {
-            self.yield_to_host.notify_one();
-        }
-        let out = self.runtime.block_on(f);
-        self.host_left.store(self.since_epoch(), Ordering::SeqCst);
-        self.host_inside.store(false, Ordering::SeqCst);
-        out
-    }
-
-    fn since_epoch(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// The transport's thread: drive the runtime while the host is away, until stopped.
-    fn drive_while_host_away(&self) {
-        let away = u64::try_from(HOST_AWAY.as_nanos()).unwrap_or(u64::MAX);
-        while !self.stop.load(Ordering::SeqCst) {
-            std::thread::sleep(HOST_AWAY);
-            if self.host_inside.load(Ordering::SeqCst) || self.since_epoch().saturating_sub(self.host_left.load(Ordering::SeqCst)) < away {
-                continue;
-            }
-            self.background.store(true, Ordering::SeqCst);
-            // Checked again after announcing ourselves: either the host sees `background` and
-            // asks us to yield, or we see it inside and stay out.
-            if !self.host_inside.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
-                self.runtime.block_on(async {
-                    // Bounded, in case a request to yield raced with this thread's arrival.
-                    let _ = tokio::time::timeout(Duration::from_millis(10), self.yield_to_host.notified()).await;
-                });
-            }
-            self.background.store(false, Ordering::SeqCst);
-        }
-    }
-}
-
 /// Ken over TCP.
 pub struct TcpTransport {
     inner: Arc<Inner>,
-    driver: Arc<Driver>,
-    background: Option<std::thread::JoinHandle<()>>,
-    events: tmpsc::UnboundedReceiver<Queued>,
+    runtime: tokio::runtime::Runtime,
+    events: mpsc::Receiver<Queued>,
     local: SocketAddr,
-}
-
-impl Drop for TcpTransport {
-    fn drop(&mut self) {
-        self.driver.stop.store(true, Ordering::SeqCst);
-        self.driver.yield_to_host.notify_one();
-        if let Some(t) = self.background.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl std::fmt::Debug for TcpTransport {
@@ -388,16 +315,21 @@ impl TcpTransport {
     /// Start kernel `me`'s transport, accepting connections on `listen` (port 0: any free port;
     /// see [`TcpTransport::local_addr`]).
     pub fn start(me: KernelId, listen: SocketAddr, config: TcpConfig) -> Result<Self, RemoteError> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| io_err("starting the runtime", e))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("ken-{me}"))
+            .enable_all()
+            .build()
+            .map_err(|e| io_err("starting the runtime", e))?;
         let listener = runtime.block_on(TcpListener::bind(listen)).map_err(|e| io_err(&format!("binding {listen}"), e))?;
         let local = listener.local_addr().map_err(|e| io_err("reading the bound address", e))?;
-        let (tx, rx) = tmpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             me,
             config,
             conns: Mutex::new(Conns::default()),
             gate: Mutex::new(ConnectionGate::default()),
-            events: tx,
+            events: Mutex::new(tx),
             queued_in: AtomicUsize::new(0),
         });
         let acceptor = Arc::clone(&inner);
@@ -430,21 +362,7 @@ impl TcpTransport {
                 }
             }
         });
-        let driver = Arc::new(Driver {
-            runtime,
-            host_inside: AtomicBool::new(false),
-            host_left: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
-            background: AtomicBool::new(false),
-            yield_to_host: tokio::sync::Notify::new(),
-            stop: AtomicBool::new(false),
-        });
-        let d = Arc::clone(&driver);
-        let background = std::thread::Builder::new()
-            .name(format!("ken-{}", inner.me))
-            .spawn(move || d.drive_while_host_away())
-            .map_err(|e| io_err("starting the transport's thread", e))?;
-        Ok(TcpTransport { inner, driver, background: Some(background), events: rx, local })
+        Ok(TcpTransport { inner, runtime, events: rx, local })
     }
 
     /// The address this transport accepts connections on.
@@ -456,7 +374,7 @@ impl TcpTransport {
     /// it drops, for as long as the transport lives.
     pub fn dial(&self, peer: KernelId, addr: SocketAddr) {
         let inner = Arc::clone(&self.inner);
-        self.driver.runtime.spawn(async move {
+        self.runtime.spawn(async move {
             let mut delay = inner.config.redial_min;
             loop {
                 match TcpStream::connect(addr).await {
@@ -484,12 +402,7 @@ impl TcpTransport {
     pub fn wait_event(&mut self, timeout: Duration) -> Option<TransportEvent> {
         // Nothing queued stays unwritten while the host sleeps.
         Transport::flush(self);
-        if let Ok(q) = self.events.try_recv() {
-            return Some(self.taken(q));
-        }
-        let events = &mut self.events;
-        let q = self.driver.host_block_on(async { tokio::time::timeout(timeout, events.recv()).await.ok().flatten() });
-        q.map(|q| self.taken(q))
+        self.events.recv_timeout(timeout).ok().map(|q| self.taken(q))
     }
 
     /// Bytes of received frames waiting for the host to take them (bounded by
@@ -546,15 +459,6 @@ impl Transport for TcpTransport {
     }
 
     fn poll_event(&mut self) -> Option<TransportEvent> {
-        if let Ok(q) = self.events.try_recv() {
-            return Some(self.taken(q));
-        }
-        // Nothing waiting: let the runtime take in what the sockets hold (and run what it woke)
-        // without blocking, then look again.
-        self.driver.host_block_on(async {
-            tokio::task::yield_now().await;
-            tokio::task::yield_now().await;
-        });
         self.events.try_recv().ok().map(|q| self.taken(q))
     }
 }
