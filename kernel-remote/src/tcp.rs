@@ -7,11 +7,11 @@
 //!
 //! Reading, accepting, dialing and handshakes run on a tokio runtime owned by the transport;
 //! events arrive on a channel the host polls ([`Transport::poll_event`]) or waits on
-//! ([`TcpTransport::wait_event`]). Writing is the host's: `send` seals a frame into the
-//! connection's buffer and [`Transport::flush`] (or `wait_event`) writes every buffered frame
-//! in one non-blocking system call from the host's thread, so a frame reaches the socket without
-//! waking the runtime's thread; only what a full socket does not take is left to the
-//! connection's writer task. The side given a peer's address dials it and redials with capped
+//! ([`TcpTransport::wait_event`]). `send` seals a frame into the connection's buffer, and
+//! [`Transport::flush`] (or `wait_event`) writes a few buffered frames in one non-blocking
+//! system call from the host's thread, so a message reaches the socket without waking the
+//! runtime's thread; a larger batch (a busy round's output), and whatever a full socket does not
+//! take, is written by the connection's writer task while the host goes on. The side given a peer's address dials it and redials with capped
 //! backoff whenever the connection drops; the other side accepts.
 //!
 //! With [`crate::NoiseSecurity`] the handshake authenticates both kernels' keys against an
@@ -193,6 +193,9 @@ impl Outbound {
     }
 }
 
+/// The most bytes [`Transport::flush`] writes on the host's thread; more go to the writer task.
+const DIRECT_WRITE_MAX: usize = 4 << 10;
+
 /// A live connection as the transport's handle sees it.
 struct Conn {
     id: u64,
@@ -225,11 +228,17 @@ impl Conn {
         Ok(true)
     }
 
-    /// Write what is queued from the calling thread, without blocking; what the socket does not
-    /// take now is left to the writer task.
+    /// Write what is queued from the calling thread, without blocking, if it is a few frames
+    /// (a message's latency then includes no hand-off to the runtime's thread); a larger batch,
+    /// and what the socket does not take now, is left to the writer task, which writes it while
+    /// the host goes on (under load the host's thread is the busier one).
     fn flush(&self) {
         let Ok(mut out) = self.out.lock() else { return };
         if out.pending() == 0 {
+            return;
+        }
+        if out.pending() > DIRECT_WRITE_MAX {
+            let _ = self.tx.send(Cmd::Flush);
             return;
         }
         match out.write_some(&self.socket) {
@@ -395,10 +404,7 @@ impl TcpTransport {
         });
     }
 
-    /// Wait up to `timeout` for the next event, driving the transport's runtime on this thread
-    /// meanwhile (so, like [`Transport::poll_event`], not to be called from inside a tokio
-    /// runtime). Timers have a resolution of a millisecond: a shorter wait with nothing
-    /// arriving may last one.
+    /// Wait up to `timeout` for the next event (writing what [`Transport::send`] queued first).
     pub fn wait_event(&mut self, timeout: Duration) -> Option<TransportEvent> {
         // Nothing queued stays unwritten while the host sleeps.
         Transport::flush(self);
