@@ -193,8 +193,9 @@ impl Outbound {
     }
 }
 
-/// The most bytes [`Transport::flush`] writes on the host's thread; more go to the writer task.
-const DIRECT_WRITE_MAX: usize = 4 << 10;
+/// The most bytes [`Transport::flush`] writes on the host's thread (a handful of frames: one
+/// message and its acknowledgements); more go to the writer task.
+const DIRECT_WRITE_MAX: usize = 512;
 
 /// A live connection as the transport's handle sees it.
 struct Conn {
