@@ -326,7 +326,7 @@ fn in_data(ctx: &mut CrankContext<'_>, bootstrap: Option<KObjectId>, d: &WireDat
 /// Apply message `seq` from the peer inside an immediate-path transaction, recording `seq` as
 /// the highest applied in the same transaction. Any fault means nothing is applied. Returns
 /// the promises the message resolved, as we name them: the peer may forget their names once our
-/// [`WireMessage::Forget`] of them reaches it (see [`apply_batch`]).
+/// [`WireMessage::Forget`] of them reaches it (see `apply_batch`).
 pub fn apply_inbound(
     ctx: &mut CrankContext<'_>,
     bootstrap: Option<KObjectId>,

@@ -561,6 +561,7 @@ impl<S: DurableStore> Node<S> {
                 l.deadline = Some(now + l.rto);
             }
         }
+        net.flush();
         // After transmitting: under sync durability the deletion is a sync of its own, which
         // would otherwise hold back this round's output.
         self.delete_acknowledged(now)

@@ -5,10 +5,14 @@
 //! reason and delivers nothing from it; a malformed frame or unknown version is caught by the
 //! node, which asks the transport to close the connection. Other connections are unaffected.
 //!
-//! I/O runs on a tokio runtime owned by the transport, never on the host's thread: `send` and
-//! `close` queue a command, events arrive on a channel the host polls ([`Transport::poll_event`])
-//! or waits on ([`TcpTransport::wait_event`]). The side given a peer's address dials it and
-//! redials with capped backoff whenever the connection drops; the other side accepts.
+//! Reading, accepting, dialing and handshakes run on a tokio runtime owned by the transport;
+//! events arrive on a channel the host polls ([`Transport::poll_event`]) or waits on
+//! ([`TcpTransport::wait_event`]). `send` seals a frame into the connection's buffer, and
+//! [`Transport::flush`] (or `wait_event`) writes a few buffered frames in one non-blocking
+//! system call from the host's thread, so a message reaches the socket without waking the
+//! runtime's thread; a larger batch (a busy round's output), and whatever a full socket does not
+//! take, is written by the connection's writer task while the host goes on. The side given a peer's address dials it and redials with capped
+//! backoff whenever the connection drops; the other side accepts.
 //!
 //! With [`crate::NoiseSecurity`] the handshake authenticates both kernels' keys against an
 //! allow-list, and the `Hello` must name the kernel the peer's key is allowed as
@@ -29,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc as tmpsc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -140,16 +144,114 @@ impl std::fmt::Debug for TcpConfig {
 }
 
 enum Cmd {
-    Frame(Vec<u8>),
+    /// Bytes are left in the connection's [`Outbound`] buffer: wait until writable, write them.
+    Flush,
     Close(String),
 }
+
+/// Sealed, length-prefixed frames waiting to be written to one connection, and the cipher that
+/// seals them: one lock, so frames reach the socket in the order they were sealed, whoever (the
+/// host thread or the connection's writer task) writes them.
+struct Outbound {
+    buf: Vec<u8>,
+    /// Where the unwritten bytes of `buf` begin.
+    start: usize,
+    /// Why writing failed, once it has: nothing more is queued or written.
+    failed: Option<String>,
+}
+
+impl Outbound {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Write as much as the socket takes without blocking. `Ok(true)`: all written; `Ok(false)`:
+    /// the socket is full (the writer task waits for it).
+    fn write_some(&mut self, socket: &tokio::net::tcp::OwnedWriteHalf) -> Result<bool, String> {
+        if let Some(reason) = &self.failed {
+            return Err(reason.clone());
+        }
+        while self.start < self.buf.len() {
+            match socket.try_write(&self.buf[self.start..]) {
+                Ok(0) => return self.fail("writing: the connection is closed".into()),
+                Ok(n) => self.start += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return self.fail(format!("writing: {e}")),
+            }
+        }
+        self.buf.clear();
+        self.start = 0;
+        Ok(true)
+    }
+
+    fn fail(&mut self, reason: String) -> Result<bool, String> {
+        self.failed = Some(reason.clone());
+        self.buf = Vec::new();
+        self.start = 0;
+        Err(reason)
+    }
+}
+
+/// The most bytes [`Transport::flush`] writes on the host's thread (a handful of frames: one
+/// message and its acknowledgements); more go to the writer task.
+const DIRECT_WRITE_MAX: usize = 512;
 
 /// A live connection as the transport's handle sees it.
 struct Conn {
     id: u64,
     tx: tmpsc::UnboundedSender<Cmd>,
-    /// Bytes queued in `tx` and not yet written.
-    queued: Arc<AtomicUsize>,
+    out: Arc<Mutex<Outbound>>,
+    socket: Arc<tokio::net::tcp::OwnedWriteHalf>,
+    cipher: Arc<Mutex<Box<dyn FrameCipher>>>,
+}
+
+impl Conn {
+    /// Seal `frame` and queue it behind the connection's unwritten bytes; `false` if dropped.
+    fn queue(&self, frame: Vec<u8>, limit: usize) -> Result<bool, String> {
+        let Ok(mut out) = self.out.lock() else { return Err("outbound lock poisoned".into()) };
+        if let Some(reason) = &out.failed {
+            return Err(reason.clone());
+        }
+        // A peer that does not read gets nothing more queued (Ken resends later); one frame
+        // always fits an empty queue.
+        let pending = out.pending();
+        if pending > 0 && pending + frame.len() > limit {
+            return Ok(false);
+        }
+        let sealed = match self.cipher.lock() {
+            Ok(mut c) => c.seal(frame)?,
+            Err(_) => return Err("cipher lock poisoned".into()),
+        };
+        let len = u32::try_from(sealed.len()).map_err(|_| "frame too long to send".to_owned())?;
+        out.buf.extend_from_slice(&len.to_be_bytes());
+        out.buf.extend_from_slice(&sealed);
+        Ok(true)
+    }
+
+    /// Write what is queued from the calling thread, without blocking, if it is a few frames
+    /// (a message's latency then includes no hand-off to the runtime's thread); a larger batch,
+    /// and what the socket does not take now, is left to the writer task, which writes it while
+    /// the host goes on (under load the host's thread is the busier one).
+    fn flush(&self) {
+        let Ok(mut out) = self.out.lock() else { return };
+        if out.pending() == 0 {
+            return;
+        }
+        if out.pending() > DIRECT_WRITE_MAX {
+            let _ = self.tx.send(Cmd::Flush);
+            return;
+        }
+        match out.write_some(&self.socket) {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = self.tx.send(Cmd::Flush);
+            }
+            Err(reason) => {
+                let _ = self.tx.send(Cmd::Close(reason));
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -303,8 +405,10 @@ impl TcpTransport {
         });
     }
 
-    /// Wait up to `timeout` for the next event.
+    /// Wait up to `timeout` for the next event (writing what [`Transport::send`] queued first).
     pub fn wait_event(&mut self, timeout: Duration) -> Option<TransportEvent> {
+        // Nothing queued stays unwritten while the host sleeps.
+        Transport::flush(self);
         self.events.recv_timeout(timeout).ok().map(|q| self.taken(q))
     }
 
@@ -329,15 +433,25 @@ impl Transport for TcpTransport {
     fn send(&mut self, peer: &KernelId, frame: Vec<u8>) {
         if let Ok(conns) = self.inner.conns.lock() {
             if let Some(c) = conns.by_peer.get(peer) {
-                // A peer that does not read gets nothing more queued (Ken resends later); one
-                // frame always fits an empty queue.
-                let queued = c.queued.load(Ordering::Relaxed);
-                if queued > 0 && queued + frame.len() > self.inner.config.limits.outbound_queued_bytes {
-                    log::debug!("{}: {peer} is not reading; dropping a frame of {} bytes", self.inner.me, frame.len());
-                    return;
+                let len = frame.len();
+                match c.queue(frame, self.inner.config.limits.outbound_queued_bytes) {
+                    Ok(true) => {}
+                    Ok(false) => log::debug!("{}: {peer} is not reading; dropping a frame of {len} bytes", self.inner.me),
+                    Err(reason) => {
+                        let _ = c.tx.send(Cmd::Close(reason));
+                    }
                 }
-                c.queued.fetch_add(frame.len(), Ordering::Relaxed);
-                let _ = c.tx.send(Cmd::Frame(frame));
+            }
+        }
+    }
+
+    /// Write every connection's queued frames now, from this thread (one system call per
+    /// connection for all the frames of a round, and no hand-off to the runtime's thread on
+    /// the path of each message).
+    fn flush(&mut self) {
+        if let Ok(conns) = self.inner.conns.lock() {
+            for c in conns.by_peer.values() {
+                c.flush();
             }
         }
     }
@@ -357,8 +471,8 @@ impl Transport for TcpTransport {
 }
 
 /// One round of a host loop on TCP: handle the events waiting (at most
-/// [`InboundLimits::events_per_round`]), run up to `max_cranks` cranks, do the due I/O
-/// ([`crate::Node::pump`]); if the kernel has nothing queued, wait up to `idle_wait` for the next
+/// [`InboundLimits::events_per_round`]), do the due I/O ([`crate::Node::pump`]: apply what
+/// arrived, send what is durable), run up to `max_cranks` cranks, do the due I/O again; if the kernel has nothing queued, wait up to `idle_wait` for the next
 /// event (less if a retransmission falls due). `now` is the host's clock.
 pub fn serve_once<S: crate::DurableStore>(
     node: &mut crate::Node<S>,
@@ -371,9 +485,12 @@ pub fn serve_once<S: crate::DurableStore>(
         let Some(e) = net.poll_event() else { break };
         node.handle(now(), e, net)?;
     }
-    // Apply what arrived before running cranks, so the cranks it queues run in this round and
-    // their outputs share the round's sync with the acknowledgements.
-    node.apply_received(net)?;
+    // Apply what arrived before running cranks, so the cranks it queues run in this round, and
+    // send what is already durable (under sync durability, the acknowledgements of what was just
+    // applied) before the cranks, rather than hold it back behind their commits. Under group
+    // commit nothing waits here: with cranks queued the node does not sync early, so the
+    // acknowledgements still share the round's sync with the cranks' outputs.
+    node.pump(now(), net)?;
     node.run(Some(max_cranks))?;
     node.pump(now(), net)?;
     if node.kernel().queue_len() == 0 {
@@ -468,21 +585,23 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
             return reason;
         }
     }
+    let sealed_max = cipher.max_sealed(inner.config.max_frame);
+    let cipher = Arc::new(Mutex::new(cipher));
+    let (reader, writer) = stream.into_split();
+    let writer = Arc::new(writer);
+    let out = Arc::new(Mutex::new(Outbound { buf: Vec::new(), start: 0, failed: None }));
     let (tx, mut rx) = tmpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
     let id = {
         let Ok(mut conns) = inner.conns.lock() else { return "lock poisoned".into() };
         conns.next_id += 1;
         let id = conns.next_id;
-        if let Some(old) = conns.by_peer.insert(peer.clone(), Conn { id, tx, queued: Arc::clone(&queued) }) {
+        let conn = Conn { id, tx, out: Arc::clone(&out), socket: Arc::clone(&writer), cipher: Arc::clone(&cipher) };
+        if let Some(old) = conns.by_peer.insert(peer.clone(), conn) {
             let _ = old.tx.send(Cmd::Close("replaced by a newer connection".into()));
         }
         id
     };
     inner.emit(TransportEvent::Connected(peer.clone()));
-    let sealed_max = cipher.max_sealed(inner.config.max_frame);
-    let cipher = Arc::new(Mutex::new(cipher));
-    let (reader, writer) = stream.into_split();
     let mut reader = tokio::io::BufReader::with_capacity(64 << 10, reader);
     let max = inner.config.max_frame;
     let read_cipher = Arc::clone(&cipher);
@@ -530,56 +649,45 @@ async fn connection(inner: &Arc<Inner>, mut stream: TcpStream, expected: Option<
             }
         }
     });
-    let mut w = BufWriter::with_capacity(64 << 10, writer);
+    // The host thread writes frames itself (`Conn::flush`); this task writes only what the
+    // socket did not take then, once it is writable again.
     let reason = loop {
         tokio::select! {
             r = &mut read_task => break r.unwrap_or_else(|e| format!("reader failed: {e}")),
-            cmd = rx.recv() => {
-                let mut next = cmd;
-                let mut closing = None;
-                // Write everything queued, then flush once.
-                loop {
-                    match next {
-                        Some(Cmd::Frame(f)) => {
-                            queued.fetch_sub(f.len(), Ordering::Relaxed);
-                            let sealed = match cipher.lock() {
-                                Ok(mut c) => c.seal(f),
-                                Err(_) => Err("cipher lock poisoned".into()),
-                            };
-                            let r = match sealed {
-                                Ok(s) => write_frame(&mut w, &s).await,
-                                Err(e) => Err(e),
-                            };
-                            if let Err(e) = r {
-                                closing = Some(e);
-                                break;
-                            }
+            cmd = rx.recv() => match cmd {
+                Some(Cmd::Flush) => {
+                    let written = loop {
+                        if let Err(e) = writer.writable().await {
+                            break Err(format!("writing: {e}"));
                         }
-                        Some(Cmd::Close(reason)) => {
-                            closing = Some(format!("closed: {reason}"));
-                            break;
+                        let r = match out.lock() {
+                            Ok(mut o) => o.write_some(&writer),
+                            Err(_) => Err("outbound lock poisoned".into()),
+                        };
+                        if !matches!(r, Ok(false)) {
+                            break r;
                         }
-                        None => {
-                            closing = Some("transport dropped".into());
-                            break;
-                        }
-                    }
-                    match rx.try_recv() {
-                        Ok(c) => next = Some(c),
-                        Err(_) => break,
+                    };
+                    if let Err(reason) = written {
+                        break reason;
                     }
                 }
-                if let Err(e) = w.flush().await {
-                    closing.get_or_insert(format!("flushing: {e}"));
+                Some(Cmd::Close(reason)) => {
+                    // What was queued before the close still goes out, if the socket takes it.
+                    if let Ok(mut o) = out.lock() {
+                        let _ = o.write_some(&writer);
+                    }
+                    break format!("closed: {reason}");
                 }
-                if let Some(reason) = closing {
-                    break reason;
-                }
-            }
+                None => break "transport dropped".into(),
+            },
         }
     };
     read_task.abort();
-    let _ = w.shutdown().await;
+    // Dropping the last handle of the write half (the `Conn`'s, below) shuts it down.
+    if let Ok(mut o) = out.lock() {
+        o.failed.get_or_insert_with(|| reason.clone());
+    }
     let current = match inner.conns.lock() {
         Ok(mut conns) => {
             let current = conns.by_peer.get(&peer).is_some_and(|c| c.id == id);

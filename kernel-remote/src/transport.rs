@@ -24,6 +24,11 @@ pub trait Transport {
     /// Queue `frame` for `peer`; dropped if not connected. Never blocks.
     fn send(&mut self, peer: &KernelId, frame: Vec<u8>);
 
+    /// Put the frames queued by [`Transport::send`] on the wire now (the node calls it at the end
+    /// of each [`crate::Node::pump`], so one round's frames can leave together). A transport that
+    /// sends at once does nothing.
+    fn flush(&mut self) {}
+
     /// Close the connection to `peer` (a protocol violation), logging `reason`.
     fn close(&mut self, peer: &KernelId, reason: &str);
 

@@ -4,14 +4,14 @@
 
 mod common;
 
-use common::{final_counters, free_port, kill_at_random_until_done, Side};
+use common::{final_counters, free_ports, kill_at_random_until_done, Side};
 
 #[test]
 fn two_processes_killed_at_random_end_with_exact_counters() {
     let count: u64 = std::env::var("KEN_TWO_PROCESS_COUNT").ok().and_then(|s| s.parse().ok()).unwrap_or(150);
     let kills: u64 = std::env::var("KEN_TWO_PROCESS_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (la, lb) = (free_port(), free_port());
+    let (la, lb) = free_ports();
     let mut a = Side::new("a", "b", &tmp.path().join("a"), "group", la, Some(lb), None);
     let mut b = Side::new("b", "a", &tmp.path().join("b"), "sync", lb, None, None);
     kill_at_random_until_done(&mut a, &mut b, count, kills, 0x9E37_79B9_7F4A_7C15, true);

@@ -6,14 +6,14 @@
 
 mod common;
 
-use common::{final_counters, free_port, identity, kill_at_random_until_done, Side};
+use common::{final_counters, free_ports, identity, kill_at_random_until_done, Side};
 
 #[test]
 fn two_secure_processes_killed_at_random_end_with_exact_counters_and_the_same_keys() {
     let count = 100u64;
     let kills = 4u64;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (la, lb) = (free_port(), free_port());
+    let (la, lb) = free_ports();
     let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
     let (ka, kb) = (identity(&da), identity(&db));
     assert_ne!(ka, kb);

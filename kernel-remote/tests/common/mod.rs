@@ -28,10 +28,13 @@ pub struct Side {
     pub last: String,
 }
 
-/// A loopback address with a port free right now.
-pub fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+/// Two different loopback addresses with ports free right now (both listeners are held until
+/// both ports are known: one released before the next bind can be handed out again, and two
+/// nodes on one port make one of them exit).
+pub fn free_ports() -> (SocketAddr, SocketAddr) {
+    let a = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let b = TcpListener::bind("127.0.0.1:0").expect("bind");
+    (a.local_addr().expect("addr"), b.local_addr().expect("addr"))
 }
 
 /// `ken-node id --dir DIR`: the kernel's public key.
