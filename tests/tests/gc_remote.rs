@@ -552,6 +552,9 @@ fn object_graphs_across_two_kernels_are_collected_completely_and_never_early() {
         "fault",
         "pong",
     ] {
-        assert!(seen.get(what).copied().unwrap_or(0) >= u64::from(cases / 8), "too few {what}: {seen:?}");
+        // The seed is random (each run explores new cases), so the bar sits well below the
+        // usual counts: the rarest, wire Retired, averages ~28 per 128 cases and once came in
+        // at 15, under the old bar of cases / 8.
+        assert!(seen.get(what).copied().unwrap_or(0) >= u64::from(cases / 16), "too few {what}: {seen:?}");
     }
 }
