@@ -128,6 +128,9 @@ pub(crate) fn serve(a: ServeArgs, stop: &AtomicBool) -> Result<ExitCode, Failure
             let Some(e) = net.poll_event() else { break };
             node.handle(clock.elapsed(), e, &mut net).map_err(remote)?;
         }
+        // As kernel-remote's `serve_once`: apply what arrived, so the cranks it queues run in
+        // this round, and send what is already durable before this round's cranks commit.
+        node.pump(clock.elapsed(), &mut net).map_err(remote)?;
         for _ in 0..CRANKS_PER_ROUND {
             if a.max_cranks.is_some_and(|m| cranks >= m) {
                 break;
