@@ -128,6 +128,10 @@ impl Records {
     /// state, until the bound clears it). Forgetting is always safe: the store answers.
     pub fn absorb(&mut self, newer: &mut Records) {
         fn merge<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: &mut HashMap<K, Option<V>>) {
+            // Draining visits every bucket of a map's kept room, even an empty one's.
+            if from.is_empty() {
+                return;
+            }
             for (k, v) in from.drain() {
                 match v {
                     Some(v) => {
@@ -164,6 +168,9 @@ impl Records {
     /// ids looked up once.
     pub fn absorb_fetched(&mut self, fetched: &mut Records) {
         fn fill<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: &mut HashMap<K, Option<V>>) {
+            if from.is_empty() {
+                return;
+            }
             for (k, v) in from.drain() {
                 if v.is_some() {
                     into.entry(k).or_insert(v);
