@@ -289,15 +289,18 @@ impl<'s> KernelTxn<'s> {
         Self::begin_in(store, cache, counters, Scratch::default())
     }
 
-    /// [`KernelTxn::begin`], filling `scratch`'s (empty) maps rather than new ones.
+    /// [`KernelTxn::begin`], filling `scratch`'s (empty) maps and `maybe_free` rather than new ones.
     pub(crate) fn begin_in(store: &'s (dyn Store + 's), cache: &'s Records, counters: Counters, scratch: Scratch) -> Self {
-        debug_assert!(scratch.dirty.is_empty() && scratch.fetched.is_empty(), "scratch maps must come back empty");
+        debug_assert!(
+            scratch.dirty.is_empty() && scratch.fetched.is_empty() && scratch.maybe_free.is_empty(),
+            "scratch maps must come back empty"
+        );
         KernelTxn {
             txn: Txn::begin(store),
             cache,
             dirty: scratch.dirty,
             fetched: RefCell::new(scratch.fetched),
-            maybe_free: Vec::new(),
+            maybe_free: scratch.maybe_free,
             counters,
             start: counters,
             counters_dirty: false,
