@@ -25,6 +25,7 @@ use crate::store::WriteBatch;
 use crate::store::{Entry, Store, Txn};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::cell::RefCell;
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::BTreeMap;
 use std::hash::Hash;
 
@@ -225,6 +226,28 @@ pub(crate) fn vatstore_prefix(ep: EndpointId) -> Vec<u8> {
     k.extend_from_slice(&ep.0.to_be_bytes());
     k.push(b'/');
     k
+}
+
+/// [`KernelTxn::fetch`], on the fields it needs, so that a caller may hold other fields.
+fn fetch_in<K: Hash + Eq + Copy, V: Clone + DeserializeOwned>(
+    txn: &Txn<'_, dyn Store + '_>,
+    fetched: &RefCell<Box<Records>>,
+    pick: fn(&Records) -> &HashMap<K, Option<V>>,
+    pick_mut: fn(&mut Records) -> &mut HashMap<K, Option<V>>,
+    table: &'static str,
+    key: K,
+    raw_key: impl FnOnce() -> Vec<u8>,
+) -> Result<Option<V>, KernelError> {
+    if let Some(v) = pick(&fetched.borrow()).get(&key) {
+        return Ok(v.clone());
+    }
+    let raw = raw_key();
+    let v: Option<V> = match txn.get(&raw)? {
+        Some(bytes) => Some(decode(table, &raw, &bytes)?),
+        None => None,
+    };
+    pick_mut(&mut fetched.borrow_mut()).insert(key, v.clone());
+    Ok(v)
 }
 
 /// The bytes' lexicographic order, decided by one integer comparison where the first 8 bytes
@@ -453,16 +476,7 @@ impl<'s> KernelTxn<'s> {
         key: K,
         raw_key: impl FnOnce() -> Vec<u8>,
     ) -> Result<Option<V>, KernelError> {
-        if let Some(v) = pick(&self.fetched.borrow()).get(&key) {
-            return Ok(v.clone());
-        }
-        let raw = raw_key();
-        let v: Option<V> = match self.txn.get(&raw)? {
-            Some(bytes) => Some(decode(table, &raw, &bytes)?),
-            None => None,
-        };
-        pick_mut(&mut self.fetched.borrow_mut()).insert(key, v.clone());
-        Ok(v)
+        fetch_in(&self.txn, &self.fetched, pick, pick_mut, table, key, raw_key)
     }
 
     /// A record of a cached table to change in place: moved into this transaction's writes
@@ -475,15 +489,19 @@ impl<'s> KernelTxn<'s> {
         key: K,
         raw_key: impl FnOnce() -> Vec<u8>,
     ) -> Result<Option<&mut V>, KernelError> {
-        if !pick(&self.dirty).contains_key(&key) {
-            let committed = match pick(self.cache).get(&key) {
-                Some(v) => v.clone(),
-                None => self.fetch(pick, pick_mut, table, key, raw_key)?,
-            };
-            let Some(v) = committed else { return Ok(None) };
-            pick_mut(&mut self.dirty).insert(key, Some(v));
+        // One lookup in the written records, whether the record is there or goes there; the
+        // fields are borrowed apart so the committed state can be read meanwhile.
+        match pick_mut(&mut self.dirty).entry(key) {
+            MapEntry::Occupied(e) => Ok(e.into_mut().as_mut()),
+            MapEntry::Vacant(e) => {
+                let committed = match pick(self.cache).get(&key) {
+                    Some(v) => v.clone(),
+                    None => fetch_in(&self.txn, &self.fetched, pick, pick_mut, table, key, raw_key)?,
+                };
+                let Some(v) = committed else { return Ok(None) };
+                Ok(e.insert(Some(v)).as_mut())
+            }
         }
-        Ok(pick_mut(&mut self.dirty).get_mut(&key).and_then(Option::as_mut))
     }
 
     fn get<T: DeserializeOwned>(&self, table: &'static str, key: &[u8]) -> Result<Option<T>, KernelError> {
