@@ -404,7 +404,8 @@ impl<S: Store> Kernel<S> {
         self.store.apply(batch)?;
         self.counters = counters;
         self.cache.absorb_commit(&mut fetched, &mut dirty, born);
-        self.scratch = Some(Scratch { dirty, fetched });
+        // A crank's lists are handed back by `apply_finished`.
+        self.scratch = Some(Scratch { dirty, fetched, maybe_free: Vec::new(), outputs: Vec::new(), settled: Vec::new() });
         Ok(())
     }
 
@@ -604,21 +605,28 @@ impl<S: Store> Kernel<S> {
 
     /// Write a finished transaction, then run the host callbacks of the promises it settled.
     fn apply_finished(&mut self, done: Finished) -> Result<usize, KernelError> {
-        self.apply_immediate(done.end)?;
-        for (seq, item) in (done.first_queued..).zip(done.queued) {
+        let Finished { end, mut queued, first_queued, watched, flushed, maybe_free, settled } = done;
+        self.apply_immediate(end)?;
+        for (seq, item) in (first_queued..).zip(queued.drain(..)) {
             if self.queued.len() >= QUEUED_BOUND {
                 break;
             }
             self.queued.insert(seq, item);
         }
-        for (kp, s) in done.watched {
+        if let Some(scratch) = &mut self.scratch {
+            queued.clear();
+            scratch.outputs = queued;
+            scratch.maybe_free = maybe_free;
+            scratch.settled = settled;
+        }
+        for (kp, s) in watched {
             if let Some(callbacks) = self.watchers.remove(&kp) {
                 for cb in callbacks {
                     cb(kp, &s);
                 }
             }
         }
-        Ok(done.flushed)
+        Ok(flushed)
     }
 
     /// Apply work that arrives from outside any crank on behalf of endpoint `ep` (a message
@@ -673,6 +681,10 @@ struct Finished {
     /// The settlements of the promises it settled that host watchers wait for.
     watched: Vec<(KPromiseId, Settlement)>,
     flushed: usize,
+    /// The transaction's emptied `maybe_free` and the crank's emptied settled list, for the
+    /// next crank to fill.
+    maybe_free: Vec<KRef>,
+    settled: Vec<KPromiseId>,
 }
 
 /// End a transaction: note the settlements host watchers wait for (read first: collection may
@@ -696,12 +708,18 @@ fn close(mut work: Work<'_>, watchers: &HashMap<KPromiseId, Vec<Watcher>>) -> Re
     for item in &buf.outputs {
         db.push_run_queue(item);
     }
-    Ok(Finished { end: db.finish(), queued: buf.outputs, first_queued, watched, flushed })
+    // Collection emptied it; its room goes back to the kernel with the settled list's.
+    let maybe_free = std::mem::take(&mut db.maybe_free);
+    let mut settled = buf.settled;
+    settled.clear();
+    Ok(Finished { end: db.finish(), queued: buf.outputs, first_queued, watched, flushed, maybe_free, settled })
 }
 
 /// Begin a crank's work in the maps the last committed transaction left, if any.
 fn begin_work<'s, S: Store>(store: &'s S, cache: &'s Records, counters: Counters, scratch: Option<Scratch>) -> Work<'s> {
-    Work { db: KernelTxn::begin_in(store, cache, counters, scratch.unwrap_or_default()), buf: CrankBuffer::default() }
+    let mut scratch = scratch.unwrap_or_default();
+    let buf = CrankBuffer { outputs: std::mem::take(&mut scratch.outputs), settled: std::mem::take(&mut scratch.settled) };
+    Work { db: KernelTxn::begin_in(store, cache, counters, scratch), buf }
 }
 
 fn set_decider(work: &mut Work<'_>, kp: KPromiseId, endpoint: EndpointId) -> Result<(), KernelError> {

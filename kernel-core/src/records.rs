@@ -9,6 +9,7 @@
 //! bound.
 
 use crate::ids::{EndpointId, KObjectId, KPromiseId, KRef, VRef};
+use crate::message::RunQueueItem;
 use crate::tables::{ClistCounters, ClistEntry, EndpointStatus, ObjectRecord, PromiseRecord};
 use std::collections::HashMap as StdHashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -53,12 +54,19 @@ impl Hasher for IdHasher {
 /// The record maps of a committed transaction, emptied by [`Records::absorb_commit`], for the
 /// next transaction to fill: a crank then allocates no maps of its own. Boxed, so that moving
 /// a transaction (into a delivery's context and out again) copies two pointers, not the maps.
+/// Likewise the (emptied) lists a crank fills, so a crank grows none of its own.
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     /// Becomes the next transaction's written records.
     pub dirty: Box<Records>,
     /// Becomes the next transaction's fetched records.
     pub fetched: Box<Records>,
+    /// Becomes the next transaction's `maybe_free`.
+    pub maybe_free: Vec<KRef>,
+    /// Becomes the next crank's buffered outputs.
+    pub outputs: Vec<RunQueueItem>,
+    /// Becomes the next crank's settled promises.
+    pub settled: Vec<KPromiseId>,
 }
 
 /// How many records the committed cache holds before it starts over.
@@ -128,6 +136,10 @@ impl Records {
     /// state, until the bound clears it). Forgetting is always safe: the store answers.
     pub fn absorb(&mut self, newer: &mut Records) {
         fn merge<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: &mut HashMap<K, Option<V>>) {
+            // Draining visits every bucket of a map's kept room, even an empty one's.
+            if from.is_empty() {
+                return;
+            }
             for (k, v) in from.drain() {
                 match v {
                     Some(v) => {
@@ -164,6 +176,9 @@ impl Records {
     /// ids looked up once.
     pub fn absorb_fetched(&mut self, fetched: &mut Records) {
         fn fill<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: &mut HashMap<K, Option<V>>) {
+            if from.is_empty() {
+                return;
+            }
             for (k, v) in from.drain() {
                 if v.is_some() {
                     into.entry(k).or_insert(v);

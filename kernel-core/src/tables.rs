@@ -25,6 +25,7 @@ use crate::store::WriteBatch;
 use crate::store::{Entry, Store, Txn};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::cell::RefCell;
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::BTreeMap;
 use std::hash::Hash;
 
@@ -227,6 +228,40 @@ pub(crate) fn vatstore_prefix(ep: EndpointId) -> Vec<u8> {
     k
 }
 
+/// [`KernelTxn::fetch`], on the fields it needs, so that a caller may hold other fields.
+fn fetch_in<K: Hash + Eq + Copy, V: Clone + DeserializeOwned>(
+    txn: &Txn<'_, dyn Store + '_>,
+    fetched: &RefCell<Box<Records>>,
+    pick: fn(&Records) -> &HashMap<K, Option<V>>,
+    pick_mut: fn(&mut Records) -> &mut HashMap<K, Option<V>>,
+    table: &'static str,
+    key: K,
+    raw_key: impl FnOnce() -> Vec<u8>,
+) -> Result<Option<V>, KernelError> {
+    if let Some(v) = pick(&fetched.borrow()).get(&key) {
+        return Ok(v.clone());
+    }
+    let raw = raw_key();
+    let v: Option<V> = match txn.get(&raw)? {
+        Some(bytes) => Some(decode(table, &raw, &bytes)?),
+        None => None,
+    };
+    pick_mut(&mut fetched.borrow_mut()).insert(key, v.clone());
+    Ok(v)
+}
+
+/// The bytes' lexicographic order, decided by one integer comparison where the first 8 bytes
+/// differ (keys of different tables, mostly) rather than a `memcmp` call.
+fn key_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    if let (Some(x), Some(y)) = (a.first_chunk::<8>(), b.first_chunk::<8>()) {
+        let (x, y) = (u64::from_be_bytes(*x), u64::from_be_bytes(*y));
+        if x != y {
+            return x.cmp(&y);
+        }
+    }
+    a.cmp(b)
+}
+
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Most records are a few dozen bytes: serialised on the stack first, one costs a single
     // allocation of its exact size rather than the several of a vector grown as it is written.
@@ -289,15 +324,18 @@ impl<'s> KernelTxn<'s> {
         Self::begin_in(store, cache, counters, Scratch::default())
     }
 
-    /// [`KernelTxn::begin`], filling `scratch`'s (empty) maps rather than new ones.
+    /// [`KernelTxn::begin`], filling `scratch`'s (empty) maps and `maybe_free` rather than new ones.
     pub(crate) fn begin_in(store: &'s (dyn Store + 's), cache: &'s Records, counters: Counters, scratch: Scratch) -> Self {
-        debug_assert!(scratch.dirty.is_empty() && scratch.fetched.is_empty(), "scratch maps must come back empty");
+        debug_assert!(
+            scratch.dirty.is_empty() && scratch.fetched.is_empty() && scratch.maybe_free.is_empty(),
+            "scratch maps must come back empty"
+        );
         KernelTxn {
             txn: Txn::begin(store),
             cache,
             dirty: scratch.dirty,
             fetched: RefCell::new(scratch.fetched),
-            maybe_free: Vec::new(),
+            maybe_free: scratch.maybe_free,
             counters,
             start: counters,
             counters_dirty: false,
@@ -388,7 +426,7 @@ impl<'s> KernelTxn<'s> {
         // key is written once (were one written twice, the stable sort would keep the record
         // after the raw write, and a store applying the batch in order would end with the
         // record, as the overlay did).
-        batch.sort_by(|a, b| a.0.cmp(&b.0));
+        batch.sort_by(|a, b| key_order(&a.0, &b.0));
         debug_assert!(batch.windows(2).all(|w| w[0].0 < w[1].0), "a batch writes each key once");
         TxnEnd { batch, counters, dirty: d, fetched: f, start }
     }
@@ -438,16 +476,7 @@ impl<'s> KernelTxn<'s> {
         key: K,
         raw_key: impl FnOnce() -> Vec<u8>,
     ) -> Result<Option<V>, KernelError> {
-        if let Some(v) = pick(&self.fetched.borrow()).get(&key) {
-            return Ok(v.clone());
-        }
-        let raw = raw_key();
-        let v: Option<V> = match self.txn.get(&raw)? {
-            Some(bytes) => Some(decode(table, &raw, &bytes)?),
-            None => None,
-        };
-        pick_mut(&mut self.fetched.borrow_mut()).insert(key, v.clone());
-        Ok(v)
+        fetch_in(&self.txn, &self.fetched, pick, pick_mut, table, key, raw_key)
     }
 
     /// A record of a cached table to change in place: moved into this transaction's writes
@@ -460,15 +489,19 @@ impl<'s> KernelTxn<'s> {
         key: K,
         raw_key: impl FnOnce() -> Vec<u8>,
     ) -> Result<Option<&mut V>, KernelError> {
-        if !pick(&self.dirty).contains_key(&key) {
-            let committed = match pick(self.cache).get(&key) {
-                Some(v) => v.clone(),
-                None => self.fetch(pick, pick_mut, table, key, raw_key)?,
-            };
-            let Some(v) = committed else { return Ok(None) };
-            pick_mut(&mut self.dirty).insert(key, Some(v));
+        // One lookup in the written records, whether the record is there or goes there; the
+        // fields are borrowed apart so the committed state can be read meanwhile.
+        match pick_mut(&mut self.dirty).entry(key) {
+            MapEntry::Occupied(e) => Ok(e.into_mut().as_mut()),
+            MapEntry::Vacant(e) => {
+                let committed = match pick(self.cache).get(&key) {
+                    Some(v) => v.clone(),
+                    None => fetch_in(&self.txn, &self.fetched, pick, pick_mut, table, key, raw_key)?,
+                };
+                let Some(v) = committed else { return Ok(None) };
+                Ok(e.insert(Some(v)).as_mut())
+            }
         }
-        Ok(pick_mut(&mut self.dirty).get_mut(&key).and_then(Option::as_mut))
     }
 
     fn get<T: DeserializeOwned>(&self, table: &'static str, key: &[u8]) -> Result<Option<T>, KernelError> {
@@ -678,7 +711,11 @@ impl<'s> KernelTxn<'s> {
 
     /// `ep`'s c-list entry for `kref`.
     pub fn clist_entry(&self, ep: EndpointId, kref: KRef) -> Result<Option<ClistEntry>, KernelError> {
-        if !self.dirty.clist.contains_key(&(ep, kref)) && self.cache.surely_not_held(ep, kref) {
+        // Written here first: an entry this crank made or changed is found in one lookup.
+        if let Some(v) = self.dirty.clist.get(&(ep, kref)) {
+            return Ok(*v);
+        }
+        if self.cache.surely_not_held(ep, kref) {
             return Ok(None);
         }
         self.cached(|r| &r.clist, |r| &mut r.clist, "c-list", (ep, kref), || clist_kref_key(ep, kref))
@@ -1027,4 +1064,33 @@ fn vatstore_key(ep: EndpointId, key: &[u8]) -> Vec<u8> {
     let mut k = vatstore_prefix(ep);
     k.extend_from_slice(key);
     k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{key_order, u64_key};
+
+    #[test]
+    fn key_order_is_the_bytes_order() {
+        let samples: Vec<Vec<u8>> = vec![
+            vec![],
+            b"k/counters".to_vec(),
+            b"k/counter".to_vec(),
+            b"k/counte".to_vec(),
+            b"k/count".to_vec(),
+            b"k/countersz".to_vec(),
+            u64_key(b"p/", 7),
+            u64_key(b"p/", 8),
+            u64_key(b"p/", 1 << 40),
+            u64_key(b"q/", 0),
+            vec![0xff; 9],
+            vec![0; 8],
+            vec![0; 9],
+        ];
+        for a in &samples {
+            for b in &samples {
+                assert_eq!(key_order(a, b), a.cmp(b), "{a:?} vs {b:?}");
+            }
+        }
+    }
 }

@@ -1,16 +1,38 @@
 //! [`Key`]: store keys that compare with integer instructions, for the in-memory maps.
 
+use std::cmp::Ordering;
+
 /// A store key held so that comparing two keys is a few integer comparisons instead of a
 /// `memcmp` call: the first 32 bytes as two big-endian `u128`s (zero-padded), the rest (if any)
-/// boxed, and the length. The derived order is exactly the bytes' lexicographic order: padding
+/// boxed, and the length. Their order (as a derive would give it) is exactly the bytes' lexicographic order: padding
 /// can only tie a key with a longer one that continues with zeros, and then the shorter, a
 /// prefix, sorts first through `rest` and `len`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Key {
     hi: u128,
     lo: u128,
     rest: Box<[u8]>,
     len: usize,
+}
+
+impl Ord for Key {
+    /// The order a derive would give (`hi`, `lo`, `rest`, `len`), without comparing two empty
+    /// `rest`s: most keys fit in 32 bytes, and a slice comparison is a `memcmp` call.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.hi.cmp(&other.hi).then(self.lo.cmp(&other.lo)).then_with(|| {
+            if self.rest.is_empty() && other.rest.is_empty() {
+                self.len.cmp(&other.len)
+            } else {
+                self.rest.cmp(&other.rest).then(self.len.cmp(&other.len))
+            }
+        })
+    }
+}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl Key {
