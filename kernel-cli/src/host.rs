@@ -259,7 +259,6 @@ impl<S: Store> Host<S> {
     }
 
     /// A vat's name.
-    /// A vat's name.
     pub fn name(&self, ep: EndpointId) -> String {
         self.vats.name(ep)
     }
