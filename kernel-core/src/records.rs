@@ -11,11 +11,14 @@
 use crate::ids::{EndpointId, KObjectId, KPromiseId, KRef, VRef};
 use crate::message::RunQueueItem;
 use crate::tables::{ClistCounters, ClistEntry, EndpointStatus, ObjectRecord, PromiseRecord};
-use std::collections::HashMap as StdHashMap;
+use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 /// Hash maps keyed by the kernel's own small ids, with [`IdHasher`].
 pub(crate) type HashMap<K, V> = StdHashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// Hash sets of the kernel's own small ids, with [`IdHasher`].
+pub(crate) type HashSet<K> = StdHashSet<K, BuildHasherDefault<IdHasher>>;
 
 /// A fast hasher for the kernel's ids (multiply-rotate, as `FxHash`, with a final mix so the
 /// low bits a table indexes by depend on every input bit). The keys are the kernel's own
@@ -81,10 +84,11 @@ pub(crate) struct Records {
     pub clist_rev: HashMap<(EndpointId, VRef), Option<KRef>>,
     pub status: HashMap<EndpointId, Option<EndpointStatus>>,
     pub clist_counters: HashMap<EndpointId, Option<ClistCounters>>,
-    /// Krefs whose c-list entries are all in `clist` (only in the committed cache): allocated
-    /// by a transaction whose entries this cache absorbed, and kept since. An endpoint with no
-    /// entry here for such a kref holds none, so importing a new promise costs no store miss.
-    pub complete: HashMap<KRef, ()>,
+    /// Krefs whose c-list entries are all in `clist`: allocated by a transaction whose entries
+    /// this cache absorbed, and kept since. An endpoint with no entry here for such a kref holds
+    /// none, so importing a new promise costs no store miss. Only the committed cache fills it
+    /// ([`Records::absorb_commit`]); a transaction's maps leave it empty.
+    pub complete: HashSet<KRef>,
 }
 
 impl Records {
@@ -116,24 +120,25 @@ impl Records {
                 KRef::Promise(p) => !self.promises.contains_key(&p),
             };
             if !gone {
-                self.complete.insert(k, ());
+                self.complete.insert(k);
             }
         }
     }
 
     /// True if `ep` holds no c-list entry for `kref` by what the cache knows for sure.
     pub fn surely_not_held(&self, ep: EndpointId, kref: KRef) -> bool {
-        self.complete.contains_key(&kref) && !self.clist.contains_key(&(ep, kref))
+        self.complete.contains(&kref) && !self.clist.contains_key(&(ep, kref))
     }
 
     fn clear(&mut self) {
         *self = Records::default();
     }
 
-    /// Fold `newer` in, its records replacing these, and leave it empty. A deleted record leaves the cache rather
-    /// than staying as a tombstone: ids are never reused, so a long-running kernel would
-    /// otherwise fill the cache with the dead (memory growing with history, not with live
-    /// state, until the bound clears it). Forgetting is always safe: the store answers.
+    /// Fold `newer` in, its records replacing these, and leave it empty. A deleted record leaves
+    /// the cache rather than staying as a tombstone: ids are never reused, so a long-running
+    /// kernel would otherwise fill the cache with the dead (memory growing with history, not
+    /// with live state, until the bound clears it). Forgetting is always safe: the store
+    /// answers.
     pub fn absorb(&mut self, newer: &mut Records) {
         fn merge<K: Hash + Eq, V>(into: &mut HashMap<K, Option<V>>, from: &mut HashMap<K, Option<V>>) {
             // Draining visits every bucket of a map's kept room, even an empty one's.
@@ -168,7 +173,6 @@ impl Records {
         merge(&mut self.clist_rev, &mut newer.clist_rev);
         merge(&mut self.status, &mut newer.status);
         merge(&mut self.clist_counters, &mut newer.clist_counters);
-        newer.complete.clear();
     }
 
     /// Fold in what a transaction read from the store, where this cache has nothing newer, and
@@ -194,7 +198,6 @@ impl Records {
         fill(&mut self.clist_rev, &mut fetched.clist_rev);
         fill(&mut self.status, &mut fetched.status);
         fill(&mut self.clist_counters, &mut fetched.clist_counters);
-        fetched.complete.clear();
     }
 }
 
