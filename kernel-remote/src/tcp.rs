@@ -11,8 +11,9 @@
 //! [`Transport::flush`] (or `wait_event`) writes a few buffered frames in one non-blocking
 //! system call from the host's thread, so a message reaches the socket without waking the
 //! runtime's thread; a larger batch (a busy round's output), and whatever a full socket does not
-//! take, is written by the connection's writer task while the host goes on. The side given a peer's address dials it and redials with capped
-//! backoff whenever the connection drops; the other side accepts.
+//! take, is written by the connection's writer task while the host goes on. The side given a
+//! peer's address dials it and redials with capped backoff whenever the connection drops; the
+//! other side accepts.
 //!
 //! With [`crate::NoiseSecurity`] the handshake authenticates both kernels' keys against an
 //! allow-list, and the `Hello` must name the kernel the peer's key is allowed as
@@ -445,9 +446,10 @@ impl Transport for TcpTransport {
         }
     }
 
-    /// Write every connection's queued frames now, from this thread (one system call per
-    /// connection for all the frames of a round, and no hand-off to the runtime's thread on
-    /// the path of each message).
+    /// Write every connection's queued frames: a few (one message and its acknowledgements)
+    /// from this thread, in one system call per connection and with no hand-off to the
+    /// runtime's thread on the path of the message; a larger batch by the connection's writer
+    /// task (see `Conn::flush`).
     fn flush(&mut self) {
         if let Ok(conns) = self.inner.conns.lock() {
             for c in conns.by_peer.values() {
