@@ -9,7 +9,7 @@ use crate::message::{CapData, Message, RunQueueItem, Settlement};
 use crate::promise;
 use crate::records::{HashMap as IdHashMap, Records, Scratch};
 use crate::routing::{self, Route};
-use crate::store::{Entry, Store};
+use crate::store::{Entry, Store, Turned};
 use crate::tables::{
     self, Counters, EndpointRecord, EndpointStatus, KernelTxn, ObjectRecord, PromiseRecord, PromiseState, TxnEnd, COUNTERS_KEY, FORMAT_KEY,
     FORMAT_VERSION,
@@ -125,9 +125,20 @@ const QUEUED_BOUND: usize = 4096;
 type Watcher = Box<dyn FnOnce(KPromiseId, &Settlement)>;
 type Observer = Box<dyn FnMut(&CommitEvent)>;
 
+/// What an open turn holds back until its batch is in the store: host callbacks and commit
+/// events, in the order the commits made them.
+enum Deferred {
+    Settled(KPromiseId, Settlement),
+    Commit(CommitEvent),
+}
+
 /// The kernel over a store `S`.
 pub struct Kernel<S: Store> {
-    store: S,
+    /// The store, with the open turn's writes (if any) on top.
+    store: Turned<S>,
+    /// While a turn is open: the callbacks and commit events its commits owe (see
+    /// [`Kernel::begin_turn`]).
+    deferred: Option<Vec<Deferred>>,
     counters: Counters,
     /// Decoded committed records (see `records.rs`).
     cache: Records,
@@ -147,24 +158,7 @@ impl<S: Store> Kernel<S> {
     /// kernel's format and resumes at its last committed crank.
     pub fn open(mut store: S) -> Result<Self, KernelError> {
         let cache = Records::default();
-        let counters = {
-            let db = KernelTxn::begin(&store, &cache, Counters::default());
-            match db.get_raw(FORMAT_KEY)? {
-                None => None,
-                Some(bytes) => {
-                    let found = <[u8; 4]>::try_from(bytes.as_slice()).ok().map(u32::from_be_bytes);
-                    if found != Some(FORMAT_VERSION) {
-                        return Err(KernelError::UnsupportedFormat { found, supported: FORMAT_VERSION });
-                    }
-                    let raw = db.get_raw(COUNTERS_KEY)?.ok_or_else(|| KernelError::Corrupt {
-                        table: "counters",
-                        key: String::from_utf8_lossy(COUNTERS_KEY).into_owned(),
-                        reason: "missing".into(),
-                    })?;
-                    Some(tables::decode::<Counters>("counters", COUNTERS_KEY, &raw)?)
-                }
-            }
-        };
+        let counters = load_counters(&store, &cache)?;
         let counters = match counters {
             Some(c) => c,
             None => {
@@ -178,7 +172,8 @@ impl<S: Store> Kernel<S> {
             }
         };
         Ok(Kernel {
-            store,
+            store: Turned::new(store),
+            deferred: None,
             counters,
             cache,
             scratch: None,
@@ -189,14 +184,82 @@ impl<S: Store> Kernel<S> {
         })
     }
 
-    /// The store, for inspection.
+    /// The store, for inspection. While a turn is open it lacks the turn's writes.
     pub fn store(&self) -> &S {
-        &self.store
+        &self.store.inner
     }
 
-    /// Close the kernel, giving back its store.
+    /// Close the kernel, giving back its store. An open turn is dropped, as a crash would
+    /// drop it: end it first to keep it.
     pub fn into_store(self) -> S {
-        self.store
+        self.store.inner
+    }
+
+    /// Open a turn (nothing if one is open). Until [`Kernel::end_turn`], every commit — of a
+    /// crank, an immediate-path call, an [`Kernel::apply_external`] — is kept in memory over the
+    /// store, where later cranks read it, and its commit event and host callbacks
+    /// ([`Kernel::watch`]) are held back. Each crank is still atomic: one that fails inside a
+    /// turn leaves nothing behind, and the cranks before it keep their effects.
+    ///
+    /// A turn lets several cranks share one store write (under sync durability, one
+    /// `fdatasync`) without reporting anything before that write: the commit events, which
+    /// let output leave the machine, come only once the whole turn is in the store.
+    pub fn begin_turn(&mut self) {
+        self.store.open();
+        if self.deferred.is_none() {
+            self.deferred = Some(Vec::new());
+        }
+    }
+
+    /// True while a turn is open.
+    pub fn in_turn(&self) -> bool {
+        self.store.is_open()
+    }
+
+    /// True if the open turn has committed something the store has not seen yet.
+    pub fn turn_pending(&self) -> bool {
+        self.store.has_pending()
+    }
+
+    /// End the open turn (nothing if none is open): apply everything it committed to the
+    /// store as one atomic batch, then run the host callbacks and emit the commit events it
+    /// held back, in commit order.
+    ///
+    /// If the store refuses the batch, nothing of the turn survives: the kernel goes back to
+    /// the store's state (the run-queue items the turn's cranks took are queued again, the
+    /// promises they settled are unsettled, and their watchers still wait), and the error is
+    /// returned.
+    pub fn end_turn(&mut self) -> Result<(), KernelError> {
+        let Some(batch) = self.store.close() else { return Ok(()) };
+        let deferred = self.deferred.take().unwrap_or_default();
+        if !batch.is_empty() {
+            if let Err(e) = self.store.inner.apply(batch) {
+                self.reload()?;
+                return Err(e.into());
+            }
+        }
+        for d in deferred {
+            match d {
+                Deferred::Settled(kp, s) => fire(&mut self.watchers, kp, &s),
+                Deferred::Commit(event) => {
+                    for o in &mut self.observers {
+                        o(&event);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget everything held in memory about committed state and read it again from the store.
+    fn reload(&mut self) -> Result<(), KernelError> {
+        self.cache = Records::default();
+        self.scratch = None;
+        self.queued.clear();
+        if let Some(c) = load_counters(&self.store, &self.cache)? {
+            self.counters = c;
+        }
+        Ok(())
     }
 
     /// Cranks committed over the store's life.
@@ -304,12 +367,20 @@ impl<S: Store> Kernel<S> {
     }
 
     /// Run `callback` once `kp` settles, after the crank that settles it commits (at once if it
-    /// already has). Callbacks are host memory: they do not survive a restart.
+    /// already has; inside a turn, when the turn ends). Callbacks are host memory: they do not
+    /// survive a restart.
     pub fn watch(&mut self, kp: KPromiseId, callback: impl FnOnce(KPromiseId, &Settlement) + 'static) -> Result<(), KernelError> {
         match self.read().promise(kp)? {
             None => Err(KernelError::UnknownRef(KRef::Promise(kp))),
             Some(PromiseState::Settled(s)) => {
-                callback(kp, &s);
+                match &mut self.deferred {
+                    // Settled, perhaps only within the open turn: called when the turn ends.
+                    Some(d) => {
+                        self.watchers.entry(kp).or_default().push(Box::new(callback));
+                        d.push(Deferred::Settled(kp, s));
+                    }
+                    None => callback(kp, &s),
+                }
                 Ok(())
             }
             Some(PromiseState::Unresolved { .. }) => {
@@ -597,8 +668,13 @@ impl<S: Store> Kernel<S> {
     fn commit(&mut self, done: Finished, crank: CrankNumber) -> Result<usize, KernelError> {
         let flushed = self.apply_finished(done)?;
         let event = CommitEvent { crank };
-        for o in &mut self.observers {
-            o(&event);
+        match &mut self.deferred {
+            Some(d) => d.push(Deferred::Commit(event)),
+            None => {
+                for o in &mut self.observers {
+                    o(&event);
+                }
+            }
         }
         Ok(flushed)
     }
@@ -620,10 +696,9 @@ impl<S: Store> Kernel<S> {
             scratch.settled = settled;
         }
         for (kp, s) in watched {
-            if let Some(callbacks) = self.watchers.remove(&kp) {
-                for cb in callbacks {
-                    cb(kp, &s);
-                }
+            match &mut self.deferred {
+                Some(d) => d.push(Deferred::Settled(kp, s)),
+                None => fire(&mut self.watchers, kp, &s),
             }
         }
         Ok(flushed)
@@ -662,6 +737,35 @@ impl<S: Store> Kernel<S> {
                 self.apply_finished(done)?;
                 Ok(Ok(value))
             }
+        }
+    }
+}
+
+/// Run and forget the host callbacks waiting for `kp`.
+fn fire(watchers: &mut HashMap<KPromiseId, Vec<Watcher>>, kp: KPromiseId, s: &Settlement) {
+    if let Some(callbacks) = watchers.remove(&kp) {
+        for cb in callbacks {
+            cb(kp, s);
+        }
+    }
+}
+
+/// The counters a store holds: `None` for a new store, an error for another format.
+fn load_counters(store: &dyn Store, cache: &Records) -> Result<Option<Counters>, KernelError> {
+    let db = KernelTxn::begin(store, cache, Counters::default());
+    match db.get_raw(FORMAT_KEY)? {
+        None => Ok(None),
+        Some(bytes) => {
+            let found = <[u8; 4]>::try_from(bytes.as_slice()).ok().map(u32::from_be_bytes);
+            if found != Some(FORMAT_VERSION) {
+                return Err(KernelError::UnsupportedFormat { found, supported: FORMAT_VERSION });
+            }
+            let raw = db.get_raw(COUNTERS_KEY)?.ok_or_else(|| KernelError::Corrupt {
+                table: "counters",
+                key: String::from_utf8_lossy(COUNTERS_KEY).into_owned(),
+                reason: "missing".into(),
+            })?;
+            Ok(Some(tables::decode::<Counters>("counters", COUNTERS_KEY, &raw)?))
         }
     }
 }

@@ -15,7 +15,8 @@
 //! durable: the sender's wait for durability, the trip, the receiver's durable apply, and the
 //! acknowledgement's trip back.
 //!
-//! `--only NAME` runs one case (memory, group, group-no-early, wide, sync), e.g. under perf.
+//! `--only NAME` runs one case (memory, group, group-no-early, wide, sync), e.g. under perf;
+//! `--latency-only` skips the throughput runs.
 //!
 //! `cargo bench -p kernel-remote --bench remote [-- --quick]`
 
@@ -288,17 +289,20 @@ fn remote_on<S: DurableStore>(
     let b_early = Arc::new(AtomicU64::new(0));
     let b_syncs = Arc::clone(&b_early);
     let make_b = make.clone();
-    let b = thread::spawn(move || {
-        let mut node = make_b(&b_dir, "b", "a");
-        let mut net = TcpTransport::start(id("b"), "127.0.0.1:0".parse().expect("addr"), TcpConfig::default()).expect("start");
-        addr_tx.send(net.local_addr()).expect("addr");
-        let clock = Instant::now();
-        while !b_stop.load(Ordering::Relaxed) {
-            serve_once(&mut node, &mut net, || clock.elapsed(), 4096, Duration::from_micros(200)).expect("serve b");
-            b_count.store(node.kernel().store().applied_mark(), Ordering::Relaxed);
-            b_syncs.store(node.stats().early_syncs, Ordering::Relaxed);
-        }
-    });
+    let b = thread::Builder::new()
+        .name("node-b".into())
+        .spawn(move || {
+            let mut node = make_b(&b_dir, "b", "a");
+            let mut net = TcpTransport::start(id("b"), "127.0.0.1:0".parse().expect("addr"), TcpConfig::default()).expect("start");
+            addr_tx.send(net.local_addr()).expect("addr");
+            let clock = Instant::now();
+            while !b_stop.load(Ordering::Relaxed) {
+                serve_once(&mut node, &mut net, || clock.elapsed(), 4096, Duration::from_micros(200)).expect("serve b");
+                b_count.store(node.kernel().store().applied_mark(), Ordering::Relaxed);
+                b_syncs.store(node.stats().early_syncs, Ordering::Relaxed);
+            }
+        })
+        .expect("node b thread");
     let b_addr = addr_rx.recv().expect("b's address");
     let mut node = make(&tmp.path().join("a"), "a", "b");
     let mut net = TcpTransport::start(id("a"), "127.0.0.1:0".parse().expect("addr"), TcpConfig::default()).expect("start");
@@ -386,7 +390,13 @@ fn main() {
     // `--only NAME` (memory, group, wide, sync): run that case alone, for profiling.
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
-    let (group_total, sync_total, pings) = if quick { (5_000, 200, 200) } else { (50_000, 1_000, 1_000) };
+    // `--latency-only`: skip the throughput runs (the rates then mean nothing), for tracing the
+    // one-at-a-time path.
+    let latency_only = args.iter().any(|a| a == "--latency-only");
+    let (mut group_total, mut sync_total, pings) = if quick { (5_000, 200, 200) } else { (50_000, 1_000, 1_000) };
+    if latency_only {
+        (group_total, sync_total) = (1, 1);
+    }
     let window = 2_000;
     let local = in_memory(group_total * 2, window);
     let fsync = fsync_p50();

@@ -5,8 +5,10 @@
 
 mod key;
 mod mem;
+mod turn;
 
 pub use mem::MemStore;
+pub(crate) use turn::Turned;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -92,37 +94,7 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
     /// The first entry (as this transaction sees it) whose key starts with `prefix` and sorts
     /// after `after`.
     pub fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<Entry>, StoreError> {
-        let mut cursor: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
-        loop {
-            let committed = self.store.next(prefix, cursor.as_deref())?;
-            let lower = cursor.as_deref().unwrap_or(prefix);
-            let lower = if cursor.is_some() { Bound::Excluded(lower) } else { Bound::Included(lower) };
-            let overlay = self
-                .writes
-                .range::<[u8], _>((lower, Bound::Unbounded))
-                .next()
-                .map(|(k, v)| (k.clone(), v))
-                .filter(|(k, _)| k.starts_with(prefix));
-            match (committed, overlay) {
-                (None, None) => return Ok(None),
-                (Some((ck, cv)), None) => return Ok(Some((ck, cv))),
-                (c, Some((ok, ov))) => {
-                    // The overlay entry wins if it sorts first or shadows the committed key.
-                    let overlay_first = match &c {
-                        Some((ck, _)) => ok.as_slice() <= ck.as_slice(),
-                        None => true,
-                    };
-                    if overlay_first {
-                        match ov {
-                            Some(v) => return Ok(Some((ok, v.clone()))),
-                            None => cursor = Some(ok), // deleted here: keep looking
-                        }
-                    } else if let Some((ck, cv)) = c {
-                        return Ok(Some((ck, cv)));
-                    }
-                }
-            }
-        }
+        merged_next(self.store, &self.writes, prefix, after)
     }
 
     /// Every entry with `prefix`, in key order, as this transaction sees them.
@@ -151,6 +123,43 @@ impl<'s, S: Store + ?Sized> Txn<'s, S> {
         let mut batch = Vec::with_capacity(self.writes.len() + extra);
         batch.extend(self.writes);
         batch
+    }
+}
+
+/// The first entry of `writes` laid over `store` whose key starts with `prefix` and sorts after
+/// `after`: a key `writes` holds shadows the store's (`None`: deleted).
+fn merged_next<S: Store + ?Sized>(
+    store: &S,
+    writes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    prefix: &[u8],
+    after: Option<&[u8]>,
+) -> Result<Option<Entry>, StoreError> {
+    let mut cursor: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
+    loop {
+        let committed = store.next(prefix, cursor.as_deref())?;
+        let lower = cursor.as_deref().unwrap_or(prefix);
+        let lower = if cursor.is_some() { Bound::Excluded(lower) } else { Bound::Included(lower) };
+        let overlay =
+            writes.range::<[u8], _>((lower, Bound::Unbounded)).next().map(|(k, v)| (k.clone(), v)).filter(|(k, _)| k.starts_with(prefix));
+        match (committed, overlay) {
+            (None, None) => return Ok(None),
+            (Some((ck, cv)), None) => return Ok(Some((ck, cv))),
+            (c, Some((ok, ov))) => {
+                // The overlay entry wins if it sorts first or shadows the committed key.
+                let overlay_first = match &c {
+                    Some((ck, _)) => ok.as_slice() <= ck.as_slice(),
+                    None => true,
+                };
+                if overlay_first {
+                    match ov {
+                        Some(v) => return Ok(Some((ok, v.clone()))),
+                        None => cursor = Some(ok), // deleted here: keep looking
+                    }
+                } else if let Some((ck, cv)) = c {
+                    return Ok(Some((ck, cv)));
+                }
+            }
+        }
     }
 }
 
