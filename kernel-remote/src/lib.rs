@@ -70,7 +70,7 @@ pub use hello::{check_hello, HelloError};
 pub use identity::{AllowList, Identity, IdentityError, PublicKey, IDENTITY_FILE, IDENTITY_FORMAT, KEY_LEN};
 pub use limits::{ConnectionGate, InboundLimits, TokenBucket};
 pub use link::{apply_inbound, outbox_key, LinkEndpoint, APPLIED_KEY, NEXT_SEQ_KEY, OUTBOX_PREFIX};
-pub use node::{link_endpoint_name, Node, NodeStats, PeerStatus, RemoteConfig};
+pub use node::{link_endpoint_name, Node, NodeStats, PeerStatus, RemoteConfig, TurnLimits};
 pub use noise::{sealed_len, LinkSecurityError, NoiseCipher, NoiseHandshake, NoiseSecurity, NOISE_PROTOCOL, PROLOGUE};
 pub use rref::{KernelId, PeerSeq, RRef, MAX_KERNEL_ID_LEN};
 pub use transport::{Transport, TransportEvent};

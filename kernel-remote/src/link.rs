@@ -70,24 +70,35 @@ pub(crate) struct Staged {
 /// here until the commit event of the crank that wrote them.
 #[derive(Debug, Default)]
 pub(crate) struct Gate {
-    /// Bumped by the node before each crank; staged entries carry the crank's generation.
-    pub generation: u64,
-    /// Written by the running crank: `(generation, entry)`.
+    /// Set by the node before each crank: the number the crank will commit under.
+    pub crank: u64,
+    /// Written by cranks not yet committed: `(crank number, entry)`. Inside a turn, several
+    /// cranks' entries wait here for their commit events, which come when the turn ends.
     pub staged: Vec<(u64, Staged)>,
     /// Promoted by a commit event, waiting for the node to stamp them with the store position.
-    pub committed: Vec<Staged>,
+    pub committed: Vec<(u64, Staged)>,
 }
 
 impl Gate {
-    /// The commit event of the current crank: its staged entries are committed; anything staged
-    /// by an earlier crank that never committed is dropped.
-    pub fn on_commit(&mut self) {
-        let generation = self.generation;
-        for (g, s) in self.staged.drain(..) {
-            if g == generation {
-                self.committed.push(s);
+    /// The commit event of crank `crank`: the entries it staged are committed.
+    pub fn on_commit(&mut self, crank: u64) {
+        let mut i = 0;
+        while i < self.staged.len() {
+            if self.staged[i].0 == crank {
+                let entry = self.staged.remove(i);
+                self.committed.push(entry);
+            } else {
+                i += 1;
             }
         }
+    }
+
+    /// Crank `crank`'s delivery did not commit (it failed, or the kernel refused it): nothing it
+    /// staged may leave, whatever its number's later commit event says (an aborted crank's
+    /// consequences commit under the same number).
+    pub fn discard(&mut self, crank: u64) {
+        self.staged.retain(|(c, _)| *c != crank);
+        self.committed.retain(|(c, _)| *c != crank);
     }
 }
 
@@ -266,8 +277,8 @@ impl LinkEndpoint {
     /// Last, after every fallible step: staged entries leave only on this crank's commit event.
     fn stage(&self, seq: u64, message: Vec<u8>) {
         let mut gate = self.gate.borrow_mut();
-        let generation = gate.generation;
-        gate.staged.push((generation, Staged { link: self.index, seq, message }));
+        let crank = gate.crank;
+        gate.staged.push((crank, Staged { link: self.index, seq, message }));
     }
 }
 

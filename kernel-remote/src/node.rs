@@ -39,6 +39,27 @@ pub struct RemoteConfig {
     /// Wait for the durable mark (not only the commit event) before transmitting. Turn off only
     /// for a store whose commits are its durability (a `MemStore` host).
     pub wait_for_durable: bool,
+    /// Run the kernel in turns ([`Kernel::begin_turn`]): what the node applies and the cranks
+    /// that follow share one store write, ended by [`Node::pump`] once the run queue is empty or
+    /// a limit is reached. Commit events, host callbacks and output wait for the end of the
+    /// turn. `None`: every commit is its own store write (under sync durability, its own
+    /// `fdatasync`).
+    pub turns: Option<TurnLimits>,
+}
+
+/// How far a turn may grow before [`Node::pump`] ends it with the run queue not yet empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnLimits {
+    /// Cranks in one turn.
+    pub max_cranks: u64,
+    /// Time from the first pump that saw the turn open.
+    pub max_delay: Duration,
+}
+
+impl Default for TurnLimits {
+    fn default() -> Self {
+        TurnLimits { max_cranks: 4096, max_delay: Duration::from_millis(2) }
+    }
 }
 
 impl Default for RemoteConfig {
@@ -49,6 +70,7 @@ impl Default for RemoteConfig {
             window: 4096,
             max_frame: DEFAULT_MAX_FRAME,
             wait_for_durable: true,
+            turns: None,
         }
     }
 }
@@ -139,6 +161,20 @@ struct PeerLink {
     reack: bool,
 }
 
+/// The open turn, as the node sees it: what its end must stamp.
+#[derive(Debug, Default)]
+struct Turn {
+    /// When a pump first saw it open.
+    started: Option<Duration>,
+    /// The kernel's crank count when it opened.
+    cranks_at_start: u64,
+    /// Outbox entries immediate-path transactions of the turn wrote (crank entries wait in the
+    /// gate for their commit events).
+    staged: Vec<link::Staged>,
+    /// Inbound messages applied: `(link, count, highest sequence)`.
+    applied: Vec<(usize, u64, u64)>,
+}
+
 /// A kernel and its links to peers: the host side of Ken.
 pub struct Node<S: DurableStore> {
     kernel: Kernel<S>,
@@ -150,6 +186,8 @@ pub struct Node<S: DurableStore> {
     by_peer: HashMap<KernelId, usize>,
     faults: Vec<(KernelId, String)>,
     stats: NodeStats,
+    /// The open turn, under [`RemoteConfig::turns`].
+    turn: Option<Turn>,
 }
 
 /// The name of the kernel endpoint for `peer`.
@@ -164,7 +202,11 @@ impl<S: DurableStore> Node<S> {
     pub fn new(mut kernel: Kernel<S>, id: KernelId, config: RemoteConfig) -> Self {
         let gate = Rc::new(RefCell::new(Gate::default()));
         let g = Rc::clone(&gate);
-        kernel.add_commit_observer(move |_| g.borrow_mut().on_commit());
+        kernel.add_commit_observer(move |e| g.borrow_mut().on_commit(e.crank.0));
+        let turn = config.turns.map(|_| {
+            kernel.begin_turn();
+            Turn { cranks_at_start: kernel.cranks().0, ..Turn::default() }
+        });
         Node {
             kernel,
             id,
@@ -175,6 +217,7 @@ impl<S: DurableStore> Node<S> {
             by_peer: HashMap::new(),
             faults: Vec::new(),
             stats: NodeStats::default(),
+            turn,
         }
     }
 
@@ -195,7 +238,8 @@ impl<S: DurableStore> Node<S> {
         &mut self.kernel
     }
 
-    /// Close the node, giving back the kernel.
+    /// Close the node, giving back the kernel. Under turns, [`Node::end_turn`] first: a turn
+    /// still open is lost, as a crash would lose it.
     pub fn into_kernel(self) -> Kernel<S> {
         self.kernel
     }
@@ -314,15 +358,68 @@ impl<S: DurableStore> Node<S> {
 
     /// Run one crank (see [`Kernel::step`]); link outputs it committed become transmittable.
     pub fn step(&mut self) -> Result<Option<CrankReport>, RemoteError> {
-        self.gate.borrow_mut().generation += 1;
+        let crank = self.kernel.cranks().0 + 1;
+        self.gate.borrow_mut().crank = crank;
         let result = self.kernel.step();
         let committed = {
             let mut gate = self.gate.borrow_mut();
-            gate.staged.clear(); // a crank that failed without a commit event leaves nothing to send
-            std::mem::take(&mut gate.committed)
+            let delivered = matches!(&result, Ok(Some(r)) if !matches!(r.outcome, kernel_core::CrankOutcome::Aborted { .. }));
+            if !delivered {
+                gate.discard(crank);
+            }
+            // Inside a turn the commit events come at its end, and this is empty.
+            std::mem::take(&mut gate.committed).into_iter().map(|(_, s)| s).collect()
         };
         self.outbox_written(committed);
         Ok(result?)
+    }
+
+    /// End the open turn now (nothing without [`RemoteConfig::turns`]): its commits reach the
+    /// store as one batch, their commit events and host callbacks run, the outbox entries and
+    /// applied messages it holds become transmittable and acknowledgeable once that batch is
+    /// durable, and the next turn opens. [`Node::pump`] does this when a turn is due; a host
+    /// stopping cleanly does it last.
+    ///
+    /// On a store error nothing of the turn survives (see [`Kernel::end_turn`]): messages it
+    /// applied are taken again when the peer resends them.
+    pub fn end_turn(&mut self) -> Result<(), RemoteError> {
+        let Some(turn) = self.turn.take() else { return Ok(()) };
+        let ended = self.kernel.end_turn();
+        let mut written: Vec<link::Staged> = std::mem::take(&mut self.gate.borrow_mut().committed).into_iter().map(|(_, s)| s).collect();
+        self.kernel.begin_turn();
+        self.turn = Some(Turn { cranks_at_start: self.kernel.cranks().0, ..Turn::default() });
+        if let Err(e) = ended {
+            self.gate.borrow_mut().staged.clear();
+            for l in &mut self.links {
+                l.received = l.applied;
+            }
+            return Err(e.into());
+        }
+        // Crank entries and immediate-path entries, in the order they were written.
+        written.extend(turn.staged);
+        written.sort_by_key(|s| (s.link, s.seq));
+        self.stamp_written(written);
+        for (i, n, upto) in turn.applied {
+            self.stamp_applied(i, n, upto);
+        }
+        Ok(())
+    }
+
+    /// End the open turn if it is due: the run queue is empty, or it reached a limit.
+    fn end_turn_if_due(&mut self, now: Duration) -> Result<(), RemoteError> {
+        let (Some(limits), Some(turn)) = (self.config.turns, &mut self.turn) else { return Ok(()) };
+        let started = *turn.started.get_or_insert(now);
+        let holds = self.kernel.turn_pending() || !turn.staged.is_empty() || !turn.applied.is_empty();
+        let due = self.kernel.queue_len() == 0
+            || self.kernel.cranks().0 - turn.cranks_at_start >= limits.max_cranks
+            || now.saturating_sub(started) >= limits.max_delay;
+        if holds && due {
+            self.end_turn()?;
+            if let Some(t) = &mut self.turn {
+                t.started = Some(now);
+            }
+        }
+        Ok(())
     }
 
     /// Run up to `max_cranks` cranks (all, if `None`) until the run queue is empty.
@@ -478,9 +575,18 @@ impl<S: DurableStore> Node<S> {
         Ok(())
     }
 
-    /// Outbox entries a crank or an immediate-path transaction wrote and committed, stamped
-    /// with the store position that covers them: transmittable once that is durable.
+    /// Outbox entries a crank or an immediate-path transaction wrote and committed: stamped
+    /// now, or inside a turn when it ends.
     fn outbox_written(&mut self, staged: Vec<link::Staged>) {
+        match &mut self.turn {
+            Some(t) => t.staged.extend(staged),
+            None => self.stamp_written(staged),
+        }
+    }
+
+    /// Outbox entries whose commit is in the store, stamped with the store position that covers
+    /// them: transmittable once that is durable.
+    fn stamp_written(&mut self, staged: Vec<link::Staged>) {
         if staged.is_empty() {
             return;
         }
@@ -493,7 +599,15 @@ impl<S: DurableStore> Node<S> {
         }
     }
 
+    /// Inbound messages applied: acknowledgeable once durable, or inside a turn once it ends.
     fn applied(&mut self, i: usize, n: u64, upto: u64) {
+        match &mut self.turn {
+            Some(t) => t.applied.push((i, n, upto)),
+            None => self.stamp_applied(i, n, upto),
+        }
+    }
+
+    fn stamp_applied(&mut self, i: usize, n: u64, upto: u64) {
         let mark = self.kernel.store().applied_mark();
         let l = &mut self.links[i];
         l.applied = upto;
@@ -507,6 +621,7 @@ impl<S: DurableStore> Node<S> {
     /// after a timeout, and delete acknowledged entries.
     pub fn pump(&mut self, now: Duration, net: &mut dyn Transport) -> Result<(), RemoteError> {
         self.apply_received(net)?;
+        self.end_turn_if_due(now)?;
         self.kernel.store().flush_due()?;
         if self.kernel.queue_len() == 0 && self.output_awaits_durability() {
             // Idle, with output held back only by durability: sync now rather than let it wait
@@ -626,6 +741,7 @@ impl<S: DurableStore> Node<S> {
     /// acknowledgement owed.
     pub fn is_idle(&self) -> bool {
         self.kernel.queue_len() == 0
+            && !self.kernel.turn_pending()
             && self.links.iter().all(|l| l.unacked.is_empty() && l.inbound.is_empty() && l.ack_sent >= l.applied && !l.reack)
     }
 }

@@ -18,7 +18,7 @@ use super::store::{SimClock, SimDurability, SimStore};
 use super::workload::{App, APP_NAME};
 use crate::error::RemoteError;
 use crate::link::{decode_u64, outbox_key, APPLIED_KEY, NEXT_SEQ_KEY};
-use crate::node::{Node, RemoteConfig};
+use crate::node::{Node, RemoteConfig, TurnLimits};
 use crate::rref::KernelId;
 use crate::transport::Transport;
 use crate::wire::{Frame, DEFAULT_MAX_FRAME};
@@ -81,6 +81,8 @@ struct Workload {
     burst: u64,
     durability: SimDurability,
     window: u64,
+    /// Whether the nodes run in turns, and their limits.
+    turns: Option<TurnLimits>,
 }
 
 struct Slot {
@@ -129,6 +131,7 @@ fn open_node(store: SimStore, name: &KernelId, all: &[KernelId], work: &Workload
         window: work.window,
         max_frame: DEFAULT_MAX_FRAME,
         wait_for_durable: true,
+        turns: work.turns,
     };
     let mut node = Node::new(kernel, name.clone(), config);
     let app = node.kernel_mut().add_endpoint(APP_NAME, VatEndpoint::boxed(HelperVat::new(App)))?;
@@ -169,6 +172,7 @@ impl World {
             let app = node.kernel().endpoint_id(APP_NAME)?.ok_or_else(|| RemoteError::Refused("no app".into()))?;
             let root = node.kernel().root(app)?;
             node.kernel_mut().queue_message(root.into(), "start", CapData { body: body.into_bytes(), slots: slots_refs })?;
+            node.end_turn()?;
             node.kernel().store().sync(); // the setup is durable before any fault
             slots.push(Slot { name: name.clone(), node: Some(node), down: None });
         }
@@ -542,8 +546,11 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedReport {
             early: rng.chance(500),
         }
     };
-    let work = Workload { count: rng.range(3, 12), burst: rng.range(1, 4), durability, window: [1, 2, 8, 64, 4096][rng.below(5) as usize] };
-    let mut report = SeedReport { seed, count: work.count, durability: format!("{durability:?}"), ..SeedReport::default() };
+    let (count, burst, window) = (rng.range(3, 12), rng.range(1, 4), [1, 2, 8, 64, 4096][rng.below(5) as usize]);
+    let turns = rng.chance(500).then(|| TurnLimits { max_cranks: rng.range(1, 40), max_delay: Duration::from_millis(rng.range(0, 10)) });
+    let work = Workload { count, burst, durability, window, turns };
+    let mut report =
+        SeedReport { seed, count: work.count, durability: format!("{durability:?}, turns {turns:?}"), ..SeedReport::default() };
     let faulty = match world(seed, work, true, opts) {
         Ok(w) => w,
         Err(e) => {
