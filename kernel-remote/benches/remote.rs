@@ -8,21 +8,25 @@
 //! transaction that applies the answer, when the host's watch fires). A round trip is two wire
 //! messages (the send and the answer) and six store batches in sequence (a: queue, send crank;
 //! b: apply, delivery crank, answer crank; a: apply): under sync durability six fsyncs; under
-//! group commit, with the node syncing early when idle, one sync on each side.
+//! group commit, with the node syncing early when idle, one sync on each side. With turns
+//! (`RemoteConfig::turns`) each node's round is one store batch: a round trip is three batches
+//! in sequence (a: queue and send; b: apply, deliver and answer; a: apply), under sync
+//! durability three fsyncs, the answer's watch firing once a's is done.
 //!
-//! The one-way latency is measured from the commit of a's sending crank to the moment a holds
-//! b's acknowledgement, which b sends only once the transaction that applied the message is
-//! durable: the sender's wait for durability, the trip, the receiver's durable apply, and the
-//! acknowledgement's trip back.
+//! The one-way latency is measured from a's `queue_message` to the moment a holds b's
+//! acknowledgement, which b sends only once the transaction that applied the message is
+//! durable: the sender's durable commit, the trip, the receiver's durable apply, and the
+//! acknowledgement's trip back. Under sync durability that is three fsyncs in sequence without
+//! turns (a's queue, a's send crank, b's apply) and two with them.
 //!
-//! `--only NAME` runs one case (memory, group, group-no-early, wide, sync), e.g. under perf;
-//! `--latency-only` skips the throughput runs.
+//! `--only NAME` runs one case (memory, group, group-no-early, wide, sync, memory-turns,
+//! group-turns, sync-turns), e.g. under perf; `--latency-only` skips the throughput runs.
 //!
 //! `cargo bench -p kernel-remote --bench remote [-- --quick]`
 
 use kernel_core::{CapData, Kernel, MemStore, Settlement, VRef};
 use kernel_remote::tcp::{serve_once, TcpConfig, TcpTransport};
-use kernel_remote::{DurableStore, KernelId, Node, RemoteConfig};
+use kernel_remote::{DurableStore, KernelId, Node, RemoteConfig, TurnLimits};
 use kernel_store::{Durability, FjallStore, StoreOptions};
 use kernel_syscall::{Answer, Behavior, Cx, HelperVat, VatData, VatEndpoint, VatError};
 use std::cell::RefCell;
@@ -89,10 +93,11 @@ fn drive<S: DurableStore>(
     (elapsed, latencies)
 }
 
-/// One message at a time, with its answer awaited before the next: the time from the commit of
-/// the crank that writes the message to a's outbox until a holds b's acknowledgement of it, which
-/// b sends only once the transaction that applied the message is durable. That is the one-way
-/// latency (sender's commit to receiver's durable apply) plus the acknowledgement's trip back.
+/// One message at a time, with its answer awaited before the next: the time from the host's
+/// `queue_message` on a until a holds b's acknowledgement of the message, which b sends only once
+/// the transaction that applied it is durable. That is a message's one-way latency (handed to
+/// the sending kernel, to durably applied by the receiving one) plus the acknowledgement's trip
+/// back: under sync durability at least the sender's durable commit and the receiver's.
 fn one_way<S: DurableStore>(
     node: &mut Node<S>,
     mut service: impl FnMut(&mut Node<S>),
@@ -100,13 +105,6 @@ fn one_way<S: DurableStore>(
     pings: u64,
     peer: &KernelId,
 ) -> Vec<Duration> {
-    let committed: Rc<std::cell::Cell<Option<Instant>>> = Rc::default();
-    let c = Rc::clone(&committed);
-    node.kernel_mut().add_commit_observer(move |_| {
-        if c.get().is_none() {
-            c.set(Some(Instant::now()));
-        }
-    });
     let link = |n: &Node<S>| n.status().into_iter().find(|s| &s.peer == peer).expect("link");
     let mut out = Vec::new();
     for i in 0..pings {
@@ -114,7 +112,7 @@ fn one_way<S: DurableStore>(
             service(node);
         }
         let seq = link(node).written.0 + 1;
-        committed.set(None);
+        let queued = Instant::now();
         let kp = node.kernel_mut().queue_message(target.into(), "echo", CapData::plain(i.to_string())).expect("queue");
         let answered = Rc::new(std::cell::Cell::new(false));
         let a = Rc::clone(&answered);
@@ -122,8 +120,7 @@ fn one_way<S: DurableStore>(
         while link(node).acked.0 < seq {
             service(node);
         }
-        let acked = Instant::now();
-        out.push(acked - committed.get().expect("the send crank committed"));
+        out.push(queued.elapsed());
         while !answered.get() {
             service(node);
         }
@@ -131,9 +128,9 @@ fn one_way<S: DurableStore>(
     out
 }
 
-/// Cranks queued, or messages not yet acknowledged.
+/// Cranks queued, messages not yet acknowledged, or a turn not yet written.
 fn n_busy<S: DurableStore>(node: &Node<S>) -> bool {
-    node.kernel().queue_len() > 0 || node.backlog() > 0
+    !node.is_idle()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -201,16 +198,16 @@ impl DurableStore for NoEarlySync {
     }
 }
 
-fn fjall_node(dir: &std::path::Path, name: &str, peer: &str, durability: Durability) -> Node<FjallStore> {
+fn fjall_node(dir: &std::path::Path, name: &str, peer: &str, durability: Durability, turns: Option<TurnLimits>) -> Node<FjallStore> {
     let store = FjallStore::open(dir, StoreOptions::new(durability)).expect("store");
     let observer = store.crank_observer();
     let mut kernel = Kernel::open(store).expect("kernel");
     kernel.add_commit_observer(observer);
-    setup(kernel, name, peer)
+    setup(kernel, name, peer, turns)
 }
 
-fn setup<S: DurableStore>(kernel: Kernel<S>, name: &str, peer: &str) -> Node<S> {
-    let mut node = Node::new(kernel, id(name), RemoteConfig::default());
+fn setup<S: DurableStore>(kernel: Kernel<S>, name: &str, peer: &str, turns: Option<TurnLimits>) -> Node<S> {
+    let mut node = Node::new(kernel, id(name), RemoteConfig { turns, ..RemoteConfig::default() });
     let echo = node.kernel_mut().add_endpoint("echo", VatEndpoint::boxed(HelperVat::new(Echo))).expect("vat");
     let root = node.kernel().root(echo).expect("root");
     node.set_bootstrap(root);
@@ -235,7 +232,7 @@ struct Remote {
 fn details(r: &Remote, fsync: Duration) -> String {
     let f = |d: Duration| d.as_secs_f64() / fsync.as_secs_f64().max(1e-9);
     format!(
-        "one way: a's commit to b's durable apply + the ack back p50 {} ({:.1} fdatasyncs) p99 {} (one at a time); {}",
+        "one way: a's queue_message to b's durable apply + the ack back p50 {} ({:.1} fdatasyncs) p99 {} (one at a time); {}",
         ms(r.oneway_p50),
         f(r.oneway_p50),
         ms(r.oneway_p99),
@@ -254,22 +251,26 @@ fn batches(r: &Remote) -> String {
 
 /// Two kernels over TCP loopback: throughput with `window` in flight, then latency one message
 /// at a time.
-fn remote(backing: Backing, total: u64, window: u64, pings: u64) -> Remote {
+fn remote(backing: Backing, turns: Option<TurnLimits>, total: u64, window: u64, pings: u64) -> Remote {
     match backing {
-        Backing::Fjall(durability) => remote_on(move |dir, name, peer| fjall_node(dir, name, peer, durability), total, window, pings),
+        Backing::Fjall(durability) => {
+            remote_on(move |dir, name, peer| fjall_node(dir, name, peer, durability, turns), total, window, pings)
+        }
         Backing::FjallNoEarlySync(durability) => remote_on(
             move |dir, name, peer| {
                 let store = FjallStore::open(dir, StoreOptions::new(durability)).expect("store");
                 let observer = store.crank_observer();
                 let mut kernel = Kernel::open(NoEarlySync(store)).expect("kernel");
                 kernel.add_commit_observer(observer);
-                setup(kernel, name, peer)
+                setup(kernel, name, peer, turns)
             },
             total,
             window,
             pings,
         ),
-        Backing::Memory => remote_on(|_, name, peer| setup(Kernel::open(MemStore::new()).expect("open"), name, peer), total, window, pings),
+        Backing::Memory => {
+            remote_on(move |_, name, peer| setup(Kernel::open(MemStore::new()).expect("open"), name, peer, turns), total, window, pings)
+        }
     }
 }
 
@@ -417,33 +418,55 @@ fn main() {
     };
     let loaded = |r: &Remote| format!(", p50 {} with {window} in flight", ms(r.load_p50));
     if run("memory") {
-        let m = remote(Backing::Memory, group_total, window, pings);
+        let m = remote(Backing::Memory, None, group_total, window, pings);
         report("in-memory stores", &m, 3, String::new());
         println!("remote:   {}", details(&m, fsync));
     }
     if run("group") {
-        let g = remote(Backing::Fjall(Durability::GROUP), group_total, window, pings);
+        let g = remote(Backing::Fjall(Durability::GROUP), None, group_total, window, pings);
         report("group commit", &g, 3, loaded(&g));
         println!("remote:   {}", details(&g, fsync));
     }
     if run("group-no-early") {
-        let g = remote(Backing::FjallNoEarlySync(Durability::GROUP), group_total, window, pings);
+        let g = remote(Backing::FjallNoEarlySync(Durability::GROUP), None, group_total, window, pings);
         report("group, no early sync", &g, 3, loaded(&g));
         println!("remote:   {}", details(&g, fsync));
     }
     if run("wide") {
         let wide = Durability::Group { max_cranks: 20_000, max_delay: Duration::from_millis(10) };
-        let w = remote(Backing::Fjall(wide), group_total, window * 4, pings.min(200));
+        let w = remote(Backing::Fjall(wide), None, group_total, window * 4, pings.min(200));
         report("group (20k / 10 ms)", &w, 3, String::new());
         println!("remote:   {}", details(&w, fsync));
     }
     if run("sync") {
-        let s = remote(Backing::Fjall(Durability::Sync), sync_total, window.min(64), pings.min(200));
+        let s = remote(Backing::Fjall(Durability::Sync), None, sync_total, window.min(64), pings.min(200));
         report("sync", &s, 4, format!(" = {:.1} fdatasyncs", s.p50.as_secs_f64() / fsync.as_secs_f64().max(1e-9)));
         // Each is a store batch, synced before the next can start: a queues (host) and sends
         // (crank); b applies, delivers to the echo vat, sends the answer (notify crank); a applies.
         println!(
             "remote:   a round trip is 6 durable commits in sequence (a: queue, send; b: apply, deliver, answer; a: apply): p50 {:.1} fjall sync commits",
+            s.p50.as_secs_f64() / commit.as_secs_f64().max(1e-9)
+        );
+        println!("remote:   {}", details(&s, fsync));
+    }
+    let turns = Some(TurnLimits::default());
+    if run("memory-turns") {
+        let m = remote(Backing::Memory, turns, group_total, window, pings);
+        report("in-memory, turns", &m, 3, String::new());
+        println!("remote:   {}", details(&m, fsync));
+    }
+    if run("group-turns") {
+        let g = remote(Backing::Fjall(Durability::GROUP), turns, group_total, window, pings);
+        report("group, turns", &g, 3, loaded(&g));
+        println!("remote:   {}", details(&g, fsync));
+    }
+    if run("sync-turns") {
+        let s = remote(Backing::Fjall(Durability::Sync), turns, group_total, window, pings.min(200));
+        report("sync, turns", &s, 3, format!(" = {:.1} fdatasyncs{}", s.p50.as_secs_f64() / fsync.as_secs_f64().max(1e-9), loaded(&s)));
+        // Each round of a node is one store batch, synced before its output leaves: a queues and
+        // sends; b applies, delivers and answers; a applies (the answer's watch fires then).
+        println!(
+            "remote:   a round trip is 3 durable commits in sequence (a: queue + send; b: apply + deliver + answer; a: apply): p50 {:.1} fjall sync commits",
             s.p50.as_secs_f64() / commit.as_secs_f64().max(1e-9)
         );
         println!("remote:   {}", details(&s, fsync));
