@@ -449,7 +449,10 @@ fn main() {
         );
         println!("remote:   {}", details(&s, fsync));
     }
-    let turns = Some(TurnLimits::default());
+    let turns = Some(match std::env::var("TURN_CRANKS").ok().and_then(|v| v.parse().ok()) {
+        Some(max_cranks) => TurnLimits { max_cranks, ..TurnLimits::default() },
+        None => TurnLimits::default(),
+    });
     if run("memory-turns") {
         let m = remote(Backing::Memory, turns, group_total, window, pings);
         report("in-memory, turns", &m, 3, String::new());

@@ -74,21 +74,24 @@ pub(crate) struct Gate {
     pub crank: u64,
     /// Written by cranks not yet committed: `(crank number, entry)`. Inside a turn, several
     /// cranks' entries wait here for their commit events, which come when the turn ends.
-    pub staged: Vec<(u64, Staged)>,
+    pub staged: std::collections::VecDeque<(u64, Staged)>,
     /// Promoted by a commit event, waiting for the node to stamp them with the store position.
     pub committed: Vec<(u64, Staged)>,
 }
 
 impl Gate {
-    /// The commit event of crank `crank`: the entries it staged are committed.
+    /// The commit event of crank `crank`: the entries it staged are committed. Cranks commit in
+    /// order and stage in order, so they are at the front; anything staged by an earlier crank
+    /// that never committed is dropped.
     pub fn on_commit(&mut self, crank: u64) {
-        let mut i = 0;
-        while i < self.staged.len() {
-            if self.staged[i].0 == crank {
-                let entry = self.staged.remove(i);
-                self.committed.push(entry);
-            } else {
-                i += 1;
+        while let Some((c, _)) = self.staged.front() {
+            if *c > crank {
+                break;
+            }
+            if let Some(entry) = self.staged.pop_front() {
+                if entry.0 == crank {
+                    self.committed.push(entry);
+                }
             }
         }
     }
@@ -278,7 +281,7 @@ impl LinkEndpoint {
     fn stage(&self, seq: u64, message: Vec<u8>) {
         let mut gate = self.gate.borrow_mut();
         let crank = gate.crank;
-        gate.staged.push((crank, Staged { link: self.index, seq, message }));
+        gate.staged.push_back((crank, Staged { link: self.index, seq, message }));
     }
 }
 

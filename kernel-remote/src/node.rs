@@ -405,6 +405,14 @@ impl<S: DurableStore> Node<S> {
         Ok(())
     }
 
+    /// True if the open turn holds as many cranks as a turn may.
+    fn turn_full(&self) -> bool {
+        match (self.config.turns, &self.turn) {
+            (Some(limits), Some(turn)) => self.kernel.cranks().0 - turn.cranks_at_start >= limits.max_cranks,
+            _ => false,
+        }
+    }
+
     /// End the open turn if it is due: the run queue is empty, or it reached a limit.
     fn end_turn_if_due(&mut self, now: Duration) -> Result<(), RemoteError> {
         let (Some(limits), Some(turn)) = (self.config.turns, &mut self.turn) else { return Ok(()) };
@@ -422,11 +430,13 @@ impl<S: DurableStore> Node<S> {
         Ok(())
     }
 
-    /// Run up to `max_cranks` cranks (all, if `None`) until the run queue is empty.
+    /// Run up to `max_cranks` cranks (all, if `None`) until the run queue is empty. Under
+    /// turns, also stop once the open turn holds [`TurnLimits::max_cranks`]: the next
+    /// [`Node::pump`] ends it and sends its output while later cranks wait for the next turn.
     pub fn run(&mut self, max_cranks: Option<u64>) -> Result<RunSummary, RemoteError> {
         let mut summary = RunSummary::default();
         loop {
-            if max_cranks.is_some_and(|m| summary.cranks >= m) {
+            if max_cranks.is_some_and(|m| summary.cranks >= m) || self.turn_full() {
                 summary.quiescent = self.kernel.queue_len() == 0;
                 return Ok(summary);
             }
