@@ -90,6 +90,11 @@ struct ServeArgs {
     /// Stop after this many seconds (default: serve until Ctrl-C).
     #[arg(long = "for", value_name = "SECONDS")]
     for_secs: Option<f64>,
+    /// Run in turns: what arrives from peers, the cranks that follow and their output share
+    /// one store write per round (under `durability = "sync"`, one fdatasync), and nothing of
+    /// a round is reported or sent before that write.
+    #[arg(long)]
+    turns: bool,
 }
 
 #[derive(Args)]

@@ -14,7 +14,7 @@ use kernel_cli::cluster::Cluster;
 use kernel_cli::host::{self, Start, Vats};
 use kernel_core::{CrankOutcome, KObjectId};
 use kernel_remote::tcp::{TcpConfig, TcpTransport};
-use kernel_remote::{link_endpoint_name, AllowList, Identity, Node, NoiseSecurity, RemoteConfig, RemoteError, Transport};
+use kernel_remote::{link_endpoint_name, AllowList, Identity, Node, NoiseSecurity, RemoteConfig, RemoteError, Transport, TurnLimits};
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
@@ -49,7 +49,8 @@ pub(crate) fn serve(a: ServeArgs, stop: &AtomicBool) -> Result<ExitCode, Failure
     std::fs::create_dir_all(&store).map_err(io_failure(&store))?;
     let kernel = open_fjall(&store, &cluster)?;
     let identity = Identity::load_or_create(&host::kernel_dir(&store)).map_err(Failure::input)?;
-    let mut node = Node::new(kernel, network.kernel.clone(), RemoteConfig::default());
+    let config = RemoteConfig { turns: a.turns.then(TurnLimits::default), ..RemoteConfig::default() };
+    let mut node = Node::new(kernel, network.kernel.clone(), config);
     let mut peers: Vec<(String, KObjectId)> = Vec::with_capacity(network.peers.len());
     for p in &network.peers {
         node.add_peer(p.name.clone()).map_err(remote)?;
@@ -173,6 +174,8 @@ pub(crate) fn serve(a: ServeArgs, stop: &AtomicBool) -> Result<ExitCode, Failure
             node.pump(clock.elapsed(), &mut net).map_err(remote)?;
         }
     };
+    // A clean stop keeps the open turn (a crash would lose it, and the peers resend).
+    node.end_turn().map_err(remote)?;
     let elapsed = clock.elapsed();
     let backlog = node.backlog();
     let queued = node.kernel().queue_len();

@@ -94,8 +94,13 @@ struct Serving {
 }
 
 fn serve(file: &Path, secs: u32) -> Serving {
+    serve_with(file, secs, &[])
+}
+
+fn serve_with(file: &Path, secs: u32, extra: &[&str]) -> Serving {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kernel"))
         .args(["serve", arg(file), "--for", &secs.to_string()])
+        .args(extra)
         .env("RUST_LOG", "kernel_remote=warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -162,6 +167,29 @@ fn vatstore(store: &Path) -> String {
     let out = kernel(&["inspect", arg(store), "vat", "main", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     text(&out.stdout)
+}
+
+#[test]
+fn in_turns_a_message_crosses_and_its_answer_is_in_the_store_after_a_clean_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pa, pb) = ports(4);
+    let a = cluster(dir.path(), "a", "a", ASKER, "a", pa, &[]);
+    let b = cluster(dir.path(), "b", "b", GREETER, "b", pb, &[]);
+    let (ka, kb) = (create_and_id(&a), create_and_id(&b));
+    let a = cluster(dir.path(), "a", "a", ASKER, "a", pa, &[("b", &kb, Some(pb))]);
+    let b = cluster(dir.path(), "b", "b", GREETER, "b", pb, &[("a", &ka, None)]);
+    let mut sb = serve_with(&b, 60, &["--turns"]);
+    assert!(sb.wait_for("serving main as b", Duration::from_secs(20)), "b did not start: {:?}", sb.seen);
+    let mut sa = serve_with(&a, 60, &["--turns"]);
+    let answered = sa.wait_for("b answered: hello a, this is b", Duration::from_secs(20));
+    let (code_a, out_a, err_a) = sa.stop();
+    let (code_b, out_b, err_b) = sb.stop();
+    assert!(answered, "no answer from b\n--- a\n{out_a}\n{err_a}\n--- b\n{out_b}\n{err_b}");
+    assert_eq!((code_a, code_b), (Some(130), Some(130)), "{err_a}\n{err_b}");
+    let va = vatstore(&a.with_extension("store"));
+    assert!(va.contains("hello a, this is b"), "the answer's turn was written: {va}");
+    let vb = vatstore(&b.with_extension("store"));
+    assert!(vb.contains(r#""greeted": "\"a\"""#), "{vb}");
 }
 
 #[test]

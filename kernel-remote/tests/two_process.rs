@@ -18,3 +18,17 @@ fn two_processes_killed_at_random_end_with_exact_counters() {
     assert_eq!(final_counters(&a.dir, "b"), (count, count, 0), "a's app");
     assert_eq!(final_counters(&b.dir, "a"), (count, count, 0), "b's app");
 }
+
+/// The same with both nodes in turns: a kill inside a turn loses the turn, never half of it.
+#[test]
+fn two_processes_in_turns_killed_at_random_end_with_exact_counters() {
+    let count: u64 = std::env::var("KEN_TWO_PROCESS_COUNT").ok().and_then(|s| s.parse().ok()).unwrap_or(150);
+    let kills: u64 = std::env::var("KEN_TWO_PROCESS_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (la, lb) = free_ports();
+    let mut a = Side::new("a", "b", &tmp.path().join("a"), "sync-turns", la, Some(lb), None);
+    let mut b = Side::new("b", "a", &tmp.path().join("b"), "group-turns", lb, None, None);
+    kill_at_random_until_done(&mut a, &mut b, count, kills, 0x2545_F491_4F6C_DD1D, true);
+    assert_eq!(final_counters(&a.dir, "b"), (count, count, 0), "a's app");
+    assert_eq!(final_counters(&b.dir, "a"), (count, count, 0), "b's app");
+}

@@ -1,20 +1,23 @@
 //! `ken-node`: one kernel on fjall running the simulation's workload app against one peer over
 //! TCP on loopback — the process the two-process kill test SIGKILLs and restarts.
 //!
-//! - `ken-node init --id A --peer B --dir DIR --mode sync|group --count N --burst K`: create the
+//! - `ken-node init --id A --peer B --dir DIR --mode MODE --count N --burst K`: create the
 //!   store, the app vat and the link, queue the app's `start`, sync, exit.
-//! - `ken-node run --id A --peer B --dir DIR --mode sync|group --listen ADDR [--dial ADDR]
+//! - `ken-node run --id A --peer B --dir DIR --mode MODE --listen ADDR [--dial ADDR]
 //!   [--peer-key KEY]`: reopen and serve until killed, printing `status in=I got=G backlog=L
 //!   bad=X` whenever it changes (I: messages from the peer applied by the app, G: answers
 //!   received). With `--peer-key`, the link is secure: Noise with this kernel's identity (kept in
 //!   DIR) and the peer allowed only with KEY.
 //! - `ken-node id --dir DIR`: print this kernel's public key (its identity), creating the key
 //!   pair in the store directory on first use (what `kernel id STORE` does).
+//!
+//! MODE is the store's durability, `sync` or `group`, optionally in turns (`sync-turns`,
+//! `group-turns`: `RemoteConfig::turns` with its default limits).
 
 use kernel_core::{CapData, KRef, Kernel};
 use kernel_remote::sim::{App, APP_NAME};
 use kernel_remote::tcp::{serve_once, TcpConfig, TcpTransport};
-use kernel_remote::{AllowList, Identity, IdentityError, KernelId, Node, NoiseSecurity, PublicKey, RemoteConfig, RemoteError};
+use kernel_remote::{AllowList, Identity, IdentityError, KernelId, Node, NoiseSecurity, PublicKey, RemoteConfig, RemoteError, TurnLimits};
 use kernel_store::{Durability, FjallStore, StoreOptions};
 use kernel_syscall::{HelperVat, VatEndpoint};
 use std::collections::HashMap;
@@ -55,10 +58,15 @@ impl Args {
 }
 
 fn open(args: &Args) -> Result<Node<FjallStore>, String> {
-    let durability = match args.get("mode")? {
+    let mode = args.get("mode")?;
+    let (durability, turns) = match mode.strip_suffix("-turns") {
+        Some(base) => (base, Some(TurnLimits::default())),
+        None => (mode, None),
+    };
+    let durability = match durability {
         "sync" => Durability::Sync,
         "group" => Durability::GROUP,
-        other => return Err(format!("unknown mode {other:?}")),
+        _ => return Err(format!("unknown mode {mode:?} (sync, group, sync-turns, group-turns)")),
     };
     let dir: PathBuf = args.get("dir")?.into();
     let store = FjallStore::open(&dir, StoreOptions::new(durability)).map_err(|e| e.to_string())?;
@@ -66,7 +74,7 @@ fn open(args: &Args) -> Result<Node<FjallStore>, String> {
     let mut kernel = Kernel::open(store).map_err(|e| e.to_string())?;
     kernel.add_commit_observer(observer);
     let me: KernelId = args.parsed("id")?;
-    let mut node = Node::new(kernel, me, RemoteConfig::default());
+    let mut node = Node::new(kernel, me, RemoteConfig { turns, ..RemoteConfig::default() });
     let app = node.kernel_mut().add_endpoint(APP_NAME, VatEndpoint::boxed(HelperVat::new(App))).map_err(|e| e.to_string())?;
     let root = node.kernel().root(app).map_err(|e| e.to_string())?;
     node.set_bootstrap(root);
@@ -86,6 +94,7 @@ fn init(args: &Args) -> Result<(), String> {
     node.kernel_mut()
         .queue_message(root.into(), "start", CapData { body: body.into_bytes(), slots: vec![KRef::Object(target)] })
         .map_err(|e| e.to_string())?;
+    node.end_turn().map_err(|e| e.to_string())?;
     node.kernel().store().sync().map_err(|e| e.to_string())?;
     Ok(())
 }
