@@ -11,8 +11,8 @@ use crate::records::{HashMap as IdHashMap, Records, Scratch};
 use crate::routing::{self, Route};
 use crate::store::{Entry, Store, Turned};
 use crate::tables::{
-    self, Counters, EndpointRecord, EndpointStatus, KernelTxn, ObjectRecord, PromiseRecord, PromiseState, TxnEnd, COUNTERS_KEY, FORMAT_KEY,
-    FORMAT_VERSION,
+    self, ClistEntry, Counters, EndpointRecord, EndpointStatus, KernelTxn, ObjectRecord, PromiseRecord, PromiseState, TxnEnd, COUNTERS_KEY,
+    FORMAT_KEY, FORMAT_VERSION,
 };
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -486,6 +486,11 @@ impl<S: Store> Kernel<S> {
     /// `ep`'s c-list, ordered by kref.
     pub fn clist(&self, ep: EndpointId) -> Result<Vec<(KRef, VRef)>, KernelError> {
         self.read().clist_entries(ep)
+    }
+
+    /// `ep`'s c-list entry for `kref`, with its reachable flag (`None`: `ep` does not hold it).
+    pub fn clist_entry(&self, ep: EndpointId, kref: KRef) -> Result<Option<ClistEntry>, KernelError> {
+        self.read().clist_entry(ep, kref)
     }
 
     /// The promise names peer-kernel endpoint `ep` keeps after their notify, as `(vref, kref)`
