@@ -11,8 +11,8 @@ use crate::records::{HashMap as IdHashMap, Records, Scratch};
 use crate::routing::{self, Route};
 use crate::store::{Entry, Store, Turned};
 use crate::tables::{
-    self, Counters, EndpointRecord, EndpointStatus, KernelTxn, ObjectRecord, PromiseRecord, PromiseState, TxnEnd, COUNTERS_KEY, FORMAT_KEY,
-    FORMAT_VERSION,
+    self, ClistEntry, Counters, EndpointRecord, EndpointStatus, KernelTxn, ObjectRecord, PromiseRecord, PromiseState, TxnEnd, COUNTERS_KEY,
+    FORMAT_KEY, FORMAT_VERSION,
 };
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -128,8 +128,12 @@ type Observer = Box<dyn FnMut(&CommitEvent)>;
 /// What an open turn holds back until its batch is in the store: host callbacks and commit
 /// events, in the order the commits made them.
 enum Deferred {
+    /// A commit settled a promise host watchers wait for.
     Settled(KPromiseId, Settlement),
     Commit(CommitEvent),
+    /// [`Kernel::watch`] on a promise already settled: the callback runs at this point, after
+    /// the commits before the call (not with the watchers of an earlier settlement).
+    Watch(KPromiseId, Settlement, Watcher),
 }
 
 /// The kernel over a store `S`.
@@ -227,24 +231,53 @@ impl<S: Store> Kernel<S> {
     ///
     /// If the store refuses the batch, nothing of the turn survives: the kernel goes back to
     /// the store's state (the run-queue items the turn's cranks took are queued again, the
-    /// promises they settled are unsettled, and their watchers still wait), and the error is
-    /// returned.
+    /// promises they settled are unsettled, and their watchers still wait; a watcher of a
+    /// promise the turn made is dropped, and a watch of a promise the store holds settled runs
+    /// now), and the error is returned.
     pub fn end_turn(&mut self) -> Result<(), KernelError> {
         let Some(batch) = self.store.close() else { return Ok(()) };
         let deferred = self.deferred.take().unwrap_or_default();
         if !batch.is_empty() {
             if let Err(e) = self.store.inner.apply(batch) {
                 self.reload()?;
+                self.rewatch(deferred)?;
                 return Err(e.into());
             }
         }
         for d in deferred {
             match d {
                 Deferred::Settled(kp, s) => fire(&mut self.watchers, kp, &s),
+                Deferred::Watch(kp, s, callback) => callback(kp, &s),
                 Deferred::Commit(event) => {
                     for o in &mut self.observers {
                         o(&event);
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a refused turn: the watchers stay, as if registered on the store's state. A watcher
+    /// of a promise the turn made is dropped (the promise is gone, and its number will be used
+    /// again); a watch the turn held back runs now if the store holds its promise settled, and
+    /// waits if it holds it unresolved.
+    fn rewatch(&mut self, deferred: Vec<Deferred>) -> Result<(), KernelError> {
+        let mut gone = Vec::new();
+        for kp in self.watchers.keys() {
+            if self.read().promise(*kp)?.is_none() {
+                gone.push(*kp);
+            }
+        }
+        for kp in gone {
+            self.watchers.remove(&kp);
+        }
+        for d in deferred {
+            if let Deferred::Watch(kp, _, callback) = d {
+                match self.read().promise(kp)? {
+                    Some(PromiseState::Settled(s)) => callback(kp, &s),
+                    Some(PromiseState::Unresolved { .. }) => self.watchers.entry(kp).or_default().push(callback),
+                    None => {}
                 }
             }
         }
@@ -375,10 +408,7 @@ impl<S: Store> Kernel<S> {
             Some(PromiseState::Settled(s)) => {
                 match &mut self.deferred {
                     // Settled, perhaps only within the open turn: called when the turn ends.
-                    Some(d) => {
-                        self.watchers.entry(kp).or_default().push(Box::new(callback));
-                        d.push(Deferred::Settled(kp, s));
-                    }
+                    Some(d) => d.push(Deferred::Watch(kp, s, Box::new(callback))),
                     None => callback(kp, &s),
                 }
                 Ok(())
@@ -456,6 +486,11 @@ impl<S: Store> Kernel<S> {
     /// `ep`'s c-list, ordered by kref.
     pub fn clist(&self, ep: EndpointId) -> Result<Vec<(KRef, VRef)>, KernelError> {
         self.read().clist_entries(ep)
+    }
+
+    /// `ep`'s c-list entry for `kref`, with its reachable flag (`None`: `ep` does not hold it).
+    pub fn clist_entry(&self, ep: EndpointId, kref: KRef) -> Result<Option<ClistEntry>, KernelError> {
+        self.read().clist_entry(ep, kref)
     }
 
     /// The promise names peer-kernel endpoint `ep` keeps after their notify, as `(vref, kref)`

@@ -2,7 +2,7 @@
 //!
 //! Random host actions (queue a message, watch a promise, pin and unpin references, ask a vat to
 //! bring out its dead, step, run, restart the kernel on its store, apply work from outside a
-//! crank) and scripted vat behaviour (sends with and without result promises, exports,
+//! crank, begin and end a turn) and scripted vat behaviour (sends with and without result promises, exports,
 //! subscribes, resolves, vatstore writes, dropping and retiring imports, retiring and abandoning
 //! exports, forged and stale vrefs, double and foreign resolves, illegal GC syscalls, faults,
 //! panics, exits) run against `Kernel<MemStore>` and against [`Model`], a plain reference model
@@ -12,7 +12,10 @@
 //! (GC deliveries too), every promise with its reference count and pin, every object with its
 //! owner, pin, abandonment and reachable/recognizable counts, every c-list entry with its
 //! reachable flag, every vatstore, every endpoint's status, what each delivery handed its vat
-//! (and what it read), what the host was told, the host watchers that ran and the commit events.
+//! (and what it read), what the host was told, the host watchers that ran and the commit events
+//! (as one sequence, so their relative order counts too), and whether a turn is open. The
+//! kernel's tables, c-list reachable flags included, are read through the kernel, which sees an
+//! open turn's writes.
 //!
 //! Garbage collection (DESIGN §6) is modelled without mirroring the kernel's increments: the
 //! model never stores a count. [`Model::recount`] counts every reference from scratch (c-list
@@ -39,14 +42,23 @@
 //! model alike, which the comparison cannot see). It found two kernel bugs, pinned in
 //! `gc_found.rs`.
 //!
+//! Turns (`Kernel::begin_turn` / `end_turn`) are modelled as the host sees them: inside a turn
+//! the model changes as without one, but the watchers and commit events it owes the host are
+//! held back and handed over, in order, at `EndTurn`; a `Restart` with a turn open goes back to a
+//! clone of the model taken at `BeginTurn` (keeping only host memory: the vats' minds, the
+//! watcher numbering and what the host already saw; the watchers themselves are gone, as after
+//! any restart). About a fifth of all transitions run inside a turn. This was seen to fail when
+//! broken on purpose: commit events or watcher callbacks not held back, and `into_store` ending
+//! the turn instead of dropping it. It found a kernel bug: a `watch` inside a turn on a promise
+//! already settled ran at end of turn together with the promise's earlier watchers, ahead of
+//! the commit events before the `watch` call.
+//!
 //! Kernel-made error texts are compared exactly, except the detail after `illegal syscall: `,
 //! which is the kernel's own wording ([`normalise`]). `PROPTEST_CASES=N` searches deeper.
 
-use kernel_core::store::scan_committed;
 use kernel_core::{
-    Allocator, CapData, ClistEntry, CrankContext, CrankInput, CrankOutcome, CrankReport, Endpoint, EndpointId, EndpointStatus, Fault,
-    GcAction, KObjectId, KPromiseId, KRef, Kernel, KernelDelivery, MemStore, Message, PromiseState, RefKind, RunQueueItem, Settlement,
-    VRef,
+    Allocator, CapData, CrankContext, CrankInput, CrankOutcome, CrankReport, Endpoint, EndpointId, EndpointStatus, Fault, GcAction,
+    KObjectId, KPromiseId, KRef, Kernel, KernelDelivery, MemStore, Message, PromiseState, RefKind, RunQueueItem, Settlement, VRef,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
@@ -207,8 +219,9 @@ const REFUSED_FAULT: &str = "a syscall was refused";
 /// A vat's memory: the references it may use, the promises it decides and those it subscribed
 /// to, the imports it dropped, the exports it was told no one reaches, the vrefs it must no
 /// longer use, the exports it allocated but never named, and its allocation counters. Host
-/// memory: not rolled back by an abort (the vat is terminated then, so it never matters) nor by
-/// a refused `apply_external`. It only steers scripts towards legal syscalls: whatever it gets
+/// memory: not rolled back by an abort (the vat is terminated then, so it hardly matters, but a
+/// restart that loses the turn brings the vat back), by a refused `apply_external`, nor by a
+/// restart that loses an open turn. It only steers scripts towards legal syscalls: whatever it gets
 /// wrong, the kernel and the model see the same syscalls.
 #[derive(Clone, Debug)]
 struct VatMind {
@@ -875,6 +888,16 @@ enum Observed {
     },
     Restarted,
     External(Result<(), String>),
+    TurnBegun,
+    TurnEnded(Result<(), String>),
+}
+
+/// What the host sees run, in the order it runs: a watcher (by the number it was registered
+/// under) or a commit event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum HostEvent {
+    Watcher(u32, KPromiseId, Settlement),
+    Commit(u64),
 }
 
 /// A crank report, with kernel wording normalised.
@@ -986,8 +1009,12 @@ struct Model {
     // ---- host memory ----
     watchers: BTreeMap<u64, Vec<u32>>,
     next_watch: u32,
-    watch_log: Vec<(u32, KPromiseId, Settlement)>,
-    commits: Vec<u64>,
+    /// The watchers run and commit events emitted, in order.
+    host_log: Vec<HostEvent>,
+    /// While a turn is open: the model as it was when the turn began (what a restart goes back
+    /// to), and what the host is owed when the turn ends.
+    turn: Option<Box<Model>>,
+    held: Vec<HostEvent>,
     last: Observed,
     /// What the vats were handed during the last transition.
     delivered: Vec<String>,
@@ -1021,8 +1048,9 @@ impl Model {
             marked: Vec::new(),
             watchers: BTreeMap::new(),
             next_watch: 0,
-            watch_log: Vec::new(),
-            commits: Vec::new(),
+            host_log: Vec::new(),
+            turn: None,
+            held: Vec::new(),
             last: Observed::Nothing,
             delivered: Vec::new(),
         };
@@ -1290,7 +1318,8 @@ impl Model {
         match self.state(kp) {
             None => Err(format!("unknown reference {kp}")),
             Some(PromiseState::Settled(s)) => {
-                self.watch_log.push((id, kp, s.clone()));
+                let s = s.clone();
+                self.emit(HostEvent::Watcher(id, kp, s));
                 Ok(())
             }
             Some(PromiseState::Unresolved { .. }) => {
@@ -1584,16 +1613,57 @@ impl Model {
         self.run_queue.extend(self.pending.drain(..));
         for (kp, s) in std::mem::take(&mut self.settled) {
             if let Some(ids) = self.watchers.remove(&kp.0) {
-                self.watch_log.extend(ids.into_iter().map(|id| (id, kp, s.clone())));
+                for id in ids {
+                    self.emit(HostEvent::Watcher(id, kp, s.clone()));
+                }
             }
         }
         flushed
     }
 
+    /// What the host sees run: at once, or while a turn is open, when it ends.
+    fn emit(&mut self, e: HostEvent) {
+        if self.turn.is_some() {
+            self.held.push(e);
+        } else {
+            self.host_log.push(e);
+        }
+    }
+
+    /// Open a turn (nothing if one is open): remember the model as it is now.
+    fn begin_turn(&mut self) {
+        if self.turn.is_none() {
+            self.turn = Some(Box::new(self.clone()));
+        }
+    }
+
+    /// End the open turn (nothing if none is open): the host gets what it was owed, in order.
+    fn end_turn(&mut self) {
+        if self.turn.take().is_some() {
+            let held = std::mem::take(&mut self.held);
+            self.host_log.extend(held);
+        }
+    }
+
+    /// A restart: the host's watchers are gone (host memory); an open turn is lost whole, back
+    /// to the model as the turn began, except what lives outside the kernel: the vats' memory,
+    /// the host's watcher numbering, and what the host already saw.
+    fn restart(&mut self) {
+        if let Some(begin) = self.turn.take() {
+            let now = std::mem::replace(self, *begin);
+            for (vat, then) in self.vats.iter_mut().zip(now.vats) {
+                vat.mind = then.mind;
+            }
+            self.next_watch = now.next_watch;
+            self.host_log = now.host_log;
+        }
+        self.watchers.clear();
+    }
+
     /// Commit a crank: end its transaction, then the commit event.
     fn commit(&mut self, crank: u64, input: CrankInput, outcome: String) -> CrankSummary {
         let flushed = self.flush();
-        self.commits.push(crank);
+        self.emit(HostEvent::Commit(crank));
         CrankSummary { crank, input, outcome: normalise(&outcome), flushed }
     }
 
@@ -1736,7 +1806,11 @@ impl Model {
 
         // Abort: as if the delivery never happened; then the consequence, committed alone: the
         // item is consumed (its references released), the vat terminated, the result rejected.
+        // The vat's memory is host memory: it keeps what the delivery did to it (which matters
+        // once a restart loses the turn that terminated the vat).
+        let mind = self.vat(ep).mind.clone();
         *self = begin;
+        self.vat_mut(ep).mind = mind;
         let item = self.run_queue.pop_front().expect("the aborted crank's item");
         self.in_flight = Some(item.clone());
         self.cranks += 1;
@@ -2173,8 +2247,8 @@ struct Parts<'a> {
     statuses: Vec<(EndpointId, Status)>,
     clists: Vec<String>,
     vatstores: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
-    watch_log: Vec<(u32, KPromiseId, Settlement)>,
-    commits: Vec<u64>,
+    host_log: Vec<HostEvent>,
+    in_turn: bool,
 }
 
 impl Parts<'_> {
@@ -2198,8 +2272,17 @@ impl Parts<'_> {
                         .flat_map(|(i, s)| s.iter().map(move |(k, v)| format!("{} {} = {v:?}", per_vat(i), String::from_utf8_lossy(k))))
                         .collect(),
                 ),
-                ("watchers run", self.watch_log.iter().map(|(id, kp, s)| format!("#{id} {kp} {}", show_settlement(s))).collect()),
-                ("commit events", vec![format!("{:?}", self.commits)]),
+                (
+                    "watchers run and commit events",
+                    self.host_log
+                        .iter()
+                        .map(|e| match e {
+                            HostEvent::Watcher(id, kp, s) => format!("watcher #{id} {kp} {}", show_settlement(s)),
+                            HostEvent::Commit(crank) => format!("commit {crank}"),
+                        })
+                        .collect(),
+                ),
+                ("turn open", vec![self.in_turn.to_string()]),
             ],
         }
     }
@@ -2255,8 +2338,8 @@ impl Model {
                 .flat_map(|(i, v)| v.clist.iter().map(move |(k, (v, r))| show_entry(EndpointId(i as u32 + 1), *k, *v, *r)))
                 .collect(),
             vatstores: self.vats.iter().map(|v| v.vatstore.clone().into_iter().collect()).collect(),
-            watch_log: self.watch_log.clone(),
-            commits: self.commits.clone(),
+            host_log: self.host_log.clone(),
+            in_turn: self.turn.is_some(),
         }
         .snapshot()
     }
@@ -2267,31 +2350,9 @@ struct Sut {
     vats: Vec<EndpointId>,
     minds: Vec<Rc<RefCell<VatMind>>>,
     feed: Rc<RefCell<Feed>>,
-    watch_log: Rc<RefCell<Vec<(u32, KPromiseId, Settlement)>>>,
-    commits: Rc<RefCell<Vec<u64>>>,
+    host_log: Rc<RefCell<Vec<HostEvent>>>,
     next_watch: u32,
     last: Observed,
-}
-
-/// The reachable flags of every c-list entry, read from the committed store (the host API
-/// gives the c-lists without them): key `l/<ep u32>/k<kref tag><u64>`, value a [`ClistEntry`].
-fn clist_flags(store: &MemStore) -> BTreeMap<(EndpointId, KRef), bool> {
-    let mut flags = BTreeMap::new();
-    for (key, value) in scan_committed(store, b"l/").expect("scan the c-lists") {
-        if key.len() != 17 || key[7] != b'k' {
-            continue;
-        }
-        let ep = EndpointId(u32::from_be_bytes(key[2..6].try_into().expect("4 bytes")));
-        let n = u64::from_be_bytes(key[9..17].try_into().expect("8 bytes"));
-        let kref = match key[8] {
-            b'o' => KRef::Object(KObjectId(n)),
-            b'p' => KRef::Promise(KPromiseId(n)),
-            tag => panic!("c-list key with kref tag {tag}"),
-        };
-        let entry: ClistEntry = postcard::from_bytes(&value).expect("a c-list entry decodes");
-        flags.insert((ep, kref), entry.reachable);
-    }
-    flags
 }
 
 impl Sut {
@@ -2301,7 +2362,6 @@ impl Sut {
             EndpointStatus::Live => Status::Live,
             EndpointStatus::Terminated { reason } => Status::Terminated(reason),
         };
-        let flags = clist_flags(k.store());
         let feed = self.feed.borrow();
         Parts {
             last: &self.last,
@@ -2326,14 +2386,16 @@ impl Sut {
                 .iter()
                 .flat_map(|ep| {
                     k.clist(*ep).expect("c-list").into_iter().map(|(kref, vref)| {
-                        let reachable = *flags.get(&(*ep, kref)).expect("a c-list entry has its flag");
-                        show_entry(*ep, kref, vref, reachable)
+                        // Read through the kernel, which sees an open turn's writes.
+                        let entry = k.clist_entry(*ep, kref).expect("c-list entry").expect("a listed c-list entry exists");
+                        assert_eq!(entry.vref, vref, "the c-list names {kref} alike both ways");
+                        show_entry(*ep, kref, vref, entry.reachable)
                     })
                 })
                 .collect(),
             vatstores: self.vats.iter().map(|ep| k.vatstore(*ep).expect("vatstore")).collect(),
-            watch_log: self.watch_log.borrow().clone(),
-            commits: self.commits.borrow().clone(),
+            host_log: self.host_log.borrow().clone(),
+            in_turn: k.in_turn(),
         }
         .snapshot()
     }
@@ -2370,11 +2432,17 @@ enum Transition {
     /// `run(Some(max))`; deliveries run `scripts` in turn.
     Run { max: u8, scripts: Vec<Script> },
     /// Close the kernel and open a new one on its store, re-attaching the vats: everything but
-    /// the host's watchers (host memory) carries over.
+    /// the host's watchers (host memory) and an open turn (not yet in the store) carries over.
     Restart,
     /// `apply_external(vat, ..)`: the vat's script runs outside any crank (as a remote's
     /// inbound message would). Scripts here never panic: `apply_external` does not catch panics.
     External { vat: u8, script: Script },
+    /// `begin_turn()`: until `EndTurn`, commits stay in memory over the store and the host's
+    /// watchers and commit events are held back; a `Restart` meanwhile loses the whole turn.
+    BeginTurn,
+    /// `end_turn()`: the turn's commits reach the store as one batch, then the host gets what
+    /// was held back, in order.
+    EndTurn,
 }
 
 fn benign_action() -> impl Strategy<Value = Action> {
@@ -2483,6 +2551,9 @@ impl ReferenceStateMachine for KernelModel {
             4 => select(objects, missing_object),
             1 => missing,
         ];
+        // Turns open now and then and stay open for a few transitions (an open turn is ended
+        // three times as often as a closed one is begun).
+        let (turn_weight, turn) = if state.turn.is_some() { (3, Transition::EndTurn) } else { (1, Transition::BeginTurn) };
         prop_oneof![
             3 => (target, 0..4u8, args, any::<bool>())
                 .prop_map(|(target, method, args, unpin)| Transition::Queue { target, method, args, unpin }),
@@ -2492,6 +2563,7 @@ impl ReferenceStateMachine for KernelModel {
             3 => script().prop_map(|script| Transition::Step { script }),
             3 => (1..24u8, prop::collection::vec(script(), 1..5)).prop_map(|(max, scripts)| Transition::Run { max, scripts }),
             1 => Just(Transition::Restart),
+            turn_weight => Just(turn),
             1 => (any::<u8>(), script()).prop_map(|(vat, mut script)| {
                 for a in &mut script.actions {
                     if matches!(a, Action::Panic) {
@@ -2533,8 +2605,16 @@ impl ReferenceStateMachine for KernelModel {
                 ran
             }
             Transition::Restart => {
-                state.watchers.clear();
+                state.restart();
                 Observed::Restarted
+            }
+            Transition::BeginTurn => {
+                state.begin_turn();
+                Observed::TurnBegun
+            }
+            Transition::EndTurn => {
+                state.end_turn();
+                Observed::TurnEnded(Ok(()))
             }
             Transition::External { vat, script } => {
                 let ep = EndpointId((*vat as usize % state.vats.len()) as u32 + 1);
@@ -2560,7 +2640,7 @@ fn boot(
     store: MemStore,
     minds: &[Rc<RefCell<VatMind>>],
     feed: &Rc<RefCell<Feed>>,
-    commits: &Rc<RefCell<Vec<u64>>>,
+    host_log: &Rc<RefCell<Vec<HostEvent>>>,
 ) -> (Kernel<MemStore>, Vec<EndpointId>) {
     let mut kernel = Kernel::open(store).expect("open");
     let vats = minds
@@ -2571,8 +2651,8 @@ fn boot(
             kernel.add_endpoint(&format!("v{}", i + 1), Box::new(vat)).expect("attach a vat")
         })
         .collect();
-    let log = commits.clone();
-    kernel.add_commit_observer(move |e| log.borrow_mut().push(e.crank.0));
+    let log = host_log.clone();
+    kernel.add_commit_observer(move |e| log.borrow_mut().push(HostEvent::Commit(e.crank.0)));
     (kernel, vats)
 }
 
@@ -2598,9 +2678,9 @@ impl StateMachineTest for KernelTest {
         quiet_scripted_panics();
         let minds: Vec<_> = model.vats.iter().map(|_| Rc::new(RefCell::new(VatMind::new()))).collect();
         let feed = Rc::default();
-        let commits = Rc::default();
-        let (kernel, vats) = boot(MemStore::new(), &minds, &feed, &commits);
-        let sut = Sut { kernel, vats, minds, feed, watch_log: Rc::default(), commits, next_watch: 0, last: Observed::Nothing };
+        let host_log = Rc::default();
+        let (kernel, vats) = boot(MemStore::new(), &minds, &feed, &host_log);
+        let sut = Sut { kernel, vats, minds, feed, host_log, next_watch: 0, last: Observed::Nothing };
         assert_same(&sut.snapshot(), &model.snapshot(), "the initial state");
         sut
     }
@@ -2624,8 +2704,8 @@ impl StateMachineTest for KernelTest {
             Transition::Watch { kp } => {
                 let id = sut.next_watch;
                 sut.next_watch += 1;
-                let log = sut.watch_log.clone();
-                let r = sut.kernel.watch(kp, move |kp, s| log.borrow_mut().push((id, kp, s.clone())));
+                let log = sut.host_log.clone();
+                let r = sut.kernel.watch(kp, move |kp, s| log.borrow_mut().push(HostEvent::Watcher(id, kp, s.clone())));
                 Observed::Watched(r.map_err(|e| e.to_string()))
             }
             Transition::Pin { kref, pinned } => Observed::Pinned(sut.kernel.set_pinned(kref, pinned).map_err(|e| e.to_string())),
@@ -2642,7 +2722,7 @@ impl StateMachineTest for KernelTest {
             Transition::Restart => {
                 let placeholder = Kernel::open(MemStore::new()).expect("open");
                 let store = std::mem::replace(&mut sut.kernel, placeholder).into_store();
-                let (kernel, vats) = boot(store, &sut.minds, &sut.feed, &sut.commits);
+                let (kernel, vats) = boot(store, &sut.minds, &sut.feed, &sut.host_log);
                 assert_eq!(vats, sut.vats, "the vats keep their ids across a restart");
                 sut.kernel = kernel;
                 Observed::Restarted
@@ -2664,6 +2744,11 @@ impl StateMachineTest for KernelTest {
                 sut.feed.borrow_mut().delivered = notes;
                 Observed::External(r.expect("apply_external").map_err(|f| normalise(&f.to_string())))
             }
+            Transition::BeginTurn => {
+                sut.kernel.begin_turn();
+                Observed::TurnBegun
+            }
+            Transition::EndTurn => Observed::TurnEnded(sut.kernel.end_turn().map_err(|e| e.to_string())),
         };
         assert_same(&sut.snapshot(), &model.snapshot(), &after);
         sut
