@@ -4,7 +4,7 @@
 //! - `ci`: `cargo fmt --check`, `cargo clippy --workspace --all-targets -- -D warnings`,
 //!   `cargo test --workspace`.
 //! - `bench`: the benchmarks, printed as ratios against baselines measured in the same run.
-//! - `crash-test --kills N [--seed S] [--mode sync|group]`: kill -9 the kernel on fjall N times
+//! - `crash-test --kills N [--seed S] [--mode sync|sync-turns|group]`: kill -9 the kernel on fjall N times
 //!   and check nothing was lost or doubled (kernel-store's crash workload).
 //! - `sim --seeds N [--seed S]`: kernel-remote's deterministic simulation of Ken between three
 //!   kernels; prints `sim: N seeds, V violations` and the seed that replays any failure.
@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         Some("sim") => sim::sim(&args[1..]),
         Some("help") | Some("--help") | None => {
             println!(
-                "usage: cargo xtask <ci | bench [filter] | crash-test --kills N [--seed S] [--mode sync|group] | sim --seeds N [--seed S]>"
+                "usage: cargo xtask <ci | bench [filter] | crash-test --kills N [--seed S] [--mode sync|sync-turns|group] | sim --seeds N [--seed S]>"
             );
             Ok(())
         }

@@ -1,6 +1,6 @@
 //! The crash-test workload (DESIGN §10.5), one binary in two roles:
 //!
-//! - `crash-workload parent --kills N [--seed S] [--mode sync|group|buffered] [shape] [--dir D] [--keep]`
+//! - `crash-workload parent --kills N [--seed S] [--mode sync|sync-turns|group|buffered] [shape] [--dir D] [--keep]`
 //!   runs the workload once without crashes, then again while SIGKILLing it N times at random
 //!   instants, and compares. Its last line is
 //!   `crash-test: N kills, L lost, D duplicated, state matches: yes|no`; it exits non-zero on any
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
             let mode: String = value(&args, "--mode")?.unwrap_or_else(|| "sync".into());
             // Enough work that the kills land before it is done: a killed child keeps little of
             // what it did under group commit, but on a busy machine it does a lot per kill.
-            let rounds = if mode == "sync" { (kills / 10).max(20) } else { (kills / 2).max(20) };
+            let rounds = if mode.starts_with("sync") { (kills / 10).max(20) } else { (kills / 2).max(20) };
             let plan = parent::Plan {
                 kills,
                 seed: value(&args, "--seed")?.unwrap_or(1),
@@ -63,7 +63,9 @@ fn main() -> ExitCode {
             workload::durability(&plan.mode)?;
             parent::run(&plan)
         })(),
-        _ => Err("usage: crash-workload parent --kills N [--seed S] [--mode sync|group|buffered] | child --dir D --mode M".into()),
+        _ => {
+            Err("usage: crash-workload parent --kills N [--seed S] [--mode sync|sync-turns|group|buffered] | child --dir D --mode M".into())
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -197,13 +197,16 @@ pub fn counter(kernel: &Kernel<FjallStore>, ep: EndpointId, key: &[u8]) -> Resul
         .unwrap_or(0))
 }
 
+/// The longest turn in `sync-turns` mode.
+const TURN_CRANKS: u64 = 50;
+
 /// Parse a durability mode name.
 pub fn durability(mode: &str) -> Result<Durability, String> {
     match mode {
-        "sync" => Ok(Durability::Sync),
+        "sync" | "sync-turns" => Ok(Durability::Sync),
         "group" => Ok(Durability::Group { max_cranks: 64, max_delay: Duration::from_millis(2) }),
         "buffered" => Ok(Durability::Buffered),
-        other => Err(format!("unknown mode {other:?} (sync | group | buffered)")),
+        other => Err(format!("unknown mode {other:?} (sync | sync-turns | group | buffered)")),
     }
 }
 
@@ -211,8 +214,10 @@ pub fn durability(mode: &str) -> Result<Durability, String> {
 /// workload, reporting on stdout:
 /// `opened batch=B crank=C` once open, `durable B` each time the durable watermark moves,
 /// `applied B` every 16 cranks (the batch count when the crank's `step` returned), and
-/// `done crank=C` at the end.
+/// `done crank=C` at the end. In `sync-turns` mode the kernel runs in turns of up to
+/// [`TURN_CRANKS`] cranks (`Kernel::begin_turn`): one batch, one fdatasync per turn.
 pub fn child(dir: &Path, mode: &str, shape: Shape) -> Result<(), String> {
+    let turns = mode.ends_with("-turns");
     let store = FjallStore::open(dir, StoreOptions::new(durability(mode)?)).map_err(|e| e.to_string())?;
     let observer = store.crank_observer();
     let mut kernel = Kernel::open(store).map_err(|e| e.to_string())?;
@@ -223,8 +228,17 @@ pub fn child(dir: &Path, mode: &str, shape: Shape) -> Result<(), String> {
     say(&mut out, format!("opened batch={} crank={}", kernel.store().applied(), kernel.cranks().0))?;
     let (starter, relays) = attach(&mut kernel, shape)?;
     let starter_root = kernel.root(starter).map_err(|e| e.to_string())?;
+    let mut in_turn = 0;
     loop {
+        if turns && !kernel.in_turn() {
+            kernel.begin_turn();
+            in_turn = 0;
+        }
         let stepped = kernel.step().map_err(|e| e.to_string())?;
+        in_turn += 1;
+        if turns && (stepped.is_none() || in_turn >= TURN_CRANKS) {
+            kernel.end_turn().map_err(|e| e.to_string())?;
+        }
         if let Some(d) = kernel.store().flush_due().map_err(|e| e.to_string())? {
             say(&mut out, format!("durable {}", d.up_to_batch))?;
         }
