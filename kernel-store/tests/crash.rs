@@ -27,3 +27,8 @@ fn sync_mode_survives_30_kills() {
 fn group_mode_keeps_every_crank_reported_durable_across_10_kills() {
     crash_test("group", 10, 12, 20);
 }
+
+#[test]
+fn sync_mode_in_turns_survives_30_kills() {
+    crash_test("sync-turns", 30, 13, 30);
+}
