@@ -55,10 +55,14 @@ fn id(s: &str) -> KernelId {
 struct Done {
     count: u64,
     latencies: Vec<Duration>,
+    /// Answered results not yet released.
+    read: Vec<kernel_core::KPromiseId>,
 }
 
 /// Keep `window` messages in flight from `queue` until `total` are answered; returns
-/// (elapsed, latencies).
+/// (elapsed, latencies). Like any host that reads its answers, it then releases them (results
+/// of `queue_message` start pinned): kept, every message would leave a settled promise in a's
+/// store for good.
 fn drive<S: DurableStore>(
     node: &mut Node<S>,
     mut service: impl FnMut(&mut Node<S>),
@@ -79,16 +83,21 @@ fn drive<S: DurableStore>(
             let kp = node.kernel_mut().queue_message(target.into(), "echo", CapData::plain(sent.to_string())).expect("queue");
             let d = Rc::clone(&done);
             node.kernel_mut()
-                .watch(kp, move |_, s| {
+                .watch(kp, move |kp, s| {
                     assert!(matches!(s, Settlement::Fulfilled(_)), "{s:?}");
                     let mut d = d.borrow_mut();
                     d.count += 1;
                     d.latencies.push(at.elapsed());
+                    d.read.push(kp);
                 })
                 .expect("watch");
             sent += 1;
         }
         service(node);
+        let read = std::mem::take(&mut done.borrow_mut().read);
+        for kp in read {
+            node.kernel_mut().set_pinned(kp.into(), false).expect("release");
+        }
     }
     let elapsed = start.elapsed();
     let latencies = std::mem::take(&mut done.borrow_mut().latencies);
@@ -143,21 +152,28 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// The in-memory single-kernel rate: the same host loop, the echo vat in the same kernel.
+/// The in-memory single-kernel rate: the same host loop, the echo vat in the same kernel, best
+/// of three runs.
 fn in_memory(total: u64, window: u64) -> f64 {
     let mut node = Node::new(Kernel::open(MemStore::new()).expect("open"), id("solo"), RemoteConfig::default());
     let echo = node.kernel_mut().add_endpoint("echo", VatEndpoint::boxed(HelperVat::new(Echo))).expect("vat");
     let root = node.kernel().root(echo).expect("root");
-    let (elapsed, _) = drive(
-        &mut node,
-        |n| {
-            n.run(None).expect("run");
-        },
-        root,
-        total,
-        window,
-    );
-    total as f64 / elapsed.as_secs_f64()
+    // The best of three (the first run also warms the machine up): it is the baseline of
+    // every ratio printed.
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let (elapsed, _) = drive(
+            &mut node,
+            |n| {
+                n.run(None).expect("run");
+            },
+            root,
+            total,
+            window,
+        );
+        best = best.max(total as f64 / elapsed.as_secs_f64());
+    }
+    best
 }
 
 /// Where a benchmark kernel keeps its state.
