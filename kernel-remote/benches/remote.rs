@@ -21,8 +21,8 @@
 //!
 //! `--only NAME` runs one case (memory, group, group-no-early, wide, sync, memory-turns,
 //! group-turns, sync-turns), e.g. under perf; `--latency-only` skips the throughput runs,
-//! `--throughput-only` the latency runs. `ROUND_CRANKS` sets the cranks per host round and
-//! `TURN_CRANKS` the turn limit, for trying others.
+//! `--throughput-only` the latency runs. `ROUND_CRANKS` sets the cranks per host round,
+//! `TURN_CRANKS` the turn limit and `WINDOW` the messages in flight, for trying others.
 //!
 //! `cargo bench -p kernel-remote --bench remote [-- --quick]`
 
@@ -420,7 +420,7 @@ fn main() {
     if args.iter().any(|a| a == "--throughput-only") {
         pings = 0;
     }
-    let window = 2_000;
+    let window = std::env::var("WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000u64);
     let local = in_memory(group_total * 2, window);
     let fsync = fsync_p50();
     println!("remote: in-memory single kernel          {local:>10.0} msg/s (baseline)");
