@@ -96,6 +96,11 @@ impl Gate {
         }
     }
 
+    /// The committed entries, for the node to stamp.
+    pub fn take_committed(&mut self) -> Vec<Staged> {
+        self.committed.drain(..).map(|(_, s)| s).collect()
+    }
+
     /// Crank `crank`'s delivery did not commit (it failed, or the kernel refused it): nothing it
     /// staged may leave, whatever its number's later commit event says (an aborted crank's
     /// consequences commit under the same number).

@@ -371,7 +371,7 @@ impl<S: DurableStore> Node<S> {
                 gate.discard(crank);
             }
             // Inside a turn the commit events come at its end, and this is empty.
-            std::mem::take(&mut gate.committed).into_iter().map(|(_, s)| s).collect()
+            gate.take_committed()
         };
         self.outbox_written(committed);
         Ok(result?)
@@ -388,7 +388,7 @@ impl<S: DurableStore> Node<S> {
     pub fn end_turn(&mut self) -> Result<(), RemoteError> {
         let Some(turn) = self.turn.take() else { return Ok(()) };
         let ended = self.kernel.end_turn();
-        let mut written: Vec<link::Staged> = std::mem::take(&mut self.gate.borrow_mut().committed).into_iter().map(|(_, s)| s).collect();
+        let mut written = self.gate.borrow_mut().take_committed();
         self.kernel.begin_turn();
         self.turn = Some(Turn { cranks_at_start: self.kernel.cranks().0, ..Turn::default() });
         if let Err(e) = ended {
@@ -418,12 +418,11 @@ impl<S: DurableStore> Node<S> {
 
     /// End the open turn if it is due: the run queue is empty, or it reached a limit.
     fn end_turn_if_due(&mut self, now: Duration) -> Result<(), RemoteError> {
+        let full = self.turn_full();
         let (Some(limits), Some(turn)) = (self.config.turns, &mut self.turn) else { return Ok(()) };
         let started = *turn.started.get_or_insert(now);
         let holds = self.kernel.turn_pending() || !turn.staged.is_empty() || !turn.applied.is_empty();
-        let due = self.kernel.queue_len() == 0
-            || self.kernel.cranks().0 - turn.cranks_at_start >= limits.max_cranks
-            || now.saturating_sub(started) >= limits.max_delay;
+        let due = self.kernel.queue_len() == 0 || full || now.saturating_sub(started) >= limits.max_delay;
         if holds && due {
             self.end_turn()?;
             if let Some(t) = &mut self.turn {
