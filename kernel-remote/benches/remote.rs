@@ -427,8 +427,9 @@ fn main() {
     println!("remote: fdatasync p50                    {}", ms(fsync));
     let commit = fjall_commit_p50();
     println!("remote: fjall sync commit p50            {} (one small batch: journal append + fdatasync)", ms(commit));
+    let per = |d: Duration, unit: Duration| d.as_secs_f64() / unit.as_secs_f64().max(1e-9);
     // Each case: its rate beside the in-memory baseline, the round trip one message at a time,
-    // and the one-way details.
+    // then the one-way details.
     let report = |label: &str, r: &Remote, ratio_digits: usize, extra: String| {
         println!(
             "remote: tcp loopback, {label:<19}{:>10.0} msg/s ({:.ratio_digits$}x in-memory); round trip p50 {} p99 {} (one at a time){extra}",
@@ -437,39 +438,36 @@ fn main() {
             ms(r.p50),
             ms(r.p99)
         );
+        println!("remote:   {}", details(r, fsync));
+    };
+    // A sync case's round trip in fjall sync commits, beside how many it holds in sequence.
+    let commits = |r: &Remote, sequence: &str| {
+        println!("remote:   a round trip is {sequence}: p50 {:.1} fjall sync commits", per(r.p50, commit));
     };
     let loaded = |r: &Remote| format!(", p50 {} with {window} in flight", ms(r.load_p50));
     if run("memory") {
         let m = remote(Backing::Memory, None, group_total, window, pings);
         report("in-memory stores", &m, 3, String::new());
-        println!("remote:   {}", details(&m, fsync));
     }
     if run("group") {
         let g = remote(Backing::Fjall(Durability::GROUP), None, group_total, window, pings);
         report("group commit", &g, 3, loaded(&g));
-        println!("remote:   {}", details(&g, fsync));
     }
     if run("group-no-early") {
         let g = remote(Backing::FjallNoEarlySync(Durability::GROUP), None, group_total, window, pings);
         report("group, no early sync", &g, 3, loaded(&g));
-        println!("remote:   {}", details(&g, fsync));
     }
     if run("wide") {
         let wide = Durability::Group { max_cranks: 20_000, max_delay: Duration::from_millis(10) };
         let w = remote(Backing::Fjall(wide), None, group_total, window * 4, pings.min(200));
         report("group (20k / 10 ms)", &w, 3, String::new());
-        println!("remote:   {}", details(&w, fsync));
     }
     if run("sync") {
         let s = remote(Backing::Fjall(Durability::Sync), None, sync_total, window.min(64), pings.min(200));
-        report("sync", &s, 4, format!(" = {:.1} fdatasyncs", s.p50.as_secs_f64() / fsync.as_secs_f64().max(1e-9)));
+        report("sync", &s, 4, format!(" = {:.1} fdatasyncs", per(s.p50, fsync)));
         // Each is a store batch, synced before the next can start: a queues (host) and sends
         // (crank); b applies, delivers to the echo vat, sends the answer (notify crank); a applies.
-        println!(
-            "remote:   a round trip is 6 durable commits in sequence (a: queue, send; b: apply, deliver, answer; a: apply): p50 {:.1} fjall sync commits",
-            s.p50.as_secs_f64() / commit.as_secs_f64().max(1e-9)
-        );
-        println!("remote:   {}", details(&s, fsync));
+        commits(&s, "6 durable commits in sequence (a: queue, send; b: apply, deliver, answer; a: apply)");
     }
     let turns = Some(match std::env::var("TURN_CRANKS").ok().and_then(|v| v.parse().ok()) {
         Some(max_cranks) => TurnLimits { max_cranks, ..TurnLimits::default() },
@@ -478,23 +476,17 @@ fn main() {
     if run("memory-turns") {
         let m = remote(Backing::Memory, turns, group_total, window, pings);
         report("in-memory, turns", &m, 3, String::new());
-        println!("remote:   {}", details(&m, fsync));
     }
     if run("group-turns") {
         let g = remote(Backing::Fjall(Durability::GROUP), turns, group_total, window, pings);
         report("group, turns", &g, 3, loaded(&g));
-        println!("remote:   {}", details(&g, fsync));
     }
     if run("sync-turns") {
         let s = remote(Backing::Fjall(Durability::Sync), turns, group_total, window, pings.min(200));
-        report("sync, turns", &s, 3, format!(" = {:.1} fdatasyncs{}", s.p50.as_secs_f64() / fsync.as_secs_f64().max(1e-9), loaded(&s)));
+        report("sync, turns", &s, 3, format!(" = {:.1} fdatasyncs{}", per(s.p50, fsync), loaded(&s)));
         // Each round of a node is one store batch, synced before its output leaves: a queues and
         // sends; b applies, delivers and answers; a applies (the answer's watch fires then).
-        println!(
-            "remote:   a round trip is 3 durable commits in sequence (a: queue + send; b: apply + deliver + answer; a: apply): p50 {:.1} fjall sync commits",
-            s.p50.as_secs_f64() / commit.as_secs_f64().max(1e-9)
-        );
-        println!("remote:   {}", details(&s, fsync));
+        commits(&s, "3 durable commits in sequence (a: queue + send; b: apply + deliver + answer; a: apply)");
     }
 }
 
