@@ -64,6 +64,15 @@ fn connect(n: &mut Node<MemStore>, peer: &str, wire: &mut Wire) {
     n.handle(Duration::ZERO, TransportEvent::Connected(id(peer)), wire).expect("connect");
 }
 
+/// Nodes a and b, each connected to the other, with the wires toward b and toward a.
+fn connected_pair() -> (Node<MemStore>, Node<MemStore>, Wire, Wire) {
+    let (mut a, mut b) = (node(MemStore::new(), "a", "b"), node(MemStore::new(), "b", "a"));
+    let (mut to_b, mut to_a) = (Wire::default(), Wire::default());
+    connect(&mut a, "b", &mut to_b);
+    connect(&mut b, "a", &mut to_a);
+    (a, b, to_b, to_a)
+}
+
 /// Hand `frames` from `from` to `to`, as its transport would.
 fn deliver(frames: Vec<Vec<u8>>, to: &mut Node<MemStore>, from: &str, wire: &mut Wire) {
     for f in frames {
@@ -77,11 +86,8 @@ fn batches(n: &Node<MemStore>) -> u64 {
 
 #[test]
 fn a_round_trip_costs_each_node_one_store_batch_per_round_and_nothing_is_seen_before_it() {
-    let (mut a, mut b) = (node(MemStore::new(), "a", "b"), node(MemStore::new(), "b", "a"));
-    let (mut to_b, mut to_a) = (Wire::default(), Wire::default());
+    let (mut a, mut b, mut to_b, mut to_a) = connected_pair();
     let t = Duration::ZERO;
-    connect(&mut a, "b", &mut to_b);
-    connect(&mut b, "a", &mut to_a);
     a.pump(t, &mut to_b).expect("pump");
     b.pump(t, &mut to_a).expect("pump");
     to_a.take();
@@ -125,11 +131,8 @@ fn a_round_trip_costs_each_node_one_store_batch_per_round_and_nothing_is_seen_be
 
 #[test]
 fn a_node_stopped_with_its_turn_open_loses_the_turn_and_the_peer_resend_makes_up_for_it() {
-    let (mut a, mut b) = (node(MemStore::new(), "a", "b"), node(MemStore::new(), "b", "a"));
-    let (mut to_b, mut to_a) = (Wire::default(), Wire::default());
+    let (mut a, mut b, mut to_b, mut to_a) = connected_pair();
     let t = Duration::ZERO;
-    connect(&mut a, "b", &mut to_b);
-    connect(&mut b, "a", &mut to_a);
     let target = a.peer_root(&id("b")).expect("root");
     a.kernel_mut().queue_message(target.into(), "echo", CapData::plain("1")).expect("queue");
     a.run(None).expect("run");
