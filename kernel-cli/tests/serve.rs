@@ -169,15 +169,23 @@ fn vatstore(store: &Path) -> String {
     text(&out.stdout)
 }
 
+/// Kernel a (the asker, dialing) and kernel b (the greeter) on ports `pa` and `pb`, each with
+/// the other as its peer: first the stores (and so the key pairs), from cluster files without
+/// peers yet, then the cluster files naming each other's key. Returns (a, b, a's key, b's key).
+fn peered_pair(dir: &Path, pa: u16, pb: u16) -> (PathBuf, PathBuf, String, String) {
+    let a = cluster(dir, "a", "a", ASKER, "a", pa, &[]);
+    let b = cluster(dir, "b", "b", GREETER, "b", pb, &[]);
+    let (ka, kb) = (create_and_id(&a), create_and_id(&b));
+    let a = cluster(dir, "a", "a", ASKER, "a", pa, &[("b", &kb, Some(pb))]);
+    let b = cluster(dir, "b", "b", GREETER, "b", pb, &[("a", &ka, None)]);
+    (a, b, ka, kb)
+}
+
 #[test]
 fn in_turns_a_message_crosses_and_its_answer_is_in_the_store_after_a_clean_stop() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (pa, pb) = ports(4);
-    let a = cluster(dir.path(), "a", "a", ASKER, "a", pa, &[]);
-    let b = cluster(dir.path(), "b", "b", GREETER, "b", pb, &[]);
-    let (ka, kb) = (create_and_id(&a), create_and_id(&b));
-    let a = cluster(dir.path(), "a", "a", ASKER, "a", pa, &[("b", &kb, Some(pb))]);
-    let b = cluster(dir.path(), "b", "b", GREETER, "b", pb, &[("a", &ka, None)]);
+    let (a, b, _, _) = peered_pair(dir.path(), pa, pb);
     let mut sb = serve_with(&b, 60, &["--turns"]);
     assert!(sb.wait_for("serving main as b", Duration::from_secs(20)), "b did not start: {:?}", sb.seen);
     let mut sa = serve_with(&a, 60, &["--turns"]);
@@ -196,13 +204,8 @@ fn in_turns_a_message_crosses_and_its_answer_is_in_the_store_after_a_clean_stop(
 fn a_message_crosses_a_secure_link_and_an_unknown_key_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (pa, pb) = ports(0);
-    // First the stores (and so the key pairs), from cluster files without peers yet.
-    let a = cluster(dir.path(), "a", "a", ASKER, "a", pa, &[]);
-    let b = cluster(dir.path(), "b", "b", GREETER, "b", pb, &[]);
-    let (ka, kb) = (create_and_id(&a), create_and_id(&b));
+    let (a, b, ka, kb) = peered_pair(dir.path(), pa, pb);
     assert_ne!(ka, kb);
-    let a = cluster(dir.path(), "a", "a", ASKER, "a", pa, &[("b", &kb, Some(pb))]);
-    let b = cluster(dir.path(), "b", "b", GREETER, "b", pb, &[("a", &ka, None)]);
 
     let mut sb = serve(&b, 60);
     assert!(sb.wait_for("serving main as b", Duration::from_secs(20)), "b did not start: {:?}", sb.seen);
