@@ -5,6 +5,9 @@
 //! relies on an endpoint's c-list (terminations reject the promises found there), they import
 //! their result promises as the `kernel-syscall` layer does.
 
+mod common;
+
+use common::FailingStore;
 use kernel_core::{
     CapData, CrankContext, CrankInput, CrankOutcome, Endpoint, EndpointId, EndpointStatus, Fault, KObjectId, KPromiseId, KRef, Kernel,
     KernelDelivery, MemStore, Message, PromiseState, RunQueueItem, Settlement, Store, StoreError, SyscallError, VRef, WriteBatch,
@@ -560,32 +563,6 @@ fn exit_commits_the_delivery_so_far_terminates_the_vat_and_refuses_later_syscall
 }
 
 // ---- kernel failures (DESIGN §4: a store error is not the vat's fault) ----
-
-/// A MemStore whose `apply` or `get` fails while the matching flag is set.
-#[derive(Clone, Default)]
-struct FailingStore {
-    inner: MemStore,
-    fail_apply: Rc<Cell<bool>>,
-    fail_get: Rc<Cell<bool>>,
-}
-
-impl Store for FailingStore {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if self.fail_get.get() {
-            return Err(StoreError::new("injected read failure"));
-        }
-        self.inner.get(key)
-    }
-    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.inner.next(prefix, after)
-    }
-    fn apply(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
-        if self.fail_apply.get() {
-            return Err(StoreError::new("injected write failure"));
-        }
-        self.inner.apply(batch)
-    }
-}
 
 /// A vat that writes its vatstore, sends to itself and fulfils its result; with `fail_get`
 /// set it also reads its vatstore while the store's reads fail (once).

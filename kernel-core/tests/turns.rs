@@ -5,37 +5,16 @@
 //! leaves the store as it was and the kernel as if reopened on it; and a kernel closed with a
 //! turn open (`into_store`, like a crash) loses the turn whole.
 
+mod common;
+
+use common::FailingStore;
 use kernel_core::store::scan_committed;
 use kernel_core::{
     CapData, CrankContext, Endpoint, EndpointId, EndpointStatus, Entry, Fault, KObjectId, KPromiseId, KRef, Kernel, KernelDelivery,
-    MemStore, Settlement, Store, StoreError, SyscallError, WriteBatch,
+    MemStore, Settlement, Store, SyscallError,
 };
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
-
-/// A [`MemStore`] that counts the batches applied to it and refuses them while `refuse` is set.
-#[derive(Clone, Default)]
-struct Gate {
-    inner: MemStore,
-    applies: Rc<Cell<u64>>,
-    refuse: Rc<Cell<bool>>,
-}
-
-impl Store for Gate {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key)
-    }
-    fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<Entry>, StoreError> {
-        self.inner.next(prefix, after)
-    }
-    fn apply(&mut self, batch: WriteBatch) -> Result<(), StoreError> {
-        if self.refuse.get() {
-            return Err(StoreError::new("refused on purpose"));
-        }
-        self.applies.set(self.applies.get() + 1);
-        self.inner.apply(batch)
-    }
-}
 
 /// Everything a store holds (every key starts with the empty prefix).
 fn contents(s: &impl Store) -> Vec<Entry> {
@@ -135,7 +114,7 @@ fn watch<S: Store>(k: &mut Kernel<S>, log: &Log, kp: KPromiseId, name: &str) {
 /// The same host work with or without a turn around it: the store it leaves, and how many
 /// batches reached the store while the work ran.
 fn work_with_and_without_a_turn(turn: bool) -> (Vec<Entry>, u64) {
-    let store = Gate::default();
+    let store = FailingStore::default();
     let applies = store.applies.clone();
     let (mut k, _, vats) = boot(store);
     let [(_, a), (_, b), (_, c)] = vats[..] else { unreachable!() };
@@ -233,8 +212,8 @@ fn a_crank_that_aborts_in_a_turn_leaves_no_trace_and_the_cranks_before_it_keep_t
 
 #[test]
 fn a_refused_end_turn_leaves_the_store_unchanged_and_the_kernel_as_if_reopened_on_it() {
-    let store = Gate::default();
-    let refuse = store.refuse.clone();
+    let store = FailingStore::default();
+    let refuse = store.fail_apply.clone();
     let (mut k, logs, vats) = boot(store);
     let [(a, ra), (_, rb), _] = vats[..] else { unreachable!() };
     let log = observe(&mut k);
@@ -250,14 +229,14 @@ fn a_refused_end_turn_leaves_the_store_unchanged_and_the_kernel_as_if_reopened_o
     refuse.set(true);
     let err = k.end_turn().expect_err("the store refuses the batch");
     refuse.set(false);
-    assert!(err.to_string().contains("refused on purpose"), "{err}");
+    assert!(err.to_string().contains("injected write failure"), "{err}");
     assert!(!k.in_turn());
     assert_eq!(contents(k.store()), before, "the store is unchanged");
     assert!(log.borrow().is_empty(), "the turn's held-back callbacks and events are dropped: {:?}", log.borrow());
     assert_eq!(*logs[0].borrow(), ["bump"], "a got the message once, in the lost turn");
 
     // The kernel is where a kernel freshly opened on the store is, and goes on the same way.
-    let (mut fresh, _, _) = boot(Gate { inner: k.store().inner.clone(), ..Gate::default() });
+    let (mut fresh, _, _) = boot(FailingStore { inner: k.store().inner.clone(), ..FailingStore::default() });
     assert_eq!(tables(&k), tables_before);
     assert_eq!(tables(&fresh), tables_before);
     assert_eq!(k.settlement(p1).expect("read"), None, "unsettled again");
@@ -270,8 +249,8 @@ fn a_refused_end_turn_leaves_the_store_unchanged_and_the_kernel_as_if_reopened_o
 
 #[test]
 fn a_watch_made_in_a_refused_turn_neither_waits_forever_nor_fires_for_another_promise() {
-    let store = Gate::default();
-    let refuse = store.refuse.clone();
+    let store = FailingStore::default();
+    let refuse = store.fail_apply.clone();
     let (mut k, _, vats) = boot(store);
     let ra = vats[0].1;
     let log = observe(&mut k);
