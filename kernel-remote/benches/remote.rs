@@ -247,12 +247,16 @@ struct Remote {
     oneway_p99: Duration,
 }
 
+/// `d` in units of `unit` (e.g. fdatasyncs).
+fn per(d: Duration, unit: Duration) -> f64 {
+    d.as_secs_f64() / unit.as_secs_f64().max(1e-9)
+}
+
 fn details(r: &Remote, fsync: Duration) -> String {
-    let f = |d: Duration| d.as_secs_f64() / fsync.as_secs_f64().max(1e-9);
     format!(
         "one way: a's queue_message to b's durable apply + the ack back p50 {} ({:.1} fdatasyncs) p99 {} (one at a time); {}",
         ms(r.oneway_p50),
-        f(r.oneway_p50),
+        per(r.oneway_p50, fsync),
         ms(r.oneway_p99),
         batches(r)
     )
@@ -427,7 +431,6 @@ fn main() {
     println!("remote: fdatasync p50                    {}", ms(fsync));
     let commit = fjall_commit_p50();
     println!("remote: fjall sync commit p50            {} (one small batch: journal append + fdatasync)", ms(commit));
-    let per = |d: Duration, unit: Duration| d.as_secs_f64() / unit.as_secs_f64().max(1e-9);
     // Each case: its rate beside the in-memory baseline, the round trip one message at a time,
     // then the one-way details.
     let report = |label: &str, r: &Remote, ratio_digits: usize, extra: String| {
