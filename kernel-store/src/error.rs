@@ -67,4 +67,13 @@ pub enum OpenError {
         #[source]
         source: fjall::Error,
     },
+    /// The batches read back from the write-ahead log could not be written into the engine.
+    #[error("{dir}: could not checkpoint the batches recovered from the write-ahead log: {source}")]
+    Recovery {
+        /// The directory.
+        dir: PathBuf,
+        /// Why the engine refused them.
+        #[source]
+        source: kernel_core::StoreError,
+    },
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! kernel-store
-//! format 1
+//! format 2
 //! engine fjall-3
 //! ```
 //!
@@ -16,8 +16,12 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-/// The store layout this build writes and reads.
-pub const STORE_FORMAT: u32 = 1;
+/// The store layout this build writes and reads. Format 2 added the write-ahead log (`wal`):
+/// a build of format 1 would ignore it and lose what it holds. A format-1 store (no log) is
+/// read as it is and its record rewritten to format 2 when it is opened.
+pub const STORE_FORMAT: u32 = 2;
+/// The oldest format this build opens (and upgrades).
+const OLDEST_FORMAT: u32 = 1;
 
 /// The name of the format record file in a store directory.
 pub const FORMAT_FILE: &str = "KERNEL-STORE";
@@ -36,8 +40,8 @@ const ENGINE: &str = "fjall-3";
 pub(crate) enum Found {
     /// Nothing (or only our lock file / an interrupted creation's temporary): create a store.
     Empty,
-    /// A kernel store of a format this build reads.
-    Store,
+    /// A kernel store of a format this build reads: the format it says it has.
+    Store(u32),
 }
 
 fn io<'a>(dir: &'a Path, doing: &'static str) -> impl FnOnce(std::io::Error) -> OpenError + 'a {
@@ -48,7 +52,7 @@ fn io<'a>(dir: &'a Path, doing: &'static str) -> impl FnOnce(std::io::Error) -> 
 pub(crate) fn inspect(dir: &Path) -> Result<Found, OpenError> {
     let record = dir.join(FORMAT_FILE);
     match fs::read(&record) {
-        Ok(bytes) => return check(dir, &bytes).map(|()| Found::Store),
+        Ok(bytes) => return check(dir, &bytes).map(Found::Store),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(dir, "reading the format record")(e)),
     }
@@ -61,8 +65,8 @@ pub(crate) fn inspect(dir: &Path) -> Result<Found, OpenError> {
     Ok(Found::Empty)
 }
 
-/// Decode a format record and check that this build reads it.
-fn check(dir: &Path, bytes: &[u8]) -> Result<(), OpenError> {
+/// Decode a format record and check that this build reads it; returns its format.
+fn check(dir: &Path, bytes: &[u8]) -> Result<u32, OpenError> {
     let bad = |reason: String| OpenError::BadRecord { dir: dir.to_path_buf(), table: "format-file", key: FORMAT_FILE.into(), reason };
     let text = std::str::from_utf8(bytes).map_err(|e| bad(format!("not UTF-8 text: {e}")))?;
     let mut lines = text.lines();
@@ -77,7 +81,7 @@ fn check(dir: &Path, bytes: &[u8]) -> Result<(), OpenError> {
     if found > STORE_FORMAT {
         return Err(OpenError::NewerFormat { dir: dir.to_path_buf(), found, supported: STORE_FORMAT });
     }
-    if found != STORE_FORMAT {
+    if found < OLDEST_FORMAT {
         return Err(bad(format!("format {found} was never written by any build")));
     }
     match lines.next().and_then(|l| l.strip_prefix("engine ")) {
@@ -88,10 +92,11 @@ fn check(dir: &Path, bytes: &[u8]) -> Result<(), OpenError> {
     if let Some(extra) = lines.find(|l| !l.is_empty()) {
         return Err(bad(format!("unexpected line {extra:?}")));
     }
-    Ok(())
+    Ok(found)
 }
 
-/// Write the format record of a new store: temporary file, sync, rename, sync the directory.
+/// Write the format record of a new store (or over an older one's): temporary file, sync,
+/// rename, sync the directory.
 pub(crate) fn create(dir: &Path) -> Result<(), OpenError> {
     let temp = dir.join(TEMP_FILE);
     let text = format!("{MAGIC}\nformat {STORE_FORMAT}\nengine {ENGINE}\n");
@@ -112,13 +117,14 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), OpenError> {
 mod tests {
     use super::*;
 
-    fn checked(text: &str) -> Result<(), OpenError> {
+    fn checked(text: &str) -> Result<u32, OpenError> {
         check(Path::new("/s"), text.as_bytes())
     }
 
     #[test]
     fn the_written_record_reads_back() {
-        assert!(checked(&format!("{MAGIC}\nformat {STORE_FORMAT}\nengine {ENGINE}\n")).is_ok());
+        assert_eq!(checked(&format!("{MAGIC}\nformat {STORE_FORMAT}\nengine {ENGINE}\n")).ok(), Some(STORE_FORMAT));
+        assert_eq!(checked(&format!("{MAGIC}\nformat 1\nengine {ENGINE}\n")).ok(), Some(1), "format 1 is read (and upgraded)");
     }
 
     #[test]

@@ -72,6 +72,7 @@ mod error;
 mod format;
 mod overlay;
 mod store;
+mod wal;
 
 pub use durability::{Clock, Durability, Durable, ManualClock, SystemClock};
 pub use error::OpenError;

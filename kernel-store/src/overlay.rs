@@ -21,9 +21,9 @@ use std::ops::Bound;
 pub(crate) struct Slot {
     /// `None` is a delete.
     pub value: Option<Vec<u8>>,
-    /// The group's first write to the key set it: a key the group created, if the engine did
-    /// not hold it before. Such a key deleted again within the group (a run-queue entry queued
-    /// and delivered) need not reach the engine at all, once the engine is seen not to hold it.
+    /// The first write since the last checkpoint set the key: a key created since, if the
+    /// engine did not hold it before. Such a key deleted again (a run-queue entry queued and
+    /// delivered) need not reach the engine at all, once the engine is seen not to hold it.
     pub created: bool,
 }
 
@@ -94,11 +94,31 @@ impl Overlay {
         self.pending.is_empty()
     }
 
-    /// Hold `batch` until the group is written; reads see it from now on.
-    pub fn hold(&mut self, batch: WriteBatch) {
+    /// Hold `batch` until the next checkpoint; reads see it from now on. A key created since the
+    /// last checkpoint and now deleted is dropped from the overlay at once if the engine does not
+    /// hold it (`in_engine`, asked only then; the cache answers first): it is as if it had never
+    /// been written, so the overlay holds what is live plus the engine's keys to delete, not every
+    /// key the kernel ever used, and the checkpoint writes no tombstone for it.
+    pub fn hold(&mut self, batch: WriteBatch, mut in_engine: impl FnMut(&[u8]) -> bool) {
         for (k, v) in batch {
             match self.pending.entry(k) {
-                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().value = v,
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let gone = v.is_none() && e.get().created && {
+                        let k = e.key();
+                        match self.clean.get(k) {
+                            Some(cached) => cached.is_none(),
+                            None => !in_engine(k),
+                        }
+                    };
+                    if gone {
+                        let (k, _) = e.remove_entry();
+                        if let Some(ordered) = &mut self.ordered {
+                            ordered.remove(&k);
+                        }
+                    } else {
+                        e.get_mut().value = v;
+                    }
+                }
                 std::collections::hash_map::Entry::Vacant(e) => {
                     if let Some(ordered) = &mut self.ordered {
                         ordered.insert(e.key().clone());
@@ -174,7 +194,7 @@ mod tests {
         assert_eq!(o.lookup(b"a"), Some(Some(b"1".to_vec())));
         assert_eq!(o.lookup(b"b"), Some(None));
         assert_eq!(o.lookup(b"c"), None);
-        o.hold(vec![(b"a".to_vec(), None)]);
+        o.hold(vec![(b"a".to_vec(), None)], |_| false);
         assert_eq!(o.lookup(b"a"), Some(None));
         // A third key overflows the cache, which starts over.
         o.remember(b"c", Some(b"3"));
@@ -186,8 +206,8 @@ mod tests {
     fn written_groups_keep_the_cache_true() {
         let mut o = Overlay::new(8);
         o.remember(b"a", Some(b"1"));
-        o.hold(vec![(b"b".to_vec(), Some(b"2".to_vec())), (b"a".to_vec(), Some(b"0".to_vec()))]);
-        o.hold(vec![(b"a".to_vec(), None)]);
+        o.hold(vec![(b"b".to_vec(), Some(b"2".to_vec())), (b"a".to_vec(), Some(b"0".to_vec()))], |_| false);
+        o.hold(vec![(b"a".to_vec(), None)], |_| false);
         let group = o.take_pending();
         let slot = |value: Option<&[u8]>, created| Slot { value: value.map(<[u8]>::to_vec), created };
         assert_eq!(group, vec![(b"a".to_vec(), slot(None, true)), (b"b".to_vec(), slot(Some(b"2"), true))]);
@@ -200,19 +220,45 @@ mod tests {
         assert_eq!(o.lookup(b"a"), None);
         assert_eq!(o.lookup(b"b"), None);
         o.remember(b"b", Some(b"2"));
-        o.hold(vec![(b"b".to_vec(), Some(b"3".to_vec()))]);
+        o.hold(vec![(b"b".to_vec(), Some(b"3".to_vec()))], |_| false);
         let group = o.take_pending();
         o.written(group);
         assert_eq!(o.lookup(b"b"), Some(Some(b"3".to_vec())), "a cached key takes its new value");
     }
 
     #[test]
+    fn a_key_created_and_deleted_leaves_no_trace_unless_the_engine_holds_it() {
+        let mut o = Overlay::new(8);
+        o.remember(b"cached-absent", None);
+        let set = |k: &str| (k.as_bytes().to_vec(), Some(b"v".to_vec()));
+        let del = |k: &str| (k.as_bytes().to_vec(), None);
+        o.hold(vec![set("new"), set("old"), set("cached-absent")], |_| panic!("asked before any delete"));
+        let _ = o.pending_next(b"", None); // build the scan order too
+        let mut asked = Vec::new();
+        o.hold(vec![del("new"), del("old"), del("cached-absent")], |k| {
+            asked.push(k.to_vec());
+            k == b"old"
+        });
+        assert_eq!(asked, vec![b"new".to_vec(), b"old".to_vec()], "the cache answers for the key it knows");
+        // Only the engine's key is left to delete, in the map and in the scan order.
+        assert_eq!(o.take_pending(), vec![(b"old".to_vec(), Slot { value: None, created: true })]);
+        let mut o = Overlay::new(0);
+        o.hold(vec![set("k")], |_| false);
+        let _ = o.pending_next(b"", None);
+        o.hold(vec![del("k")], |_| false);
+        assert_eq!(o.pending_next(b"", None), None);
+        // A key whose first write was a delete keeps its tombstone without asking.
+        o.hold(vec![del("d"), set("d"), del("d")], |_| panic!("not created here"));
+        assert_eq!(o.take_pending(), vec![(b"d".to_vec(), Slot { value: None, created: false })]);
+    }
+
+    #[test]
     fn pending_scans_stay_in_their_prefix() {
         let mut o = Overlay::new(0);
-        o.hold(["p/2", "q/1", "p/1"].iter().map(|k| (k.as_bytes().to_vec(), Some(vec![]))).collect());
+        o.hold(["p/2", "q/1", "p/1"].iter().map(|k| (k.as_bytes().to_vec(), Some(vec![]))).collect(), |_| false);
         assert_eq!(o.pending_next(b"p/", None).map(|e| e.0.clone()), Some(b"p/1".to_vec()));
         // Keys held after the first scan join the order.
-        o.hold(vec![(b"p/15".to_vec(), None)]);
+        o.hold(vec![(b"p/15".to_vec(), None)], |_| false);
         assert_eq!(o.pending_next(b"p/", Some(b"p/1")).map(|e| e.0.clone()), Some(b"p/15".to_vec()));
         assert_eq!(o.pending_next(b"p/", Some(b"p/15")).map(|e| e.0.clone()), Some(b"p/2".to_vec()));
         assert_eq!(o.pending_next(b"p/", Some(b"p/2")), None);

@@ -1,9 +1,14 @@
 //! [`FjallStore`]: kernel-core's [`Store`] on fjall. Each [`WriteBatch`] (one crank, or one
-//! immediate-path write) is applied atomically, together with the store's own count of batches
-//! applied: under `Sync` and `Buffered` as one fjall write batch of its own; under `Group` it is
-//! held in memory (reads see it) until the group syncs, when every batch applied since the last
-//! sync goes to fjall as one atomic write batch and one `fdatasync`. Either way the engine only
-//! ever holds whole batches, so a crash leaves the store at a batch boundary: a committed crank.
+//! immediate-path write) is applied atomically: it is held in memory (reads see it) and appended
+//! to the store's write-ahead log ([`crate::wal`]) as one checksummed record numbered with the
+//! store's count of batches applied. Under `Sync` the record is written and `fdatasync`ed inside
+//! `apply`; under `Buffered` written; under `Group` written with the rest of its group and synced
+//! by the sync thread. The engine takes the held batches only at a **checkpoint** (every
+//! [`StoreOptions::checkpoint_bytes`] of log, and at a clean close), merged by key, as one atomic
+//! fjall write with the batch count, synced; then the log starts over. A key created and deleted
+//! between two checkpoints never reaches fjall. A crash leaves the engine at a checkpoint and the
+//! log's chain of whole records after it: the store reopens at a batch boundary, a committed
+//! crank, and checkpoints what it read back.
 //!
 //! Layout of the engine's directory (`<dir>/fjall`): one keyspace, `kernel`, holding
 //! - the kernel's keys and values, exactly as kernel-core wrote them (byte-ordered keys, postcard
@@ -24,7 +29,8 @@
 use crate::durability::{Clock, Durability, Durable, SystemClock, Watermark};
 use crate::error::OpenError;
 use crate::format::{self, Found, ENGINE_DIR, LOCK_FILE};
-use crate::overlay::{Overlay, Pending};
+use crate::overlay::Overlay;
+use crate::wal::{Wal, WalError, WAL_FILE};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use kernel_core::{CommitEvent, Store, StoreError, WriteBatch};
 use parking_lot::Mutex;
@@ -53,12 +59,18 @@ pub struct StoreOptions {
     pub clock: Arc<dyn Clock>,
     /// The engine's block cache, in bytes.
     pub cache_bytes: u64,
+    /// Write-ahead log bytes between checkpoints: past this, the next `apply` writes every batch
+    /// held since the last checkpoint into the engine (synced) and the log starts over. Larger
+    /// lets more short-lived keys die in memory, at the cost of memory, a longer pause at each
+    /// checkpoint and a longer replay after a crash.
+    pub checkpoint_bytes: u64,
 }
 
 impl StoreOptions {
-    /// Options with `durability`, the system clock and a 64 MiB cache.
+    /// Options with `durability`, the system clock, a 64 MiB cache and a checkpoint every
+    /// 16 MiB of log.
     pub fn new(durability: Durability) -> Self {
-        StoreOptions { durability, clock: Arc::new(SystemClock::new()), cache_bytes: 64 << 20 }
+        StoreOptions { durability, clock: Arc::new(SystemClock::new()), cache_bytes: 64 << 20, checkpoint_bytes: 16 << 20 }
     }
 
     /// The same options with another clock.
@@ -77,7 +89,11 @@ impl Default for StoreOptions {
 
 impl std::fmt::Debug for StoreOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreOptions").field("durability", &self.durability).field("cache_bytes", &self.cache_bytes).finish()
+        f.debug_struct("StoreOptions")
+            .field("durability", &self.durability)
+            .field("cache_bytes", &self.cache_bytes)
+            .field("checkpoint_bytes", &self.checkpoint_bytes)
+            .finish()
     }
 }
 
@@ -89,9 +105,13 @@ pub struct FjallStore {
     durability: Durability,
     clock: Arc<dyn Clock>,
     watermark: Arc<Mutex<Watermark>>,
+    /// Every batch since the last checkpoint (the engine does not hold them), and a cache.
     overlay: Mutex<Overlay>,
-    /// Group commit: the thread that `fdatasync`s each group written to the engine, so the
-    /// kernel runs the next group's cranks meanwhile; it is sent the batch count to sync to.
+    /// The write-ahead log of the batches the overlay holds.
+    wal: Mutex<Wal>,
+    checkpoint_bytes: u64,
+    /// Group commit: the thread that `fdatasync`s the log after each group is written to it, so
+    /// the kernel runs the next group's cranks meanwhile; it is sent the batch count to sync to.
     syncer: Option<(std::sync::mpsc::Sender<u64>, std::thread::JoinHandle<()>)>,
     /// Empties the journal once the engine is closed, if the close flushed everything. Declared
     /// after `db` and `data` because fields drop in declaration order: fjall is closed (its
@@ -137,8 +157,12 @@ impl FjallStore {
             Err(TryLockError::Error(e)) => return Err(io("locking the lock file")(e)),
         }
         // Inspect again under the lock: another process may have created the store meanwhile.
-        if let Found::Empty = format::inspect(&dir)? {
-            format::create(&dir)?;
+        match format::inspect(&dir)? {
+            Found::Empty => format::create(&dir)?,
+            // Format 1 had no write-ahead log: from now on it may hold batches, so builds that
+            // would ignore it must refuse the store.
+            Found::Store(found) if found < format::STORE_FORMAT => format::create(&dir)?,
+            Found::Store(_) => {}
         }
         let engine = |source| OpenError::Engine { dir: dir.clone(), source };
         let db = Database::builder(dir.join(ENGINE_DIR)).cache_size(options.cache_bytes).open().map_err(|e| match e {
@@ -163,24 +187,46 @@ impl FjallStore {
                 reason: "missing, but the kernel keyspace holds data".into(),
             });
         }
-        let watermark = Arc::new(Mutex::new(Watermark::recovered(applied)));
+        // The batches the log holds past the engine's last checkpoint.
+        let (wal, replay) = Wal::open(&dir, applied).map_err(|e| match e {
+            WalError::Io(doing, source) => OpenError::Io { dir: dir.clone(), doing, source },
+            WalError::Bad(reason) => OpenError::BadRecord { dir: dir.clone(), table: "wal", key: WAL_FILE.into(), reason },
+        })?;
+        let replayed = replay.len() as u64;
+        let mut overlay = Overlay::new(CACHE_KEYS);
+        for batch in replay {
+            // An engine error here reads as "present": a tombstone too many, never one too few.
+            overlay.hold(batch, |k| data.contains_key(k).unwrap_or(true));
+        }
+        let watermark = Arc::new(Mutex::new(Watermark::recovered(applied + replayed)));
         let syncer = match options.durability {
-            Durability::Group { .. } => Some(spawn_syncer(db.clone(), Arc::clone(&watermark)).map_err(io("starting the sync thread"))?),
+            Durability::Group { .. } => {
+                let file = wal.sync_handle().map_err(io("opening the write-ahead log for the sync thread"))?;
+                Some(spawn_syncer(file, Arc::clone(&watermark)).map_err(io("starting the sync thread"))?)
+            }
             Durability::Sync | Durability::Buffered => None,
         };
         let journal_reset = JournalReset { engine_dir: dir.join(ENGINE_DIR), armed: false };
-        Ok(FjallStore {
+        let store = FjallStore {
             dir,
             db,
             data,
             durability: options.durability,
             clock: options.clock,
             watermark,
-            overlay: Mutex::new(Overlay::new(CACHE_KEYS)),
+            overlay: Mutex::new(overlay),
+            wal: Mutex::new(wal),
+            checkpoint_bytes: options.checkpoint_bytes,
             syncer,
             journal_reset,
             _lock: lock,
-        })
+        };
+        if replayed > 0 {
+            // Into the engine before the log starts over and overwrites them.
+            let mut w = store.watermark.lock();
+            store.checkpoint(&mut w).map_err(|source| OpenError::Recovery { dir: store.dir.clone(), source })?;
+        }
+        Ok(store)
     }
 
     /// The store's directory.
@@ -264,116 +310,81 @@ impl FjallStore {
     /// Write and sync everything applied, now, on this thread.
     fn sync_locked(&self, w: &mut Watermark) -> Result<(), StoreError> {
         check_syncer(w)?;
-        if self.write_group(w, PersistMode::SyncData)? {
-            // Written and synced.
-        } else if w.applied > w.durable {
-            self.db.persist(PersistMode::SyncData).map_err(|e| engine_error("syncing the journal", e))?;
+        let mut wal = self.wal.lock();
+        if let Err(e) = wal.write() {
+            return Err(self.poison(w, format!("writing batches {}..={} to the write-ahead log", w.written + 1, w.applied), e));
+        }
+        if w.applied > w.durable {
+            if let Err(e) = wal.sync() {
+                return Err(self.poison(w, format!("syncing the write-ahead log up to batch {}", w.applied), e));
+            }
         }
         w.synced();
         Ok(())
     }
 
-    /// Group commit: write the group to the engine and leave its `fdatasync` to the sync
-    /// thread, which moves the durable watermark when it is done.
+    /// Group commit: write the group to the log and leave its `fdatasync` to the sync thread,
+    /// which moves the durable watermark when it is done.
     fn hand_over(&self, w: &mut Watermark) -> Result<(), StoreError> {
         check_syncer(w)?;
-        if self.write_group(w, PersistMode::Buffer)? {
-            w.handed_over(self.clock.now());
-            if let Some((to_syncer, _)) = &self.syncer {
-                if to_syncer.send(w.written).is_err() {
-                    return Err(StoreError::new("the store's sync thread is gone"));
-                }
+        if let Err(e) = self.wal.lock().write() {
+            return Err(self.poison(w, format!("writing batches {}..={} to the write-ahead log", w.written + 1, w.applied), e));
+        }
+        w.handed_over(self.clock.now());
+        if let Some((to_syncer, _)) = &self.syncer {
+            if to_syncer.send(w.written).is_err() {
+                return Err(StoreError::new("the store's sync thread is gone"));
             }
         }
         Ok(())
     }
 
-    /// Group commit: every batch since the last group, merged by key, as one atomic engine
-    /// write persisted with `mode`. False if there was nothing to write.
-    fn write_group(&self, w: &Watermark, mode: PersistMode) -> Result<bool, StoreError> {
+    /// A write or sync of the log failed: the batches the kernel was told of may not be on disk
+    /// whole, and the log's end is unknown. Refuse every later read and write (the store must be
+    /// reopened, which reads back the log's whole records) and return the error.
+    fn poison(&self, w: &mut Watermark, what: String, e: std::io::Error) -> StoreError {
+        let why = format!("{what} failed: {e}");
+        w.failed = Some(why.clone());
+        self.overlay.lock().failed = Some(why);
+        StoreError::with_source(what, e)
+    }
+
+    /// The checkpoint: every batch held since the last one, merged by key, into the engine as
+    /// one atomic write with the batch count, synced; then the log starts over. Afterwards every
+    /// batch applied is on disk.
+    fn checkpoint(&self, w: &mut Watermark) -> Result<(), StoreError> {
+        check_syncer(w)?;
         let mut overlay = self.overlay.lock();
+        overlay.check()?;
         if !overlay.nothing_pending() {
             let pending = overlay.take_pending();
-            let vanished = self.never_in_engine(&pending);
-            let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), pending.len() + 1).durability(Some(mode));
-            for ((k, slot), vanished) in pending.iter().zip(vanished) {
+            // A key created and deleted since the last checkpoint left the overlay then if the
+            // engine did not hold it (`Overlay::hold`): every delete left is one the engine needs.
+            let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), pending.len() + 1).durability(Some(PersistMode::SyncData));
+            for (k, slot) in &pending {
                 match &slot.value {
                     Some(v) => b.insert(&self.data, k.as_slice(), v.as_slice()),
-                    None if vanished => {} // created and deleted within the group, never in the engine
                     None => b.remove(&self.data, k.as_slice()),
                 }
             }
             b.insert(&self.data, APPLIED_KEY, w.applied.to_be_bytes().to_vec());
             if let Err(e) = b.commit() {
-                // The batches taken from `pending` are gone from memory and not in the engine:
-                // refuse every later read and write rather than serve an older state.
-                let what = format!("committing batches {}..={}", w.written + 1, w.applied);
+                // The batches taken from the overlay are gone from memory and may not be in the
+                // engine: refuse every later read and write rather than serve an older state.
+                // The log still holds them; a reopen reads them back.
+                let what = format!("checkpointing batches up to {}", w.applied);
                 overlay.failed = Some(format!("{what} failed: {e:?}"));
+                w.failed = overlay.failed.clone();
                 return Err(engine_error(&what, e));
             }
             overlay.written(pending);
-            return Ok(true);
         }
-        Ok(false)
-    }
-
-    /// Which of a group's writes (in key order) delete a key the group created and the engine
-    /// does not hold: a delete the engine need not see (no tombstone). Run-queue entries are
-    /// the common case: queued and delivered within one group, they never reach the engine.
-    ///
-    /// Each run of consecutive such keys is checked with one range scan of the engine rather
-    /// than a point read per key. Short runs are not checked, and a scan that meets more
-    /// engine entries than its run has keys gives up: the tombstones are then written, which
-    /// is always correct.
-    fn never_in_engine(&self, pending: &Pending) -> Vec<bool> {
-        const MIN_RUN: usize = 8;
-        let mut out = vec![false; pending.len()];
-        let candidate = |i: usize| pending[i].1.created && pending[i].1.value.is_none();
-        let mut i = 0;
-        while i < pending.len() {
-            if !candidate(i) {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while i < pending.len() && candidate(i) {
-                i += 1;
-            }
-            let run = &pending[start..i];
-            let (Some(first), Some(last)) = (run.first(), run.last()) else { continue };
-            if run.len() < MIN_RUN {
-                continue;
-            }
-            // Walk the engine's keys in the run's span beside the run's keys: a run key the
-            // engine holds keeps its tombstone; every other one passed is absent.
-            let mut budget = run.len() + MIN_RUN;
-            let mut next = 0;
-            let mut complete = true;
-            for guard in self.data.range::<&[u8], _>(first.0.as_slice()..=last.0.as_slice()) {
-                let Ok(key) = guard.key() else {
-                    complete = false;
-                    break;
-                };
-                if budget == 0 {
-                    complete = false;
-                    break;
-                }
-                budget -= 1;
-                while next < run.len() && run[next].0.as_slice() < &*key {
-                    out[start + next] = true;
-                    next += 1;
-                }
-                if next < run.len() && run[next].0.as_slice() == &*key {
-                    next += 1;
-                }
-            }
-            if complete {
-                for absent in &mut out[start + next..i] {
-                    *absent = true;
-                }
-            }
+        drop(overlay);
+        if let Err(e) = self.wal.lock().restart() {
+            return Err(self.poison(w, "restarting the write-ahead log".into(), e));
         }
-        out
+        w.synced();
+        Ok(())
     }
 
     /// Every entry of the kernel keyspace, in key order: for comparing whole states in tests.
@@ -418,11 +429,11 @@ fn check_syncer(w: &Watermark) -> Result<(), StoreError> {
     }
 }
 
-/// The group-commit sync thread: for each batch count it is sent, `fdatasync` the journal
+/// The group-commit sync thread: for each batch count it is sent, `fdatasync` the log
 /// (everything written before counts), then move the durable watermark. Counts sent while it
 /// syncs are served together by the next `fdatasync`.
 fn spawn_syncer(
-    db: Database,
+    log: File,
     watermark: Arc<Mutex<Watermark>>,
 ) -> std::io::Result<(std::sync::mpsc::Sender<u64>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel::<u64>();
@@ -431,10 +442,10 @@ fn spawn_syncer(
             while let Ok(more) = rx.try_recv() {
                 upto = upto.max(more);
             }
-            match db.persist(PersistMode::SyncData) {
+            match log.sync_data() {
                 Ok(()) => watermark.lock().durable_up_to(upto),
                 Err(e) => {
-                    watermark.lock().failed = Some(format!("syncing the journal up to batch {upto} failed: {e:?}"));
+                    watermark.lock().failed = Some(format!("syncing the write-ahead log up to batch {upto} failed: {e}"));
                     return;
                 }
             }
@@ -492,56 +503,47 @@ impl Store for FjallStore {
         let mut w = self.watermark.lock();
         check_syncer(&w)?;
         let applied = w.applied + 1;
-        let persist = match self.durability {
+        self.wal.get_mut().append(applied, &batch).map_err(StoreError::new)?;
+        let data = &self.data;
+        self.overlay.get_mut().hold(batch, |k| data.contains_key(k).unwrap_or(true));
+        w.applied = applied;
+        match self.durability {
             Durability::Group { .. } => {
-                let overlay = self.overlay.get_mut();
-                overlay.hold(batch);
-                w.applied = applied;
                 if w.oldest_pending.is_none() {
                     w.oldest_pending = Some(self.clock.now());
                 }
                 if self.group_sync_due(&w) {
                     self.hand_over(&mut w)?;
                 }
-                return Ok(());
             }
-            Durability::Sync => PersistMode::SyncData,
-            Durability::Buffered => PersistMode::Buffer,
-        };
-        let overlay = self.overlay.get_mut();
-        let mut b = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), batch.len() + 1).durability(Some(persist));
-        for (k, v) in batch {
-            overlay.remember(&k, v.as_deref());
-            match v {
-                Some(v) => b.insert(&self.data, k, v),
-                None => b.remove(&self.data, k),
+            Durability::Sync => self.sync_locked(&mut w)?,
+            Durability::Buffered => {
+                if let Err(e) = self.wal.get_mut().write() {
+                    return Err(self.poison(&mut w, format!("writing batch {applied} to the write-ahead log"), e));
+                }
+                w.written = applied;
+                w.oldest_pending = None;
             }
         }
-        b.insert(&self.data, APPLIED_KEY, applied.to_be_bytes().to_vec());
-        if let Err(e) = b.commit() {
-            *overlay = Overlay::new(CACHE_KEYS); // the cache may now say more than the engine holds
-            return Err(engine_error(&format!("committing batch {applied}"), e));
-        }
-        w.applied = applied;
-        w.written = applied;
-        if self.durability == Durability::Sync {
-            w.synced();
+        if self.wal.get_mut().len() >= self.checkpoint_bytes {
+            self.checkpoint(&mut w)?;
         }
         Ok(())
     }
 }
 
 impl Drop for FjallStore {
-    /// A clean close writes out and syncs what group commit still holds, then flushes the
-    /// memtable and, once fjall is closed, empties its journal, so the next open replays
-    /// nothing. Errors cannot be reported from here; call [`FjallStore::sync`] first to see them.
+    /// A clean close checkpoints (the engine takes every batch the log holds, synced), then
+    /// flushes the memtable and, once fjall is closed, empties its journal, so the next open
+    /// replays nothing. Errors cannot be reported from here; call [`FjallStore::sync`] first to
+    /// see them.
     fn drop(&mut self) {
         if let Some((to_syncer, thread)) = self.syncer.take() {
             drop(to_syncer);
             let _ = thread.join();
         }
         let mut w = self.watermark.lock();
-        let synced = self.sync_locked(&mut w).is_ok();
+        let synced = self.checkpoint(&mut w).is_ok();
         // Write the memtable out as a table file. On its own this does not spare the next open
         // its replay: fjall deletes a journal only once it is sealed, and it seals (rotates) the
         // active journal only when a flush finds it past 64 MB, a fixed threshold no option or

@@ -2,7 +2,7 @@
 //! directory, newer format, damaged records, a second open) with errors that say what is wrong.
 
 use kernel_core::{CapData, CrankContext, Endpoint, Fault, Kernel, KernelDelivery, KernelError, Message, Settlement, Store};
-use kernel_store::{Durability, FjallStore, ManualClock, OpenError, StoreOptions, FORMAT_FILE};
+use kernel_store::{Durability, FjallStore, ManualClock, OpenError, StoreOptions, FORMAT_FILE, STORE_FORMAT};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,10 +118,111 @@ fn a_foreign_directory_is_refused_and_left_alone() {
 fn a_newer_format_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     populated(dir.path());
-    std::fs::write(dir.path().join(FORMAT_FILE), "kernel-store\nformat 2\nengine fjall-3\n").expect("write");
+    std::fs::write(dir.path().join(FORMAT_FILE), "kernel-store\nformat 3\nengine fjall-3\n").expect("write");
     let e = FjallStore::open(dir.path(), StoreOptions::default()).expect_err("newer");
-    assert!(matches!(e, OpenError::NewerFormat { found: 2, supported: 1, .. }), "{e}");
+    assert!(matches!(e, OpenError::NewerFormat { found: 3, supported: STORE_FORMAT, .. }), "{e}");
     assert!(e.to_string().contains("newer"), "{e}");
+}
+
+#[test]
+fn a_format_1_store_opens_and_is_marked_format_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = populated(dir.path());
+    // Format 1 had no write-ahead log; a clean close leaves the engine holding everything.
+    std::fs::remove_file(dir.path().join("wal")).expect("remove the log");
+    std::fs::write(dir.path().join(FORMAT_FILE), "kernel-store\nformat 1\nengine fjall-3\n").expect("write");
+    assert_eq!(tables(&open(dir.path())), before);
+    let record = std::fs::read_to_string(dir.path().join(FORMAT_FILE)).expect("read");
+    assert_eq!(record, format!("kernel-store\nformat {STORE_FORMAT}\nengine fjall-3\n"));
+    assert_eq!(STORE_FORMAT, 2);
+}
+
+/// Copy a store directory as it is on disk now: with the store open (and synced), what a crash
+/// at this instant would leave.
+fn snapshot(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("ls") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+            snapshot(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// A sync-mode kernel with a checkpoint every `checkpoint` bytes of log, after `n` cranks.
+fn counted(dir: &Path, checkpoint: u64, n: u64) -> Kernel<FjallStore> {
+    let options = StoreOptions { checkpoint_bytes: checkpoint, ..StoreOptions::new(Durability::Sync) };
+    let mut k = Kernel::open(FjallStore::open(dir, options).expect("open store")).expect("open kernel");
+    let a = k.add_endpoint("a", Box::new(Counter)).expect("attach a");
+    for _ in 0..n {
+        k.queue_message(k.root(a).expect("root").into(), "count", CapData::plain("[]")).expect("queue");
+        k.run(None).expect("run");
+    }
+    k
+}
+
+#[test]
+fn a_crash_between_checkpoints_reopens_from_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = counted(dir.path(), 1 << 30, 20);
+    let crashed = tempfile::tempdir().expect("tempdir");
+    snapshot(dir.path(), crashed.path());
+    let expected = tables(&k);
+    let applied = k.store().applied();
+    drop(k);
+    let store = FjallStore::open(crashed.path(), StoreOptions::new(Durability::Sync)).expect("reopen");
+    assert_eq!(store.applied(), applied, "every synced batch is read back from the log");
+    let mut k = Kernel::open(store).expect("kernel");
+    k.add_endpoint("a", Box::new(Counter)).expect("attach a");
+    assert_eq!(tables(&k), expected);
+    // The replayed batches were checkpointed: a second reopen finds them in the engine.
+    drop(k);
+    assert_eq!(FjallStore::open(crashed.path(), StoreOptions::default()).expect("again").applied(), applied);
+}
+
+#[test]
+fn a_damaged_log_record_ends_the_replay_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = counted(dir.path(), 1 << 30, 20);
+    let crashed = tempfile::tempdir().expect("tempdir");
+    snapshot(dir.path(), crashed.path());
+    let applied = k.store().applied();
+    drop(k);
+    let log = crashed.path().join("wal");
+    let mut bytes = std::fs::read(&log).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&log, &bytes).expect("write");
+    let store = FjallStore::open(crashed.path(), StoreOptions::default()).expect("a torn log is not an error");
+    assert!(store.applied() < applied && store.applied() > 0, "{} of {applied}", store.applied());
+    let mut k = Kernel::open(store).expect("the prefix is a committed state");
+    k.add_endpoint("a", Box::new(Counter)).expect("attach a");
+    k.run(None).expect("it runs on");
+}
+
+#[test]
+fn a_log_that_starts_past_the_engine_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Small checkpoints: take the engine from one instant and the log from a later one, after
+    // another checkpoint; the batches between them are in neither.
+    let mut k = counted(dir.path(), 4 << 10, 5);
+    let early = tempfile::tempdir().expect("tempdir");
+    snapshot(dir.path(), early.path());
+    let a = k.endpoint_id("a").expect("id").expect("a");
+    for _ in 0..200 {
+        k.queue_message(k.root(a).expect("root").into(), "count", CapData::plain("[]")).expect("queue");
+        k.run(None).expect("run");
+    }
+    let late = tempfile::tempdir().expect("tempdir");
+    snapshot(dir.path(), late.path());
+    drop(k);
+    std::fs::copy(late.path().join("wal"), early.path().join("wal")).expect("copy the log");
+    let e = FjallStore::open(early.path(), StoreOptions::default()).expect_err("batches missing");
+    assert!(matches!(&e, OpenError::BadRecord { table: "wal", .. }), "{e}");
+    assert!(e.to_string().contains("batches are missing"), "{e}");
 }
 
 #[test]

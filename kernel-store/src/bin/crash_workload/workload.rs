@@ -197,6 +197,9 @@ pub fn counter(kernel: &Kernel<FjallStore>, ep: EndpointId, key: &[u8]) -> Resul
         .unwrap_or(0))
 }
 
+/// Write-ahead log bytes between checkpoints in the child.
+const CHECKPOINT_BYTES: u64 = 64 << 10;
+
 /// The longest turn in `sync-turns` mode.
 const TURN_CRANKS: u64 = 50;
 
@@ -218,7 +221,10 @@ pub fn durability(mode: &str) -> Result<Durability, String> {
 /// [`TURN_CRANKS`] cranks (`Kernel::begin_turn`): one batch, one fdatasync per turn.
 pub fn child(dir: &Path, mode: &str, shape: Shape) -> Result<(), String> {
     let turns = mode.ends_with("-turns");
-    let store = FjallStore::open(dir, StoreOptions::new(durability(mode)?)).map_err(|e| e.to_string())?;
+    // A checkpoint every 64 KiB of log (a few hundred batches), not 16 MiB: kills then land
+    // before, during and after checkpoints and log restarts, not only between them.
+    let options = StoreOptions { checkpoint_bytes: CHECKPOINT_BYTES, ..StoreOptions::new(durability(mode)?) };
+    let store = FjallStore::open(dir, options).map_err(|e| e.to_string())?;
     let observer = store.crank_observer();
     let mut kernel = Kernel::open(store).map_err(|e| e.to_string())?;
     kernel.add_commit_observer(observer);
