@@ -37,6 +37,10 @@ pub(crate) struct Overlay {
     pending: HashMap<Vec<u8>, Slot>,
     /// The keys of `pending` in order, once a scan needed them in this group.
     ordered: Option<BTreeSet<Vec<u8>>>,
+    /// Changes made to `ordered` since the last scan: past the size of the overlay, the order
+    /// is dropped (the next scan sorts again), so a scan now and then (opening a kernel, adding
+    /// a peer) does not leave every later write paying for an order nobody reads.
+    unread_changes: usize,
     /// What the engine holds at some keys (`None`: absent). Always coherent: every write to the
     /// engine updates it.
     clean: HashMap<Vec<u8>, Option<Vec<u8>>>,
@@ -49,7 +53,7 @@ pub(crate) struct Overlay {
 impl Overlay {
     /// An empty overlay whose cache holds at most `clean_limit` keys.
     pub fn new(clean_limit: usize) -> Self {
-        Overlay { pending: HashMap::default(), ordered: None, clean: HashMap::default(), clean_limit, failed: None }
+        Overlay { pending: HashMap::default(), ordered: None, unread_changes: 0, clean: HashMap::default(), clean_limit, failed: None }
     }
 
     /// Refuse if an earlier group write failed.
@@ -114,6 +118,7 @@ impl Overlay {
                         let (k, _) = e.remove_entry();
                         if let Some(ordered) = &mut self.ordered {
                             ordered.remove(&k);
+                            self.unread_changes += 1;
                         }
                     } else {
                         e.get_mut().value = v;
@@ -122,11 +127,16 @@ impl Overlay {
                 std::collections::hash_map::Entry::Vacant(e) => {
                     if let Some(ordered) = &mut self.ordered {
                         ordered.insert(e.key().clone());
+                        self.unread_changes += 1;
                     }
                     let created = v.is_some();
                     e.insert(Slot { value: v, created });
                 }
             }
+        }
+        if self.unread_changes > self.pending.len().max(1024) {
+            self.ordered = None;
+            self.unread_changes = 0;
         }
     }
 
@@ -134,6 +144,7 @@ impl Overlay {
     /// back to [`Overlay::written`] once the engine holds it.
     pub fn take_pending(&mut self) -> Pending {
         self.ordered = None;
+        self.unread_changes = 0;
         let mut out: Pending = self.pending.drain().collect();
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out
@@ -172,6 +183,7 @@ impl Overlay {
     /// The first pending entry with `prefix` after `after` (deletes included).
     pub fn pending_next(&mut self, prefix: &[u8], after: Option<&[u8]>) -> Option<(&Vec<u8>, &Option<Vec<u8>>)> {
         let pending = &self.pending;
+        self.unread_changes = 0;
         let ordered = self.ordered.get_or_insert_with(|| pending.keys().cloned().collect());
         let lower = match after {
             Some(a) => Bound::Excluded(a),
@@ -250,6 +262,30 @@ mod tests {
         // A key whose first write was a delete keeps its tombstone without asking.
         o.hold(vec![del("d"), set("d"), del("d")], |_| panic!("not created here"));
         assert_eq!(o.take_pending(), vec![(b"d".to_vec(), Slot { value: None, created: false })]);
+    }
+
+    #[test]
+    fn an_order_no_scan_reads_is_dropped_and_rebuilt_when_needed() {
+        let mut o = Overlay::new(0);
+        o.hold(vec![(b"a".to_vec(), Some(vec![]))], |_| false);
+        assert!(o.pending_next(b"", None).is_some());
+        assert!(o.ordered.is_some());
+        // Keys come and go (a run queue, an outbox): each created and deleted again, two
+        // changes to the order.
+        let churn = |o: &mut Overlay, range: std::ops::Range<u32>| {
+            for i in range {
+                let k = format!("t{i:05}").into_bytes();
+                o.hold(vec![(k.clone(), Some(vec![])), (k, None)], |_| false);
+            }
+        };
+        churn(&mut o, 0..500);
+        assert!(o.ordered.is_some(), "1,000 changes: not yet past 1,024");
+        churn(&mut o, 500..513);
+        assert!(o.ordered.is_none(), "1,026 changes since the last scan");
+        o.hold(vec![(b"k1".to_vec(), Some(vec![])), (b"k2".to_vec(), Some(vec![]))], |_| false);
+        // The next scan sorts again and sees every key.
+        assert_eq!(o.pending_next(b"k", Some(b"k1")).map(|e| e.0.clone()), Some(b"k2".to_vec()));
+        assert_eq!(o.pending_next(b"t", None), None);
     }
 
     #[test]
