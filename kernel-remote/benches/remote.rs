@@ -22,7 +22,8 @@
 //! `--only NAME` runs one case (memory, group, group-no-early, wide, sync, memory-turns,
 //! group-turns, sync-turns), e.g. under perf; `--latency-only` skips the throughput runs,
 //! `--throughput-only` the latency runs. `ROUND_CRANKS` sets the cranks per host round,
-//! `TURN_CRANKS` the turn limit and `WINDOW` the messages in flight, for trying others.
+//! `TURN_CRANKS` the turn limit, `WINDOW` the messages in flight and `MESSAGES` the messages
+//! per throughput run, for trying others.
 //!
 //! `cargo bench -p kernel-remote --bench remote [-- --quick]`
 
@@ -417,6 +418,10 @@ fn main() {
     // one-at-a-time path.
     let latency_only = args.iter().any(|a| a == "--latency-only");
     let (mut group_total, mut sync_total, mut pings) = if quick { (5_000, 200, 200) } else { (50_000, 1_000, 1_000) };
+    // `MESSAGES`: messages per throughput run (longer runs average out a noisy machine).
+    if let Some(n) = std::env::var("MESSAGES").ok().and_then(|v| v.parse().ok()) {
+        group_total = n;
+    }
     if latency_only {
         (group_total, sync_total) = (1, 1);
     }

@@ -69,6 +69,7 @@
 
 mod durability;
 mod error;
+mod filter;
 mod format;
 mod overlay;
 mod store;

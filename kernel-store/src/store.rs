@@ -28,6 +28,7 @@
 
 use crate::durability::{Clock, Durability, Durable, SystemClock, Watermark};
 use crate::error::OpenError;
+use crate::filter::KeyFilter;
 use crate::format::{self, Found, ENGINE_DIR, LOCK_FILE};
 use crate::overlay::Overlay;
 use crate::wal::{Wal, WalError, WAL_FILE};
@@ -107,6 +108,8 @@ pub struct FjallStore {
     watermark: Arc<Mutex<Watermark>>,
     /// Every batch since the last checkpoint (the engine does not hold them), and a cache.
     overlay: Mutex<Overlay>,
+    /// The keys the engine may hold, to tell a dead key was never there without asking fjall.
+    filter: Mutex<KeyFilter>,
     /// The write-ahead log of the batches the overlay holds.
     wal: Mutex<Wal>,
     checkpoint_bytes: u64,
@@ -194,9 +197,10 @@ impl FjallStore {
         })?;
         let replayed = replay.len() as u64;
         let mut overlay = Overlay::new(CACHE_KEYS);
+        let filter = engine_filter(&data).map_err(engine)?;
         for batch in replay {
             // An engine error here reads as "present": a tombstone too many, never one too few.
-            overlay.hold(batch, |k| data.contains_key(k).unwrap_or(true));
+            overlay.hold(batch, |k| filter.may_hold(k) && data.contains_key(k).unwrap_or(true));
         }
         let watermark = Arc::new(Mutex::new(Watermark::recovered(applied + replayed)));
         let syncer = match options.durability {
@@ -215,6 +219,7 @@ impl FjallStore {
             clock: options.clock,
             watermark,
             overlay: Mutex::new(overlay),
+            filter: Mutex::new(filter),
             wal: Mutex::new(wal),
             checkpoint_bytes: options.checkpoint_bytes,
             syncer,
@@ -377,7 +382,17 @@ impl FjallStore {
                 w.failed = overlay.failed.clone();
                 return Err(engine_error(&what, e));
             }
+            let mut filter = self.filter.lock();
+            for (k, slot) in &pending {
+                if slot.value.is_some() {
+                    filter.insert(k);
+                }
+            }
             overlay.written(pending);
+            if filter.overfull() {
+                // Keys the engine deleted since it was built still answer "maybe": start again.
+                *filter = engine_filter(&self.data).map_err(|e| engine_error("rebuilding the key filter", e))?;
+            }
         }
         drop(overlay);
         if let Err(e) = self.wal.lock().restart() {
@@ -419,6 +434,15 @@ impl FjallStore {
         let visible = k.starts_with(prefix) && k.first() != Some(&RESERVED_PREFIX);
         Ok(visible.then(|| (k.to_vec(), v.to_vec())))
     }
+}
+
+/// A filter of every key the engine holds (one scan of the keyspace).
+fn engine_filter(data: &Keyspace) -> Result<KeyFilter, fjall::Error> {
+    let mut filter = KeyFilter::with_capacity(data.approximate_len() as u64);
+    for guard in data.iter() {
+        filter.insert(&guard.key()?);
+    }
+    Ok(filter)
 }
 
 /// Refuse if the sync thread failed.
@@ -504,8 +528,8 @@ impl Store for FjallStore {
         check_syncer(&w)?;
         let applied = w.applied + 1;
         self.wal.get_mut().append(applied, &batch).map_err(StoreError::new)?;
-        let data = &self.data;
-        self.overlay.get_mut().hold(batch, |k| data.contains_key(k).unwrap_or(true));
+        let (data, filter) = (&self.data, self.filter.get_mut());
+        self.overlay.get_mut().hold(batch, |k| filter.may_hold(k) && data.contains_key(k).unwrap_or(true));
         w.applied = applied;
         match self.durability {
             Durability::Group { .. } => {
