@@ -6,8 +6,15 @@
 //! aborted crank hands it nothing. Keys are the kernel's byte-ordered keys and values its postcard
 //! encodings, stored as they come.
 //!
+//! ## The write-ahead log and checkpoints
+//! Each batch is held in memory (reads see it) and appended to the store's own write-ahead log
+//! as one checksummed record. fjall receives the batches only at a checkpoint, every
+//! [`StoreOptions::checkpoint_bytes`] of log and at a clean close, merged by key as one synced
+//! write; a key created and deleted in between (a run-queue entry, an outbox entry, a promise
+//! that lived for one round trip) never reaches it.
+//!
 //! ## Durability
-//! A setting ([`Durability`]):
+//! A setting ([`Durability`]) of when the log's records reach the disk:
 //! - `Sync`: each batch is written and `fdatasync`ed inside `apply`, so every crank is on disk
 //!   before its commit event;
 //! - `Group { max_cranks, max_delay }`: batches wait in memory and one write plus one
