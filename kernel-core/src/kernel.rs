@@ -349,6 +349,29 @@ impl<S: Store> Kernel<S> {
     /// Queue `target.method(args)` from the host, with a fresh result promise (immediate path:
     /// committed before this returns). Every reference must exist.
     pub fn queue_message(&mut self, target: KRef, method: &str, args: CapData) -> Result<KPromiseId, KernelError> {
+        self.queue(target, method, args, true)
+    }
+
+    /// Queue `target.method(args)` like [`Kernel::queue_message`], and call `callback` with the
+    /// result's settlement once the crank that settles it commits, as [`Kernel::watch`] would.
+    /// The result is not pinned: once settled and no longer referenced it is collected, so the
+    /// host has nothing to release. For a host that wants each answer once, this is one
+    /// immediate-path transaction per message where `queue_message`, `watch` and
+    /// `set_pinned(.., false)` take two. The callback is host memory: after a restart the answer
+    /// is not kept for anyone (use `queue_message` to read it then).
+    pub fn queue_message_then(
+        &mut self,
+        target: KRef,
+        method: &str,
+        args: CapData,
+        callback: impl FnOnce(KPromiseId, &Settlement) + 'static,
+    ) -> Result<KPromiseId, KernelError> {
+        let kp = self.queue(target, method, args, false)?;
+        self.watchers.entry(kp).or_default().push(Box::new(callback));
+        Ok(kp)
+    }
+
+    fn queue(&mut self, target: KRef, method: &str, args: CapData, pinned: bool) -> Result<KPromiseId, KernelError> {
         let mut db = self.read();
         for r in std::iter::once(&target).chain(args.slots.iter()) {
             if !db.exists(*r)? {
@@ -356,7 +379,9 @@ impl<S: Store> Kernel<S> {
             }
         }
         let kp = db.new_promise(None);
-        db.pin(KRef::Promise(kp), true)?;
+        if pinned {
+            db.pin(KRef::Promise(kp), true)?;
+        }
         let message = Message { method: method.to_owned(), args, result: Some(kp) };
         gc::add_message_refs(&mut db, target, &message)?;
         db.push_run_queue(&RunQueueItem::Send { target, message });

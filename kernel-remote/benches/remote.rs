@@ -13,7 +13,7 @@
 //! in sequence (a: queue and send; b: apply, deliver and answer; a: apply), under sync
 //! durability three fsyncs, the answer's watch firing once a's is done.
 //!
-//! The one-way latency is measured from a's `queue_message` to the moment a holds b's
+//! The one-way latency is measured from a's `queue_message_then` to the moment a holds b's
 //! acknowledgement, which b sends only once the transaction that applied the message is
 //! durable: the sender's durable commit, the trip, the receiver's durable apply, and the
 //! acknowledgement's trip back. Under sync durability that is three fsyncs in sequence without
@@ -56,14 +56,13 @@ fn id(s: &str) -> KernelId {
 struct Done {
     count: u64,
     latencies: Vec<Duration>,
-    /// Answered results not yet released.
-    read: Vec<kernel_core::KPromiseId>,
 }
 
 /// Keep `window` messages in flight from `queue` until `total` are answered; returns
-/// (elapsed, latencies). Like any host that reads its answers, it then releases them (results
-/// of `queue_message` start pinned): kept, every message would leave a settled promise in a's
-/// store for good.
+/// (elapsed, latencies). Each message is queued with `queue_message_then`: the host takes its
+/// answer in the callback, and the result, never pinned, is collected once answered (with
+/// `queue_message` the host would release each answer after reading it: one more transaction
+/// per message).
 fn drive<S: DurableStore>(
     node: &mut Node<S>,
     mut service: impl FnMut(&mut Node<S>),
@@ -81,24 +80,18 @@ fn drive<S: DurableStore>(
         }
         while sent < total && sent - answered < window {
             let at = Instant::now();
-            let kp = node.kernel_mut().queue_message(target.into(), "echo", CapData::plain(sent.to_string())).expect("queue");
             let d = Rc::clone(&done);
             node.kernel_mut()
-                .watch(kp, move |kp, s| {
+                .queue_message_then(target.into(), "echo", CapData::plain(sent.to_string()), move |_, s| {
                     assert!(matches!(s, Settlement::Fulfilled(_)), "{s:?}");
                     let mut d = d.borrow_mut();
                     d.count += 1;
                     d.latencies.push(at.elapsed());
-                    d.read.push(kp);
                 })
-                .expect("watch");
+                .expect("queue");
             sent += 1;
         }
         service(node);
-        let read = std::mem::take(&mut done.borrow_mut().read);
-        for kp in read {
-            node.kernel_mut().set_pinned(kp.into(), false).expect("release");
-        }
     }
     let elapsed = start.elapsed();
     let latencies = std::mem::take(&mut done.borrow_mut().latencies);
@@ -106,7 +99,7 @@ fn drive<S: DurableStore>(
 }
 
 /// One message at a time, with its answer awaited before the next: the time from the host's
-/// `queue_message` on a until a holds b's acknowledgement of the message, which b sends only once
+/// `queue_message_then` on a until a holds b's acknowledgement of the message, which b sends only once
 /// the transaction that applied it is durable. That is a message's one-way latency (handed to
 /// the sending kernel, to durably applied by the receiving one) plus the acknowledgement's trip
 /// back: under sync durability at least the sender's durable commit and the receiver's.
@@ -125,10 +118,9 @@ fn one_way<S: DurableStore>(
         }
         let seq = link(node).written.0 + 1;
         let queued = Instant::now();
-        let kp = node.kernel_mut().queue_message(target.into(), "echo", CapData::plain(i.to_string())).expect("queue");
         let answered = Rc::new(std::cell::Cell::new(false));
         let a = Rc::clone(&answered);
-        node.kernel_mut().watch(kp, move |_, _| a.set(true)).expect("watch");
+        node.kernel_mut().queue_message_then(target.into(), "echo", CapData::plain(i.to_string()), move |_, _| a.set(true)).expect("queue");
         while link(node).acked.0 < seq {
             service(node);
         }
@@ -255,7 +247,7 @@ fn per(d: Duration, unit: Duration) -> f64 {
 
 fn details(r: &Remote, fsync: Duration) -> String {
     format!(
-        "one way: a's queue_message to b's durable apply + the ack back p50 {} ({:.1} fdatasyncs) p99 {} (one at a time); {}",
+        "one way: a's queue to b's durable apply + the ack back p50 {} ({:.1} fdatasyncs) p99 {} (one at a time); {}",
         ms(r.oneway_p50),
         per(r.oneway_p50, fsync),
         ms(r.oneway_p99),
