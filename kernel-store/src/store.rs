@@ -391,7 +391,10 @@ impl FjallStore {
             overlay.written(pending);
             if filter.overfull() {
                 // Keys the engine deleted since it was built still answer "maybe": start again.
-                *filter = engine_filter(&self.data).map_err(|e| engine_error("rebuilding the key filter", e))?;
+                // If the engine cannot be read now, the old filter (more keys, never fewer) stays.
+                if let Ok(rebuilt) = engine_filter(&self.data) {
+                    *filter = rebuilt;
+                }
             }
         }
         drop(overlay);
