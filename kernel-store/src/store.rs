@@ -15,8 +15,9 @@
 //!   values);
 //! - the store's own records under the reserved first byte `0xFF`, which kernel keys (ASCII table
 //!   prefixes) never use and `apply` refuses: `0xFF applied` -> u64 big-endian, the number of
-//!   batches applied over the store's life, written with every batch (so it names the last
-//!   committed batch after a crash).
+//!   batches applied over the store's life up to the last checkpoint, written with every
+//!   checkpoint (the log holds the batches after it); `0xFF keys` -> the filter of the engine's
+//!   keys as of that checkpoint (`filter.rs`).
 //!
 //! One keyspace, not two, because fjall deletes a journal only once every keyspace with data in
 //! it has been flushed: a small, rarely flushed second keyspace would keep the journal (and the
@@ -28,7 +29,7 @@
 
 use crate::durability::{Clock, Durability, Durable, SystemClock, Watermark};
 use crate::error::OpenError;
-use crate::filter::KeyFilter;
+use crate::filter::EngineKeys;
 use crate::format::{self, Found, ENGINE_DIR, LOCK_FILE};
 use crate::overlay::Overlay;
 use crate::wal::{Wal, WalError, WAL_FILE};
@@ -46,6 +47,8 @@ const DATA_KEYSPACE: &str = "kernel";
 /// The first byte of every key the store keeps for itself.
 pub const RESERVED_PREFIX: u8 = 0xFF;
 const APPLIED_KEY: &[u8] = b"\xFFapplied";
+/// The filter of the engine's keys, as of the checkpoint that wrote it (`filter.rs`).
+const FILTER_KEY: &[u8] = b"\xFFkeys";
 /// A key and its value.
 type Entry = (Vec<u8>, Vec<u8>);
 /// Keys of engine contents cached in memory.
@@ -109,7 +112,7 @@ pub struct FjallStore {
     /// Every batch since the last checkpoint (the engine does not hold them), and a cache.
     overlay: Mutex<Overlay>,
     /// The keys the engine may hold, to tell a dead key was never there without asking fjall.
-    filter: Mutex<KeyFilter>,
+    filter: Mutex<EngineKeys>,
     /// The write-ahead log of the batches the overlay holds.
     wal: Mutex<Wal>,
     checkpoint_bytes: u64,
@@ -197,10 +200,9 @@ impl FjallStore {
         })?;
         let replayed = replay.len() as u64;
         let mut overlay = Overlay::new(CACHE_KEYS);
-        let filter = engine_filter(&data).map_err(engine)?;
+        let mut filter = EngineKeys::open(data.clone(), data.get(FILTER_KEY).map_err(engine)?.as_deref());
         for batch in replay {
-            // An engine error here reads as "present": a tombstone too many, never one too few.
-            overlay.hold(batch, |k| filter.may_hold(k) && data.contains_key(k).unwrap_or(true));
+            overlay.hold(batch, |k| filter.may_hold(k));
         }
         let watermark = Arc::new(Mutex::new(Watermark::recovered(applied + replayed)));
         let syncer = match options.durability {
@@ -373,6 +375,18 @@ impl FjallStore {
                 }
             }
             b.insert(&self.data, APPLIED_KEY, w.applied.to_be_bytes().to_vec());
+            // The filter of the engine's keys, with this checkpoint's (a failed commit leaves it
+            // holding keys the engine does not: more "maybe", never a wrong "absent").
+            let mut filter = self.filter.lock();
+            for (k, slot) in &pending {
+                if slot.value.is_some() {
+                    filter.insert(k);
+                }
+            }
+            match filter.persisted() {
+                Some(bytes) => b.insert(&self.data, FILTER_KEY, bytes),
+                None => b.remove(&self.data, FILTER_KEY),
+            }
             if let Err(e) = b.commit() {
                 // The batches taken from the overlay are gone from memory and may not be in the
                 // engine: refuse every later read and write rather than serve an older state.
@@ -382,20 +396,10 @@ impl FjallStore {
                 w.failed = overlay.failed.clone();
                 return Err(engine_error(&what, e));
             }
-            let mut filter = self.filter.lock();
-            for (k, slot) in &pending {
-                if slot.value.is_some() {
-                    filter.insert(k);
-                }
-            }
             overlay.written(pending);
-            if filter.overfull() {
-                // Keys the engine deleted since it was built still answer "maybe": start again.
-                // If the engine cannot be read now, the old filter (more keys, never fewer) stays.
-                if let Ok(rebuilt) = engine_filter(&self.data) {
-                    *filter = rebuilt;
-                }
-            }
+            // Keys the engine deleted since it was built still answer "maybe": past its size it
+            // is built again.
+            filter.maintain();
         }
         drop(overlay);
         if let Err(e) = self.wal.lock().restart() {
@@ -437,15 +441,6 @@ impl FjallStore {
         let visible = k.starts_with(prefix) && k.first() != Some(&RESERVED_PREFIX);
         Ok(visible.then(|| (k.to_vec(), v.to_vec())))
     }
-}
-
-/// A filter of every key the engine holds (one scan of the keyspace).
-fn engine_filter(data: &Keyspace) -> Result<KeyFilter, fjall::Error> {
-    let mut filter = KeyFilter::with_capacity(data.approximate_len() as u64);
-    for guard in data.iter() {
-        filter.insert(&guard.key()?);
-    }
-    Ok(filter)
 }
 
 /// Refuse if the sync thread failed.
@@ -531,8 +526,8 @@ impl Store for FjallStore {
         check_syncer(&w)?;
         let applied = w.applied + 1;
         self.wal.get_mut().append(applied, &batch).map_err(StoreError::new)?;
-        let (data, filter) = (&self.data, self.filter.get_mut());
-        self.overlay.get_mut().hold(batch, |k| filter.may_hold(k) && data.contains_key(k).unwrap_or(true));
+        let filter = self.filter.get_mut();
+        self.overlay.get_mut().hold(batch, |k| filter.may_hold(k));
         w.applied = applied;
         match self.durability {
             Durability::Group { .. } => {
