@@ -182,16 +182,13 @@ impl EngineKeys {
         if !scan.thread.as_ref().is_some_and(JoinHandle::is_finished) {
             return;
         }
-        match scan.thread.take().map(JoinHandle::join) {
-            Some(Ok(Some(mut filter))) => {
-                filter.union(&scan.since);
-                self.ready = Some(filter);
-                self.scan = None;
-            }
-            // Failed: no scan in progress any more; the old filter (if any) goes on, and the
-            // keys since stay known.
-            _ => {}
+        // A scan that failed leaves the old filter (if any) in use; the next checkpoint's
+        // `maintain` tries again.
+        if let Some(Ok(Some(mut filter))) = scan.thread.take().map(JoinHandle::join) {
+            filter.union(&scan.since);
+            self.ready = Some(filter);
         }
+        self.scan = None;
     }
 
     /// True if the engine may hold `key`: false only when the filter is sure it does not;
@@ -213,11 +210,12 @@ impl EngineKeys {
         }
     }
 
-    /// After a checkpoint: once the filter in use has taken more keys than it was sized for,
-    /// scan again (it serves meanwhile: it holds every key the new one would, and more).
+    /// After a checkpoint: once the filter in use has taken more keys than it was sized for, or
+    /// if there is none (a scan failed), scan again (an old filter serves meanwhile: it holds
+    /// every key the new one would, and more).
     pub fn maintain(&mut self) {
         self.poll();
-        if self.scan.is_none() && self.ready.as_ref().is_some_and(KeyFilter::overfull) {
+        if self.scan.is_none() && self.ready.as_ref().is_none_or(KeyFilter::overfull) {
             self.rescan();
         }
     }
