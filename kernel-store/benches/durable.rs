@@ -8,13 +8,13 @@
 //! What dominates (perf, on the 2-core development machine):
 //! - sync: the `fdatasync` itself (one per crank, ~0.2 ms); the crank's CPU is ~15 µs of it.
 //! - group: the kernel's own work, about what the in-memory kernel spends (~85% of the time).
-//!   The store's share is holding each crank's batch in the group's hash map and, once a group,
-//!   writing what is left: a ping-pong crank's keys are made and dropped within the group (its
-//!   run-queue entry, its promise; its c-list entries are made and dropped within the crank
-//!   and never reach the store), so a group of ~200 cranks writes about ten keys, the group's
-//!   journal entry and one fdatasync on the store's sync thread, overlapping the next group.
-//!   Until this was so, fjall's memtable inserts (~1.3 µs per key, two tombstones and three
-//!   rows per crank) dominated.
+//!   The store's share is holding each crank's batch in its hash map (a key made and dropped
+//!   before the next checkpoint — a ping-pong crank's run-queue entry, its promise — leaves it at
+//!   once) and appending it to the write-ahead log, whose group write and fdatasync run on the
+//!   store's sync thread, overlapping the next group. fjall sees only what is live at each
+//!   checkpoint. Until keys stopped reaching it, fjall's memtable inserts (~1.3 µs per key, two
+//!   tombstones and three rows per crank) dominated.
+//! - buffered: one write(2) of the batch's log record per crank.
 //! - sync in turns of 1,000 cranks (`Kernel::begin_turn`): one fdatasync per turn, and the turn's
 //!   merged batch (its cranks' run-queue entries and promises are made and gone within it) is
 //!   a few keys, so the kernel's work and the turn's in-memory layer dominate; every commit event
@@ -22,10 +22,10 @@
 //! - scale: nothing grows with the object count but the LSM tree's depth, so 1,000,000 objects
 //!   cost little more per crank than 1,000.
 //! - reopen: after a clean close, opening the tables (the store empties fjall's journal once
-//!   everything is flushed). After a crash it is fjall replaying its active journal (up to
-//!   64 MB: fjall rotates the journal only past that size), at ~30 MB/s because recovery
-//!   resolves every journal item's keyspace through its meta tree: it depends on the journal's
-//!   length, not on how many objects the store holds.
+//!   everything is flushed) and reading the stored filter of the engine's keys. After a crash
+//!   it is also reading back the write-ahead log since the last checkpoint (up to
+//!   `checkpoint_bytes`, 16 MiB) and fjall replaying its active journal (checkpoints only):
+//!   it depends on those lengths, not on how many objects the store holds.
 
 use kernel_core::{CapData, CrankContext, Endpoint, Fault, KRef, Kernel, KernelDelivery, MemStore, Settlement, Store, VRef};
 use kernel_store::{Durability, FjallStore, StoreOptions};
