@@ -136,6 +136,9 @@ pub(crate) struct Watermark {
     pub syncing_since: Option<Duration>,
     /// Why the sync thread failed, if it did: the store refuses further writes.
     pub failed: Option<String>,
+    /// Batches the engine holds (the count written with the last checkpoint); the write-ahead
+    /// log holds those after it.
+    pub checkpointed: u64,
     /// Observed cranks not yet on disk: (the batch that committed it, the crank).
     pub cranks: VecDeque<(u64, CrankNumber)>,
     /// The newest observed crank on disk.

@@ -40,6 +40,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,6 +117,9 @@ pub struct FjallStore {
     /// The write-ahead log of the batches the overlay holds.
     wal: Mutex<Wal>,
     checkpoint_bytes: u64,
+    /// Set by the sync thread when an fdatasync failed: reads refuse too, as after any failed
+    /// write or sync of the log (the batches they would show may never reach the disk).
+    sync_failed: Arc<AtomicBool>,
     /// Group commit: the thread that `fdatasync`s the log after each group is written to it, so
     /// the kernel runs the next group's cranks meanwhile; it is sent the batch count to sync to.
     syncer: Option<(std::sync::mpsc::Sender<u64>, std::thread::JoinHandle<()>)>,
@@ -204,11 +208,14 @@ impl FjallStore {
         for batch in replay {
             overlay.hold(batch, |k| filter.may_hold(k));
         }
-        let watermark = Arc::new(Mutex::new(Watermark::recovered(applied + replayed)));
+        let mut recovered = Watermark::recovered(applied + replayed);
+        recovered.checkpointed = applied;
+        let watermark = Arc::new(Mutex::new(recovered));
+        let sync_failed = Arc::new(AtomicBool::new(false));
         let syncer = match options.durability {
             Durability::Group { .. } => {
                 let file = wal.sync_handle().map_err(io("opening the write-ahead log for the sync thread"))?;
-                Some(spawn_syncer(file, Arc::clone(&watermark)).map_err(io("starting the sync thread"))?)
+                Some(spawn_syncer(file, Arc::clone(&watermark), Arc::clone(&sync_failed)).map_err(io("starting the sync thread"))?)
             }
             Durability::Sync | Durability::Buffered => None,
         };
@@ -224,12 +231,14 @@ impl FjallStore {
             filter: Mutex::new(filter),
             wal: Mutex::new(wal),
             checkpoint_bytes: options.checkpoint_bytes,
+            sync_failed,
             syncer,
             journal_reset,
             _lock: lock,
         };
         if replayed > 0 {
-            // Into the engine before the log starts over and overwrites them.
+            // Into the engine (their count at least, if they left nothing) before the log starts
+            // over and overwrites them.
             let mut w = store.watermark.lock();
             store.checkpoint(&mut w).map_err(|source| OpenError::Recovery { dir: store.dir.clone(), source })?;
         }
@@ -346,6 +355,14 @@ impl FjallStore {
         Ok(())
     }
 
+    /// Refuse if the sync thread failed.
+    fn check_sync_thread(&self) -> Result<(), StoreError> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            return check_syncer(&self.watermark.lock());
+        }
+        Ok(())
+    }
+
     /// A write or sync of the log failed: the batches the kernel was told of may not be on disk
     /// whole, and the log's end is unknown. Refuse every later read and write (the store must be
     /// reopened, which reads back the log's whole records) and return the error.
@@ -363,7 +380,10 @@ impl FjallStore {
         check_syncer(w)?;
         let mut overlay = self.overlay.lock();
         overlay.check()?;
-        if !overlay.nothing_pending() {
+        // Even with nothing held (every key since came and went) the engine must take the batch
+        // count: the log is about to start over, and a reopen must find its first record right
+        // after the engine's count.
+        if !overlay.nothing_pending() || w.applied > w.checkpointed {
             let pending = overlay.take_pending();
             // A key created and deleted since the last checkpoint left the overlay then if the
             // engine did not hold it (`Overlay::hold`): every delete left is one the engine needs.
@@ -397,6 +417,7 @@ impl FjallStore {
                 return Err(engine_error(&what, e));
             }
             overlay.written(pending);
+            w.checkpointed = w.applied;
             // Keys the engine deleted since it was built still answer "maybe": past its size it
             // is built again.
             filter.maintain();
@@ -457,6 +478,7 @@ fn check_syncer(w: &Watermark) -> Result<(), StoreError> {
 fn spawn_syncer(
     log: File,
     watermark: Arc<Mutex<Watermark>>,
+    sync_failed: Arc<AtomicBool>,
 ) -> std::io::Result<(std::sync::mpsc::Sender<u64>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel::<u64>();
     let thread = std::thread::Builder::new().name("kernel-store sync".into()).spawn(move || {
@@ -468,6 +490,7 @@ fn spawn_syncer(
                 Ok(()) => watermark.lock().durable_up_to(upto),
                 Err(e) => {
                     watermark.lock().failed = Some(format!("syncing the write-ahead log up to batch {upto} failed: {e}"));
+                    sync_failed.store(true, Ordering::Release);
                     return;
                 }
             }
@@ -481,6 +504,7 @@ impl Store for FjallStore {
         if key.first() == Some(&RESERVED_PREFIX) {
             return Ok(None);
         }
+        self.check_sync_thread()?;
         let mut overlay = self.overlay.lock();
         overlay.check()?;
         if let Some(known) = overlay.lookup(key) {
@@ -492,6 +516,7 @@ impl Store for FjallStore {
     }
 
     fn next(&self, prefix: &[u8], after: Option<&[u8]>) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.check_sync_thread()?;
         let mut overlay = self.overlay.lock();
         overlay.check()?;
         if overlay.nothing_pending() {

@@ -10,7 +10,9 @@
 //! checksum u64 | body length u32 | batch number u64 | body
 //! ```
 //!
-//! (little-endian; the checksum is xxh3-64 of everything after it), and a body is the batch's
+//! (little-endian; the checksum is xxh3-64 of everything after it, seeded with the previous
+//! record's checksum — 0 for the first after the log starts over — so a record only checks out
+//! after the one it was written after), and a body is the batch's
 //! writes, each `key length u32 | key | 0` (a delete) or `key length u32 | key | 1 | value length
 //! u32 | value`.
 //!
@@ -18,17 +20,19 @@
 //! (the engine holds, and has synced, every batch so far) the log starts again at offset 0 and
 //! overwrites the old records in place: a record's `fdatasync` then changes no file size and
 //! allocates no block, so it has no metadata to journal (on ext4 that halves its cost: an append
-//! that grows the file costs about two overwrites). What is left past
-//! the newest record is an older generation: its batch numbers are all lower than the engine's
-//! count, so reading stops there. Reading takes the longest chain of records from offset 0 whose
-//! checksums hold and whose batch numbers follow one another; a torn or half-written record ends
-//! it, and was never reported durable.
+//! that grows the file costs about two overwrites). Reading takes the longest chain of records
+//! from offset 0 whose checksums hold (each seeded with its predecessor's) and whose batch
+//! numbers follow one another; a torn or half-written record ends it, and was never reported
+//! durable. What lies past the newest record is left from before: an older generation (numbers
+//! below the engine's count), or, after a power loss, records of the crashed run that reached
+//! the disk out of order around a torn one. Neither continues the chain: their checksums were
+//! seeded by other predecessors.
 
 use kernel_core::WriteBatch;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// The name of the log file in a store directory.
 pub(crate) const WAL_FILE: &str = "wal";
@@ -57,6 +61,9 @@ pub(crate) struct Wal {
     buf: Vec<u8>,
     /// The file's length: zeros (or an older generation) past `pos`.
     allocated: u64,
+    /// The checksum of the last record appended since the log started over (0 before the
+    /// first): each record's checksum is seeded with its predecessor's.
+    last_sum: u64,
 }
 
 impl Wal {
@@ -66,6 +73,7 @@ impl Wal {
     /// those batches before it appends anything.
     pub fn open(dir: &Path, engine_applied: u64) -> Result<(Wal, Vec<WriteBatch>), WalError> {
         let path = dir.join(WAL_FILE);
+        let created = !path.exists();
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -73,18 +81,41 @@ impl Wal {
             .write(true)
             .open(&path)
             .map_err(|e| WalError::Io("opening the write-ahead log", e))?;
+        if created {
+            // The new name must survive a power loss with the records later synced into it.
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| WalError::Io("syncing the directory of the write-ahead log", e))?;
+        }
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(|e| WalError::Io("reading the write-ahead log", e))?;
         let replay = read_records(&data, engine_applied)?;
         file.seek(SeekFrom::Start(0)).map_err(|e| WalError::Io("seeking in the write-ahead log", e))?;
-        Ok((Wal { file, pos: 0, buf: Vec::new(), allocated: data.len() as u64 }, replay))
+        Ok((Wal { file, pos: 0, buf: Vec::new(), allocated: data.len() as u64, last_sum: 0 }, replay))
     }
 
-    /// Encode batch number `number` as a record, to be written by the next [`Wal::write`].
+    /// Encode batch number `number` as a record, to be written by the next [`Wal::write`]. A
+    /// batch that cannot be logged (a key or value of 4 GiB or more) leaves nothing behind.
     pub fn append(&mut self, number: u64, batch: &WriteBatch) -> Result<(), String> {
+        self.append_within(number, batch, u32::MAX as usize)
+    }
+
+    /// [`Wal::append`] with lengths (of a key, a value, the body) of at most `limit`.
+    fn append_within(&mut self, number: u64, batch: &WriteBatch, limit: usize) -> Result<(), String> {
+        let (start, sum) = (self.buf.len(), self.last_sum);
+        let encoded = self.encode(number, batch, limit);
+        if encoded.is_err() {
+            self.buf.truncate(start);
+            self.last_sum = sum;
+        }
+        encoded
+    }
+
+    fn encode(&mut self, number: u64, batch: &WriteBatch, limit: usize) -> Result<(), String> {
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0u8; HEADER]);
-        let len32 = |n: usize| u32::try_from(n).map_err(|_| format!("batch {number}: a key or value of {n} bytes is too long to log"));
+        let len32 = |n: usize| match u32::try_from(n) {
+            Ok(n32) if n <= limit => Ok(n32),
+            _ => Err(format!("batch {number}: a key or value of {n} bytes is too long to log")),
+        };
         for (k, v) in batch {
             self.buf.extend_from_slice(&len32(k.len())?.to_le_bytes());
             self.buf.extend_from_slice(k);
@@ -97,17 +128,11 @@ impl Wal {
                 }
             }
         }
-        let body = match len32(self.buf.len() - start - HEADER) {
-            Ok(n) => n,
-            Err(e) => {
-                self.buf.truncate(start);
-                return Err(e);
-            }
-        };
+        let body = len32(self.buf.len() - start - HEADER)?;
         self.buf[start + 8..start + 12].copy_from_slice(&body.to_le_bytes());
         self.buf[start + 12..start + 20].copy_from_slice(&number.to_le_bytes());
-        let sum = xxh3_64(&self.buf[start + 8..]);
-        self.buf[start..start + 8].copy_from_slice(&sum.to_le_bytes());
+        self.last_sum = xxh3_64_with_seed(&self.buf[start + 8..], self.last_sum);
+        self.buf[start..start + 8].copy_from_slice(&self.last_sum.to_le_bytes());
         Ok(())
     }
 
@@ -150,6 +175,7 @@ impl Wal {
     /// (and has synced) every batch the log held.
     pub fn restart(&mut self) -> io::Result<()> {
         self.buf.clear();
+        self.last_sum = 0;
         self.file.seek(SeekFrom::Start(0))?;
         self.pos = 0;
         Ok(())
@@ -169,11 +195,13 @@ fn read_records(data: &[u8], engine_applied: u64) -> Result<Vec<WriteBatch>, Wal
     let mut out = Vec::new();
     let mut at = 0usize;
     let mut previous: Option<u64> = None;
+    let mut seed = 0;
     while let (Some(sum), Some(len), Some(number)) = (u64_at(data, at), u32_at(data, at + 8), u64_at(data, at + 12)) {
         let Some(end) = (at + HEADER).checked_add(len as usize).filter(|&end| end <= data.len()) else { break };
-        if xxh3_64(&data[at + 8..end]) != sum {
+        if xxh3_64_with_seed(&data[at + 8..end], seed) != sum {
             break; // torn, never synced, or an older generation's bytes
         }
+        seed = sum;
         match previous {
             Some(p) if number != p + 1 => break, // an older generation's record
             None if number > engine_applied + 1 => {
@@ -266,6 +294,40 @@ mod tests {
         let newer = log([7, 8]);
         data[..newer.len()].copy_from_slice(&newer);
         assert_eq!(read_records(&data, 6).ok(), Some(vec![batch(7), batch(8)]));
+    }
+
+    #[test]
+    fn a_leftover_record_does_not_continue_a_new_chain() {
+        // A crashed run logged 1, 2 (torn), 3; after recovery at 1 the new run logs a different
+        // batch 2 of the same length, which ends right where the old 3 begins.
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut old, _) = Wal::open(dir.path(), 0).expect("open");
+        for n in 1..=3 {
+            old.append(n, &batch(n as u8)).expect("append");
+        }
+        let mut data = old.buf.clone();
+        let (one, two) = (log([1]).len(), log([1, 2]).len());
+        let (mut new, _) = Wal::open(dir.path(), 0).expect("open");
+        new.append(1, &batch(1)).expect("append");
+        let other: WriteBatch = vec![(vec![b'k', 2], Some(vec![9; 2])), (vec![b'd', 2], None)];
+        new.append(2, &other).expect("append");
+        assert_eq!(new.buf.len(), two, "the same length as the old record 2");
+        data[one..two].copy_from_slice(&new.buf[one..two]);
+        assert_eq!(read_records(&data, 0).ok(), Some(vec![batch(1), other]), "the old record 3 is not replayed");
+    }
+
+    #[test]
+    fn a_batch_too_long_to_log_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut wal, _) = Wal::open(dir.path(), 0).expect("open");
+        wal.append_within(1, &batch(1), 32).expect("append");
+        let before = wal.buf.clone();
+        // Too long at the second entry, after the first was encoded.
+        let long: WriteBatch = vec![(b"k".to_vec(), Some(vec![1])), (b"k2".to_vec(), Some(vec![0; 33]))];
+        assert!(wal.append_within(2, &long, 32).is_err());
+        assert_eq!(wal.buf, before, "nothing of it stays");
+        wal.append_within(2, &batch(2), 32).expect("append");
+        assert_eq!(read_records(&wal.buf, 0).ok(), Some(vec![batch(1), batch(2)]), "the next record follows on");
     }
 
     #[test]
