@@ -17,7 +17,9 @@
 //! acknowledgement, which b sends only once the transaction that applied the message is
 //! durable: the sender's durable commit, the trip, the receiver's durable apply, and the
 //! acknowledgement's trip back. Under sync durability that is three fsyncs in sequence without
-//! turns (a's queue, a's send crank, b's apply) and two with them.
+//! turns (a's queue, a's send crank, b's apply) and two with them. Beside it, the time to b's
+//! first crank commit after the message (b's commit observer, on the same clock): with turns
+//! under sync durability, exactly the message's durable apply at b, without the trip back.
 //!
 //! `--only NAME` runs one case (memory, group, group-no-early, wide, sync, memory-turns,
 //! group-turns, sync-turns), e.g. under perf; `--latency-only` skips the throughput runs,
@@ -103,20 +105,30 @@ fn drive<S: DurableStore>(
 /// the transaction that applied it is durable. That is a message's one-way latency (handed to
 /// the sending kernel, to durably applied by the receiving one) plus the acknowledgement's trip
 /// back: under sync durability at least the sender's durable commit and the receiver's.
+///
+/// Also, from the same messages, the time to b's first crank commit after the message arrived
+/// (b's commit observer; both kernels share this process's clock). With turns that commit event
+/// comes once b's turn (apply, delivery, answer) is written, so under sync durability it is the
+/// message's durable apply at b: the one-way latency itself, without the acknowledgement's trip
+/// back. Without turns it is the delivery crank's commit, after the apply's. Each message waits
+/// for both kernels to be idle, so no earlier work of b's commits in between.
 fn one_way<S: DurableStore>(
     node: &mut Node<S>,
     mut service: impl FnMut(&mut Node<S>),
     target: kernel_core::KObjectId,
     pings: u64,
     peer: &KernelId,
-) -> Vec<Duration> {
+    b: &BSide,
+) -> (Vec<Duration>, Vec<Duration>) {
     let link = |n: &Node<S>| n.status().into_iter().find(|s| &s.peer == peer).expect("link");
-    let mut out = Vec::new();
+    let (mut out, mut to_commit) = (Vec::new(), Vec::new());
     for i in 0..pings {
-        while n_busy(node) {
+        while n_busy(node) || !b.idle.load(Ordering::Acquire) {
             service(node);
         }
         let seq = link(node).written.0 + 1;
+        *b.first_commit.lock().expect("lock") = None;
+        b.armed.store(true, Ordering::Release);
         let queued = Instant::now();
         let answered = Rc::new(std::cell::Cell::new(false));
         let a = Rc::clone(&answered);
@@ -128,8 +140,21 @@ fn one_way<S: DurableStore>(
         while !answered.get() {
             service(node);
         }
+        b.armed.store(false, Ordering::Release);
+        if let Some(at) = *b.first_commit.lock().expect("lock") {
+            to_commit.push(at.saturating_duration_since(queued));
+        }
     }
-    out
+    (out, to_commit)
+}
+
+/// What node b's thread shares with the latency measurement: whether b is idle, and its first
+/// crank commit since `armed` was set.
+#[derive(Default)]
+struct BSide {
+    idle: AtomicBool,
+    armed: AtomicBool,
+    first_commit: std::sync::Mutex<Option<Instant>>,
 }
 
 /// Cranks queued, messages not yet acknowledged, or a turn not yet written.
@@ -238,6 +263,8 @@ struct Remote {
     /// One at a time: a's commit of the message to b's acknowledgement back in a (see [`one_way`]).
     oneway_p50: Duration,
     oneway_p99: Duration,
+    /// One at a time: a's queue to b's first crank commit after it (see [`one_way`]).
+    commit_p50: Duration,
 }
 
 /// `d` in units of `unit` (e.g. fdatasyncs).
@@ -247,10 +274,12 @@ fn per(d: Duration, unit: Duration) -> f64 {
 
 fn details(r: &Remote, fsync: Duration) -> String {
     format!(
-        "one way: a's queue to b's durable apply + the ack back p50 {} ({:.1} fdatasyncs) p99 {} (one at a time); {}",
+        "one way: a's queue to b's durable apply + the ack back p50 {} ({:.1} fdatasyncs) p99 {}, to b's first crank commit p50 {} ({:.1} fdatasyncs) (one at a time); {}",
         ms(r.oneway_p50),
         per(r.oneway_p50, fsync),
         ms(r.oneway_p99),
+        ms(r.commit_p50),
+        per(r.commit_p50, fsync),
         batches(r)
     )
 }
@@ -305,10 +334,18 @@ fn remote_on<S: DurableStore>(
     let b_early = Arc::new(AtomicU64::new(0));
     let b_syncs = Arc::clone(&b_early);
     let make_b = make.clone();
+    let b_side = Arc::new(BSide::default());
+    let side = Arc::clone(&b_side);
     let b = thread::Builder::new()
         .name("node-b".into())
         .spawn(move || {
             let mut node = make_b(&b_dir, "b", "a");
+            let observed = Arc::clone(&side);
+            node.kernel_mut().add_commit_observer(move |_| {
+                if observed.armed.load(Ordering::Acquire) {
+                    observed.first_commit.lock().expect("lock").get_or_insert_with(Instant::now);
+                }
+            });
             let mut net = TcpTransport::start(id("b"), "127.0.0.1:0".parse().expect("addr"), TcpConfig::default()).expect("start");
             addr_tx.send(net.local_addr()).expect("addr");
             let clock = Instant::now();
@@ -316,6 +353,7 @@ fn remote_on<S: DurableStore>(
                 serve_once(&mut node, &mut net, || clock.elapsed(), round_cranks(), Duration::from_micros(200)).expect("serve b");
                 b_count.store(node.kernel().store().applied_mark(), Ordering::Relaxed);
                 b_syncs.store(node.stats().early_syncs, Ordering::Relaxed);
+                side.idle.store(node.is_idle(), Ordering::Release);
             }
         })
         .expect("node b thread");
@@ -338,8 +376,9 @@ fn remote_on<S: DurableStore>(
     let m1 = marks(&node);
     let (_, mut lat) = drive(&mut node, &mut service, target, pings, 1);
     let m2 = marks(&node);
-    let mut oneway = one_way(&mut node, &mut service, target, pings, &id("b"));
+    let (mut oneway, mut to_commit) = one_way(&mut node, &mut service, target, pings, &id("b"), &b_side);
     oneway.sort();
+    to_commit.sort();
     let per = |x: u64, y: u64, n: u64| (x.saturating_sub(y)) as f64 / n.max(1) as f64;
     let batches = [per(m1.0, m0.0, total), per(m1.1, m0.1, total), per(m2.0, m1.0, pings), per(m2.1, m1.1, pings)];
     let early = [per(m1.2, m0.2, total), per(m1.3, m0.3, total), per(m2.2, m1.2, pings), per(m2.3, m1.3, pings)];
@@ -356,6 +395,7 @@ fn remote_on<S: DurableStore>(
         early,
         oneway_p50: percentile(&oneway, 0.5),
         oneway_p99: percentile(&oneway, 0.99),
+        commit_p50: percentile(&to_commit, 0.5),
     }
 }
 
