@@ -3,6 +3,10 @@
 //! after the store's filter of engine keys has been rebuilt and after a reopen. And batches
 //! that left nothing behind still move the engine's batch count on at a checkpoint.
 
+mod common;
+
+use common::snapshot;
+
 use kernel_core::Store;
 use kernel_store::{Durability, FjallStore, StoreOptions};
 use std::path::Path;
@@ -49,21 +53,6 @@ fn an_engine_key_overwritten_then_deleted_stays_deleted() {
     assert_eq!(s.get(b"kept").expect("get"), Some(b"1".to_vec()));
     assert_eq!(s.entries().expect("entries"), live);
     assert_eq!(live.keys().filter(|k| k.starts_with(b"t/")).count(), 100 * 1_000);
-}
-
-/// Copy a store directory as it is on disk now (the store open and synced): what a crash at this
-/// instant would leave.
-fn snapshot(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).expect("ls") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            std::fs::create_dir_all(&target).expect("mkdir");
-            snapshot(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }
 
 #[test]

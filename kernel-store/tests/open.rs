@@ -1,6 +1,10 @@
 //! Opening a store: creation, recovery at the last committed crank, and the refusals (foreign
 //! directory, newer format, damaged records, a second open) with errors that say what is wrong.
 
+mod common;
+
+use common::snapshot;
+
 use kernel_core::{CapData, CrankContext, Endpoint, Fault, Kernel, KernelDelivery, KernelError, Message, Settlement, Store};
 use kernel_store::{Durability, FjallStore, ManualClock, OpenError, StoreOptions, FORMAT_FILE, STORE_FORMAT};
 use std::path::Path;
@@ -135,21 +139,6 @@ fn a_format_1_store_opens_and_is_marked_format_2() {
     let record = std::fs::read_to_string(dir.path().join(FORMAT_FILE)).expect("read");
     assert_eq!(record, format!("kernel-store\nformat {STORE_FORMAT}\nengine fjall-3\n"));
     assert_eq!(STORE_FORMAT, 2);
-}
-
-/// Copy a store directory as it is on disk now: with the store open (and synced), what a crash
-/// at this instant would leave.
-fn snapshot(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).expect("ls") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            std::fs::create_dir_all(&target).expect("mkdir");
-            snapshot(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }
 
 /// A sync-mode kernel with a checkpoint every `checkpoint` bytes of log, after `n` cranks.
