@@ -1,8 +1,8 @@
 //! Model-based property test of the crank (DESIGN §2–§6).
 //!
-//! Random host actions (queue a message, watch a promise, pin and unpin references, ask a vat to
-//! bring out its dead, step, run, restart the kernel on its store, apply work from outside a
-//! crank, begin and end a turn) and scripted vat behaviour (sends with and without result promises, exports,
+//! Random host actions (queue a message, or queue one with its answer handed to a callback, watch a
+//! promise, pin and unpin references, ask a vat to bring out its dead, step, run, restart the
+//! kernel on its store, apply work from outside a crank, begin and end a turn) and scripted vat behaviour (sends with and without result promises, exports,
 //! subscribes, resolves, vatstore writes, dropping and retiring imports, retiring and abandoning
 //! exports, forged and stale vrefs, double and foreign resolves, illegal GC syscalls, faults,
 //! panics, exits) run against `Kernel<MemStore>` and against [`Model`], a plain reference model
@@ -1302,11 +1302,11 @@ impl Model {
 
     // ---- host API (immediate path) ----
 
-    fn queue_message(&mut self, target: KRef, method: String, args: Vec<KRef>) -> Result<KPromiseId, String> {
+    fn queue_message(&mut self, target: KRef, method: String, args: Vec<KRef>, pinned: bool) -> Result<KPromiseId, String> {
         if let Some(missing) = std::iter::once(&target).chain(&args).find(|r| !self.exists(**r)) {
             return Err(format!("unknown reference {missing}"));
         }
-        let kp = self.new_promise(None, true);
+        let kp = self.new_promise(None, pinned);
         let message = Message { method, args: CapData { body: HOST_BODY.to_vec(), slots: args }, result: Some(kp) };
         self.run_queue.push_back(RunQueueItem::Send { target, message });
         Ok(kp)
@@ -2421,6 +2421,8 @@ enum Transition {
     /// `queue_message(target, "h<method>", args)`, then `set_pinned(result, false)` if `unpin`
     /// (the host will not read the result).
     Queue { target: KRef, method: u8, args: Vec<KRef>, unpin: bool },
+    /// `queue_message_then(target, "h<method>", args, ..)`: the result unpinned, watched.
+    QueueThen { target: KRef, method: u8, args: Vec<KRef> },
     /// `watch(kp, ..)`.
     Watch { kp: KPromiseId },
     /// `set_pinned(kref, pinned)`.
@@ -2555,6 +2557,7 @@ impl ReferenceStateMachine for KernelModel {
         // three times as often as a closed one is begun).
         let (turn_weight, turn) = if state.turn.is_some() { (3, Transition::EndTurn) } else { (1, Transition::BeginTurn) };
         prop_oneof![
+            1 => (target.clone(), 0..4u8, args.clone()).prop_map(|(target, method, args)| Transition::QueueThen { target, method, args }),
             3 => (target, 0..4u8, args, any::<bool>())
                 .prop_map(|(target, method, args, unpin)| Transition::Queue { target, method, args, unpin }),
             1 => watched.prop_map(|kp| Transition::Watch { kp }),
@@ -2580,12 +2583,21 @@ impl ReferenceStateMachine for KernelModel {
         state.delivered.clear();
         state.last = match transition {
             Transition::Queue { target, method, args, unpin } => {
-                let queued = state.queue_message(*target, format!("h{method}"), args.clone());
+                let queued = state.queue_message(*target, format!("h{method}"), args.clone(), true);
                 let unpinned = match (&queued, unpin) {
                     (Ok(kp), true) => Some(state.set_pinned(KRef::Promise(*kp), false)),
                     _ => None,
                 };
                 Observed::Queued(queued, unpinned)
+            }
+            Transition::QueueThen { target, method, args } => {
+                let id = state.next_watch;
+                state.next_watch += 1;
+                let queued = state.queue_message(*target, format!("h{method}"), args.clone(), false);
+                if let Ok(kp) = queued {
+                    state.watchers.entry(kp.0).or_default().push(id);
+                }
+                Observed::Queued(queued, None)
             }
             Transition::Watch { kp } => Observed::Watched(state.watch(*kp)),
             Transition::Pin { kref, pinned } => Observed::Pinned(state.set_pinned(*kref, *pinned)),
@@ -2700,6 +2712,19 @@ impl StateMachineTest for KernelTest {
                     _ => None,
                 };
                 Observed::Queued(queued, unpinned)
+            }
+            Transition::QueueThen { target, method, args } => {
+                let id = sut.next_watch;
+                sut.next_watch += 1;
+                let log = sut.host_log.clone();
+                let args = CapData { body: HOST_BODY.to_vec(), slots: args };
+                let queued = sut
+                    .kernel
+                    .queue_message_then(target, &format!("h{method}"), args, move |kp, s| {
+                        log.borrow_mut().push(HostEvent::Watcher(id, kp, s.clone()))
+                    })
+                    .map_err(|e| e.to_string());
+                Observed::Queued(queued, None)
             }
             Transition::Watch { kp } => {
                 let id = sut.next_watch;
