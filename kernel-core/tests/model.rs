@@ -3,8 +3,8 @@
 //! Random host actions (queue a message, or queue one with its answer handed to a callback, watch
 //! a promise, pin and unpin references, ask a vat to bring out its dead, step, run, restart the
 //! kernel on its store, apply work from outside a crank, begin and end a turn) and scripted vat
-//! behaviour (sends with and without result promises, exports, subscribes, resolves, vatstore writes, dropping and retiring imports, retiring and abandoning
-//! exports, forged and stale vrefs, double and foreign resolves, illegal GC syscalls, faults,
+//! behaviour (sends with and without result promises, exports, subscribes, resolves, vatstore
+//! writes, dropping and retiring imports, retiring and abandoning exports, forged and stale vrefs, double and foreign resolves, illegal GC syscalls, faults,
 //! panics, exits) run against `Kernel<MemStore>` and against [`Model`], a plain reference model
 //! that implements the design in the most obvious way: `BTreeMap`s and `Vec`s, and a crank that
 //! aborts is undone by restoring a clone of the whole model taken when the crank began. After
