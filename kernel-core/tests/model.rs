@@ -1,21 +1,21 @@
 //! Model-based property test of the crank (DESIGN §2–§6).
 //!
-//! Random host actions (queue a message, or queue one with its answer handed to a callback, watch
-//! a promise, pin and unpin references, ask a vat to bring out its dead, step, run, restart the
+//! Random host actions (queue a message, or queue one with its answer handed to a callback, watch a
+//! promise, pin and unpin references, ask a vat to bring out its dead, step, run, restart the
 //! kernel on its store, apply work from outside a crank, begin and end a turn) and scripted vat
 //! behaviour (sends with and without result promises, exports, subscribes, resolves, vatstore
-//! writes, dropping and retiring imports, retiring and abandoning exports, forged and stale vrefs, double and foreign resolves, illegal GC syscalls, faults,
-//! panics, exits) run against `Kernel<MemStore>` and against [`Model`], a plain reference model
-//! that implements the design in the most obvious way: `BTreeMap`s and `Vec`s, and a crank that
-//! aborts is undone by restoring a clone of the whole model taken when the crank began. After
-//! every transition the observable state must match exactly, krefs included: the run queue
-//! (GC deliveries too), every promise with its reference count and pin, every object with its
-//! owner, pin, abandonment and reachable/recognizable counts, every c-list entry with its
-//! reachable flag, every vatstore, every endpoint's status, what each delivery handed its vat
-//! (and what it read), what the host was told, the host watchers that ran and the commit events
-//! (as one sequence, so their relative order counts too), and whether a turn is open. The
-//! kernel's tables, c-list reachable flags included, are read through the kernel, which sees an
-//! open turn's writes.
+//! writes, dropping and retiring imports, retiring and abandoning exports, forged and stale vrefs,
+//! double and foreign resolves, illegal GC syscalls, faults, panics, exits) run against
+//! `Kernel<MemStore>` and against [`Model`], a plain reference model that implements the design in
+//! the most obvious way: `BTreeMap`s and `Vec`s, and a crank that aborts is undone by restoring a
+//! clone of the whole model taken when the crank began. After every transition the observable state
+//! must match exactly, krefs included: the run queue (GC deliveries too), every promise with its
+//! reference count and pin, every object with its owner, pin, abandonment and
+//! reachable/recognizable counts, every c-list entry with its reachable flag, every vatstore, every
+//! endpoint's status, what each delivery handed its vat (and what it read), what the host was told,
+//! the host watchers that ran and the commit events (as one sequence, so their relative order
+//! counts too), and whether a turn is open. The kernel's tables, c-list reachable flags included,
+//! are read through the kernel, which sees an open turn's writes.
 //!
 //! Garbage collection (DESIGN §6) is modelled without mirroring the kernel's increments: the
 //! model never stores a count. [`Model::recount`] counts every reference from scratch (c-list
