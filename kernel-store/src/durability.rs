@@ -125,16 +125,17 @@ pub struct Durable {
 pub(crate) struct Watermark {
     /// Batches applied over the store's life.
     pub applied: u64,
-    /// Batches handed to the engine (group commit holds the others in memory).
+    /// Batches written to the write-ahead log (group commit holds the others' records in memory).
     pub written: u64,
     /// Batches known to be on disk.
     pub durable: u64,
-    /// When the oldest batch not yet handed to the engine was applied (group commit only).
+    /// When the oldest batch not yet written to the log was applied (group commit only).
     pub oldest_pending: Option<Duration>,
-    /// When the oldest group handed to the engine but not yet known to be on disk was written
+    /// When the oldest group written to the log but not yet known to be on disk was written
     /// (group commit: its `fdatasync` runs on the store's sync thread).
     pub syncing_since: Option<Duration>,
-    /// Why the sync thread failed, if it did: the store refuses further writes.
+    /// Why the sync thread, a log write or a checkpoint failed, if one did: the store refuses
+    /// further writes (and reads: see `FjallStore::check_sync_thread` and the overlay's).
     pub failed: Option<String>,
     /// Batches the engine holds (the count written with the last checkpoint); the write-ahead
     /// log holds those after it.

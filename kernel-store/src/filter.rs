@@ -6,9 +6,9 @@
 //! `0xFF keys`, checksummed), so an open reads it back. Without one (a store written before it
 //! existed, or a damaged one), [`EngineKeys`] builds it from the engine's keys on a background
 //! thread (so a store of a million keys still opens in milliseconds; until the scan is done
-//! every question goes to fjall). It takes every key a checkpoint sets. Keys the engine later deletes stay in it (a Bloom filter cannot
-//! remove), which only makes it answer "maybe" more often; once it has taken more keys than it
-//! was sized for, it is built again the same way. "Maybe" is settled by asking the engine, so it
+//! every question goes to fjall). It takes every key a checkpoint sets. Keys the engine later
+//! deletes stay in it (a Bloom filter cannot remove), which only makes it answer "maybe" more
+//! often; once it has taken more keys than it was sized for, it is built again the same way. "Maybe" is settled by asking the engine, so it
 //! is never wrong in the direction that matters: it never says "absent" of a key the engine
 //! holds.
 

@@ -1,13 +1,14 @@
-//! What the store keeps in memory in front of the engine: under group commit, the writes of
-//! batches applied since the last sync (written to the engine as one atomic batch when the group
-//! syncs), and in every mode a bounded cache of what the engine holds, so the kernel's hot
-//! records (endpoints, roots, counters) are not looked up in the LSM tree on every crank.
+//! What the store keeps in memory in front of the engine: the writes of every batch applied
+//! since the last checkpoint (the write-ahead log holds them on disk; the engine takes them as
+//! one atomic batch at the next checkpoint), and a bounded cache of what the engine holds, so
+//! the kernel's hot records (endpoints, roots, counters) are not looked up in the LSM tree on
+//! every crank.
 //!
-//! Both are hash maps: the kernel's reads are point reads, and a group's batches are merged
-//! by key as they arrive (a key written by many cranks of a group is held, and written to the
-//! engine, once). Prefix scans, rare during cranks, need the pending keys in order: that index
-//! is built at the first scan of a group and kept up to date until the group is written, so a
-//! group without scans never pays for ordering.
+//! Both are hash maps: the kernel's reads are point reads, and batches are merged by key as
+//! they arrive (a key written by many cranks is held, and written to the engine, once; a key
+//! created and deleted again leaves, see [`Overlay::hold`]). Prefix scans, rare during cranks,
+//! need the pending keys in order: that index is built at a scan and kept up to date while scans
+//! keep reading it, so writes without scans never pay for ordering.
 
 use kernel_core::{StoreError, WriteBatch};
 use std::collections::BTreeSet;
@@ -27,7 +28,7 @@ pub(crate) struct Slot {
     pub created: bool,
 }
 
-/// The pending writes of a group, in key order: what goes to the engine.
+/// The pending writes of a checkpoint, in key order: what goes to the engine.
 pub(crate) type Pending = Vec<(Vec<u8>, Slot)>;
 
 /// The in-memory state in front of the engine.
@@ -35,7 +36,8 @@ pub(crate) type Pending = Vec<(Vec<u8>, Slot)>;
 pub(crate) struct Overlay {
     /// Written by applied batches, not yet in the engine: `None` is a delete.
     pending: HashMap<Vec<u8>, Slot>,
-    /// The keys of `pending` in order, once a scan needed them in this group.
+    /// The keys of `pending` in order, once a scan needed them (until a checkpoint, or until
+    /// `unread_changes` says nobody reads them).
     ordered: Option<BTreeSet<Vec<u8>>>,
     /// Changes made to `ordered` since the last scan: past the size of the overlay, the order
     /// is dropped (the next scan sorts again), so a scan now and then (opening a kernel, adding
@@ -45,7 +47,7 @@ pub(crate) struct Overlay {
     /// engine updates it.
     clean: HashMap<Vec<u8>, Option<Vec<u8>>>,
     clean_limit: usize,
-    /// Set when a group's write failed after its batches left `pending`: the store then refuses
+    /// Set when a checkpoint or a log write failed: the store then refuses
     /// everything rather than serve a state older than the one the kernel saw.
     pub failed: Option<String>,
 }
@@ -56,7 +58,7 @@ impl Overlay {
         Overlay { pending: HashMap::default(), ordered: None, unread_changes: 0, clean: HashMap::default(), clean_limit, failed: None }
     }
 
-    /// Refuse if an earlier group write failed.
+    /// Refuse if an earlier checkpoint or log write failed.
     pub fn check(&self) -> Result<(), StoreError> {
         match &self.failed {
             None => Ok(()),
@@ -116,31 +118,36 @@ impl Overlay {
                     };
                     if gone {
                         let (k, _) = e.remove_entry();
-                        if let Some(ordered) = &mut self.ordered {
-                            ordered.remove(&k);
-                            self.unread_changes += 1;
+                        if self.ordered.as_mut().is_some_and(|ordered| ordered.remove(&k)) {
+                            self.order_changed();
                         }
                     } else {
                         e.get_mut().value = v;
                     }
                 }
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    if let Some(ordered) = &mut self.ordered {
-                        ordered.insert(e.key().clone());
-                        self.unread_changes += 1;
-                    }
+                    let ordered = self.ordered.as_mut().is_some_and(|ordered| ordered.insert(e.key().clone()));
                     let created = v.is_some();
                     e.insert(Slot { value: v, created });
+                    if ordered {
+                        self.order_changed();
+                    }
                 }
             }
         }
+    }
+
+    /// One more change to the scan order since a scan last read it: past the overlay's size
+    /// (and 1,024), drop the order; the next scan sorts again.
+    fn order_changed(&mut self) {
+        self.unread_changes += 1;
         if self.unread_changes > self.pending.len().max(1024) {
             self.ordered = None;
             self.unread_changes = 0;
         }
     }
 
-    /// Every pending write, in key order, leaving none pending: the group to write. Pass it
+    /// Every pending write, in key order, leaving none pending: the checkpoint to write. Pass it
     /// back to [`Overlay::written`] once the engine holds it.
     pub fn take_pending(&mut self) -> Pending {
         self.ordered = None;
@@ -153,7 +160,7 @@ impl Overlay {
     /// The engine now holds `written` (taken by [`Overlay::take_pending`]): a key the cache
     /// holds takes its new value, a deleted one leaves the cache (most are run-queue entries and
     /// promises, whose keys are never used again), and a key it does not hold stays out. The
-    /// kernel keeps its hot records itself, so most of a group's keys are never read back from
+    /// kernel keeps its hot records itself, so most of a checkpoint's keys are never read back from
     /// the store; caching them all (an outbox entry, a settled promise…) cost a remote node
     /// under load 14% of its time in hash-map inserts and whole-cache clears, and 25% of its
     /// throughput. A key read back is cached by [`Overlay::remember`].
