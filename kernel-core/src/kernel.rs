@@ -349,7 +349,19 @@ impl<S: Store> Kernel<S> {
     /// Queue `target.method(args)` from the host, with a fresh result promise (immediate path:
     /// committed before this returns). Every reference must exist.
     pub fn queue_message(&mut self, target: KRef, method: &str, args: CapData) -> Result<KPromiseId, KernelError> {
-        self.queue(target, method, args, true)
+        self.queue(target, method, args, |db| {
+            let kp = db.new_promise(None);
+            db.pin(KRef::Promise(kp), true)?;
+            Ok((Some(kp), kp))
+        })
+    }
+
+    /// Queue `target.method(args)` from the host as a one-way message: no result promise, so
+    /// nothing to settle, watch or collect (immediate path: committed before this returns). A
+    /// delivery of it that fails is still that crank's failure, reported by [`Kernel::step`].
+    /// Every reference must exist.
+    pub fn queue_send_only(&mut self, target: KRef, method: &str, args: CapData) -> Result<(), KernelError> {
+        self.queue(target, method, args, |_| Ok((None, ())))
     }
 
     /// Queue `target.method(args)` like [`Kernel::queue_message`], and call `callback` with the
@@ -366,28 +378,36 @@ impl<S: Store> Kernel<S> {
         args: CapData,
         callback: impl FnOnce(KPromiseId, &Settlement) + 'static,
     ) -> Result<KPromiseId, KernelError> {
-        let kp = self.queue(target, method, args, false)?;
+        let kp = self.queue(target, method, args, |db| {
+            let kp = db.new_promise(None);
+            Ok((Some(kp), kp))
+        })?;
         self.watchers.entry(kp).or_default().push(Box::new(callback));
         Ok(kp)
     }
 
-    fn queue(&mut self, target: KRef, method: &str, args: CapData, pinned: bool) -> Result<KPromiseId, KernelError> {
+    /// Queue a host message; `result` makes its result promise, if it has one, in the same
+    /// transaction, and says what to return.
+    fn queue<R>(
+        &mut self,
+        target: KRef,
+        method: &str,
+        args: CapData,
+        result: impl FnOnce(&mut KernelTxn<'_>) -> Result<(Option<KPromiseId>, R), KernelError>,
+    ) -> Result<R, KernelError> {
         let mut db = self.read();
         for r in std::iter::once(&target).chain(args.slots.iter()) {
             if !db.exists(*r)? {
                 return Err(KernelError::UnknownRef(*r));
             }
         }
-        let kp = db.new_promise(None);
-        if pinned {
-            db.pin(KRef::Promise(kp), true)?;
-        }
-        let message = Message { method: method.to_owned(), args, result: Some(kp) };
+        let (kp, out) = result(&mut db)?;
+        let message = Message { method: method.to_owned(), args, result: kp };
         gc::add_message_refs(&mut db, target, &message)?;
         db.push_run_queue(&RunQueueItem::Send { target, message });
         let finished = db.finish();
         self.apply_immediate(finished)?;
-        Ok(kp)
+        Ok(out)
     }
 
     /// Pin `kref` so it is never collected (the host holds it), or unpin it. The results of

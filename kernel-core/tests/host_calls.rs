@@ -1,17 +1,20 @@
 //! The host's calls into a kernel: `queue_message_then` queues a message and hands the host its
-//! answer once, leaving nothing behind; `queue_message` keeps the answer pinned for the host.
+//! answer once, leaving nothing behind; `queue_message` keeps the answer pinned for the host;
+//! `queue_send_only` queues a one-way message, with no result promise at all.
 
 use kernel_core::{CapData, CrankContext, Endpoint, Fault, KPromiseId, KRef, Kernel, KernelDelivery, MemStore, Settlement, SyscallError};
 use std::cell::RefCell;
 use std::rc::Rc;
 
-/// Fulfils every result with the method's name; `fail` faults instead.
-struct Answerer;
+/// Fulfils every result with the method's name; `fail` faults instead. Records each message's
+/// method and whether it had a result.
+struct Answerer(Rc<RefCell<Vec<(String, bool)>>>);
 
 impl Endpoint for Answerer {
     fn deliver(&mut self, d: KernelDelivery, ctx: &mut CrankContext<'_>) -> Result<(), Fault> {
         let fault = |e: SyscallError| Fault::VatError(e.to_string());
         let KernelDelivery::Message { message, .. } = d else { return Ok(()) };
+        self.0.borrow_mut().push((message.method.clone(), message.result.is_some()));
         if message.method == "fail" {
             return Err(Fault::VatError("asked to fail".into()));
         }
@@ -25,11 +28,19 @@ impl Endpoint for Answerer {
 
 type Answers = Rc<RefCell<Vec<(KPromiseId, Settlement)>>>;
 
+type Delivered = Rc<RefCell<Vec<(String, bool)>>>;
+
 fn kernel() -> (Kernel<MemStore>, KRef) {
+    let (k, root, _) = recording_kernel();
+    (k, root)
+}
+
+fn recording_kernel() -> (Kernel<MemStore>, KRef, Delivered) {
+    let delivered = Delivered::default();
     let mut k = Kernel::open(MemStore::new()).expect("open");
-    let vat = k.add_endpoint("answerer", Box::new(Answerer)).expect("vat");
+    let vat = k.add_endpoint("answerer", Box::new(Answerer(Rc::clone(&delivered)))).expect("vat");
     let root = k.root(vat).expect("root");
-    (k, root.into())
+    (k, root.into(), delivered)
 }
 
 fn record(answers: &Answers) -> impl FnOnce(KPromiseId, &Settlement) + 'static {
@@ -86,4 +97,22 @@ fn an_unknown_target_is_refused_and_nothing_is_queued() {
     let ghost = KRef::Object(kernel_core::KObjectId(999));
     assert!(k.queue_message_then(ghost, "hello", CapData::plain("[]"), record(&answers)).is_err());
     assert_eq!(k.queue_len(), 0);
+}
+
+#[test]
+fn a_send_only_message_is_delivered_without_a_result_and_makes_no_promise() {
+    let (mut k, root, delivered) = recording_kernel();
+    k.queue_send_only(root, "ping", CapData::plain("[]")).expect("send");
+    assert_eq!(k.queue_len(), 1);
+    k.run(None).expect("run");
+    assert_eq!(*delivered.borrow(), vec![("ping".to_owned(), false)]);
+    // No promise was made for it: the next result promise is the one a fresh kernel makes first.
+    let answers = Answers::default();
+    let next = k.queue_message_then(root, "hello", CapData::plain("[]"), record(&answers)).expect("queue");
+    let (mut fresh, fresh_root) = kernel();
+    let first = fresh.queue_message_then(fresh_root, "hello", CapData::plain("[]"), record(&answers)).expect("queue");
+    assert_eq!(next, first);
+    let ghost = KRef::Object(kernel_core::KObjectId(999));
+    assert!(k.queue_send_only(ghost, "ping", CapData::plain("[]")).is_err());
+    assert_eq!(k.queue_len(), 1, "only the hello is queued");
 }

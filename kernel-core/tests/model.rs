@@ -877,6 +877,8 @@ enum Observed {
     Nothing,
     /// The queued message's result, and what unpinning it at once said (if asked to).
     Queued(Result<KPromiseId, String>, Option<Result<(), String>>),
+    /// What `queue_send_only` said.
+    Sent(Result<(), String>),
     Watched(Result<(), String>),
     Pinned(Result<(), String>),
     Reaped(Result<(), String>),
@@ -1310,6 +1312,15 @@ impl Model {
         let message = Message { method, args: CapData { body: HOST_BODY.to_vec(), slots: args }, result: Some(kp) };
         self.run_queue.push_back(RunQueueItem::Send { target, message });
         Ok(kp)
+    }
+
+    fn queue_send_only(&mut self, target: KRef, method: String, args: Vec<KRef>) -> Result<(), String> {
+        if let Some(missing) = std::iter::once(&target).chain(&args).find(|r| !self.exists(**r)) {
+            return Err(format!("unknown reference {missing}"));
+        }
+        let message = Message { method, args: CapData { body: HOST_BODY.to_vec(), slots: args }, result: None };
+        self.run_queue.push_back(RunQueueItem::Send { target, message });
+        Ok(())
     }
 
     fn watch(&mut self, kp: KPromiseId) -> Result<(), String> {
@@ -2423,6 +2434,8 @@ enum Transition {
     Queue { target: KRef, method: u8, args: Vec<KRef>, unpin: bool },
     /// `queue_message_then(target, "h<method>", args, ..)`: the result unpinned, watched.
     QueueThen { target: KRef, method: u8, args: Vec<KRef> },
+    /// `queue_send_only(target, "h<method>", args)`: no result promise.
+    SendOnly { target: KRef, method: u8, args: Vec<KRef> },
     /// `watch(kp, ..)`.
     Watch { kp: KPromiseId },
     /// `set_pinned(kref, pinned)`.
@@ -2558,6 +2571,7 @@ impl ReferenceStateMachine for KernelModel {
         let (turn_weight, turn) = if state.turn.is_some() { (3, Transition::EndTurn) } else { (1, Transition::BeginTurn) };
         prop_oneof![
             1 => (target.clone(), 0..4u8, args.clone()).prop_map(|(target, method, args)| Transition::QueueThen { target, method, args }),
+            1 => (target.clone(), 0..4u8, args.clone()).prop_map(|(target, method, args)| Transition::SendOnly { target, method, args }),
             3 => (target, 0..4u8, args, any::<bool>())
                 .prop_map(|(target, method, args, unpin)| Transition::Queue { target, method, args, unpin }),
             1 => watched.prop_map(|kp| Transition::Watch { kp }),
@@ -2598,6 +2612,9 @@ impl ReferenceStateMachine for KernelModel {
                     state.watchers.entry(kp.0).or_default().push(id);
                 }
                 Observed::Queued(queued, None)
+            }
+            Transition::SendOnly { target, method, args } => {
+                Observed::Sent(state.queue_send_only(*target, format!("h{method}"), args.clone()))
             }
             Transition::Watch { kp } => Observed::Watched(state.watch(*kp)),
             Transition::Pin { kref, pinned } => Observed::Pinned(state.set_pinned(*kref, *pinned)),
@@ -2725,6 +2742,10 @@ impl StateMachineTest for KernelTest {
                     })
                     .map_err(|e| e.to_string());
                 Observed::Queued(queued, None)
+            }
+            Transition::SendOnly { target, method, args } => {
+                let args = CapData { body: HOST_BODY.to_vec(), slots: args };
+                Observed::Sent(sut.kernel.queue_send_only(target, &format!("h{method}"), args).map_err(|e| e.to_string()))
             }
             Transition::Watch { kp } => {
                 let id = sut.next_watch;

@@ -21,6 +21,10 @@
 //! first crank commit after the message (b's commit observer, on the same clock): with turns
 //! under sync durability, exactly the message's durable apply at b, without the trip back.
 //!
+//! The memory, group and turns cases also stream one-way messages (`queue_send_only`: no result
+//! promise, so nothing comes back but acknowledgements) from a to b's vat, with the same window:
+//! the rate at which b's vat receives them.
+//!
 //! `--only NAME` runs one case (memory, group, group-no-early, wide, sync, memory-turns,
 //! group-turns, sync-turns), e.g. under perf; `--latency-only` skips the throughput runs,
 //! `--throughput-only` the latency runs. `ROUND_CRANKS` sets the cranks per host round,
@@ -42,12 +46,20 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// Answers `echo(x)` with `x`; counts one-way `tick`s in [`TICKS`].
 struct Echo;
 impl Behavior for Echo {
-    fn call(&mut self, _: &mut Cx<'_, '_, '_>, _: VRef, _: &str, args: VatData) -> Result<Answer, VatError> {
+    fn call(&mut self, _: &mut Cx<'_, '_, '_>, _: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {
+        if method == "tick" {
+            TICKS.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Answer::Value(args))
     }
 }
+
+/// One-way `tick`s delivered to an echo vat, in any kernel of this process (the one-way run
+/// reads b's count from a's thread).
+static TICKS: AtomicU64 = AtomicU64::new(0);
 
 fn id(s: &str) -> KernelId {
     s.parse().expect("kernel id")
@@ -98,6 +110,36 @@ fn drive<S: DurableStore>(
     let elapsed = start.elapsed();
     let latencies = std::mem::take(&mut done.borrow_mut().latencies);
     (elapsed, latencies)
+}
+
+/// One-way messages (`queue_send_only`, no result promise) from a to b's vat, `window` of them
+/// delivered-or-in-flight at a time, until b's vat has had `total`: messages/s. Then, all
+/// acknowledged, checks b's vat had each exactly once.
+fn drive_one_way<S: DurableStore>(
+    node: &mut Node<S>,
+    mut service: impl FnMut(&mut Node<S>),
+    target: kernel_core::KObjectId,
+    total: u64,
+    window: u64,
+) -> f64 {
+    let base = TICKS.load(Ordering::Relaxed);
+    let delivered = || TICKS.load(Ordering::Relaxed) - base;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while delivered() < total {
+        while sent < total && sent - delivered().min(sent) < window {
+            node.kernel_mut().queue_send_only(target.into(), "tick", CapData::plain(sent.to_string())).expect("send");
+            sent += 1;
+        }
+        service(node);
+    }
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    // Every message acknowledged (applied by b): b's vat had each exactly once.
+    while n_busy(node) {
+        service(node);
+    }
+    assert_eq!(delivered(), total, "b's vat got each one-way message exactly once");
+    rate
 }
 
 /// One message at a time, with its answer awaited before the next: the time from the host's
@@ -265,6 +307,8 @@ struct Remote {
     oneway_p99: Duration,
     /// One at a time: a's queue to b's first crank commit after it (see [`one_way`]).
     commit_p50: Duration,
+    /// One-way messages a to b (no answers) per second, with the same window in flight.
+    oneway_rate: f64,
 }
 
 /// `d` in units of `unit` (e.g. fdatasyncs).
@@ -295,10 +339,11 @@ fn batches(r: &Remote) -> String {
 
 /// Two kernels over TCP loopback: throughput with `window` in flight, then latency one message
 /// at a time.
-fn remote(backing: Backing, turns: Option<TurnLimits>, total: u64, window: u64, pings: u64) -> Remote {
+/// `oneway_total`: one-way messages to send after the round trips (0: none).
+fn remote(backing: Backing, turns: Option<TurnLimits>, total: u64, window: u64, pings: u64, oneway_total: u64) -> Remote {
     match backing {
         Backing::Fjall(durability) => {
-            remote_on(move |dir, name, peer| fjall_node(dir, name, peer, durability, turns), total, window, pings)
+            remote_on(move |dir, name, peer| fjall_node(dir, name, peer, durability, turns), total, window, pings, oneway_total)
         }
         Backing::FjallNoEarlySync(durability) => remote_on(
             move |dir, name, peer| {
@@ -311,10 +356,15 @@ fn remote(backing: Backing, turns: Option<TurnLimits>, total: u64, window: u64, 
             total,
             window,
             pings,
+            oneway_total,
         ),
-        Backing::Memory => {
-            remote_on(move |_, name, peer| setup(Kernel::open(MemStore::new()).expect("open"), name, peer, turns), total, window, pings)
-        }
+        Backing::Memory => remote_on(
+            move |_, name, peer| setup(Kernel::open(MemStore::new()).expect("open"), name, peer, turns),
+            total,
+            window,
+            pings,
+            oneway_total,
+        ),
     }
 }
 
@@ -323,6 +373,7 @@ fn remote_on<S: DurableStore>(
     total: u64,
     window: u64,
     pings: u64,
+    oneway_total: u64,
 ) -> Remote {
     let tmp = tempfile::tempdir().expect("tempdir");
     let stop = Arc::new(AtomicBool::new(false));
@@ -374,14 +425,16 @@ fn remote_on<S: DurableStore>(
     let m0 = marks(&node);
     let (elapsed, mut loaded) = drive(&mut node, &mut service, target, total, window);
     let m1 = marks(&node);
+    let oneway_rate = if oneway_total > 0 { drive_one_way(&mut node, &mut service, target, oneway_total, window) } else { 0.0 };
+    let m1b = marks(&node);
     let (_, mut lat) = drive(&mut node, &mut service, target, pings, 1);
     let m2 = marks(&node);
     let (mut oneway, mut to_commit) = one_way(&mut node, &mut service, target, pings, &id("b"), &b_side);
     oneway.sort();
     to_commit.sort();
     let per = |x: u64, y: u64, n: u64| (x.saturating_sub(y)) as f64 / n.max(1) as f64;
-    let batches = [per(m1.0, m0.0, total), per(m1.1, m0.1, total), per(m2.0, m1.0, pings), per(m2.1, m1.1, pings)];
-    let early = [per(m1.2, m0.2, total), per(m1.3, m0.3, total), per(m2.2, m1.2, pings), per(m2.3, m1.3, pings)];
+    let batches = [per(m1.0, m0.0, total), per(m1.1, m0.1, total), per(m2.0, m1b.0, pings), per(m2.1, m1b.1, pings)];
+    let early = [per(m1.2, m0.2, total), per(m1.3, m0.3, total), per(m2.2, m1b.2, pings), per(m2.3, m1b.3, pings)];
     stop.store(true, Ordering::Relaxed);
     b.join().expect("b");
     loaded.sort();
@@ -396,6 +449,7 @@ fn remote_on<S: DurableStore>(
         oneway_p50: percentile(&oneway, 0.5),
         oneway_p99: percentile(&oneway, 0.99),
         commit_p50: percentile(&to_commit, 0.5),
+        oneway_rate,
     }
 }
 
@@ -483,6 +537,13 @@ fn main() {
             ms(r.p99)
         );
         println!("remote:   {}", details(r, fsync));
+        if r.oneway_rate > 0.0 {
+            println!(
+                "remote:   one-way messages a to b (queue_send_only, no answer), {window} in flight: {:.0} msg/s ({:.2}x the round trips)",
+                r.oneway_rate,
+                r.oneway_rate / r.rate
+            );
+        }
     };
     // A sync case's round trip in fjall sync commits, beside how many it holds in sequence.
     let commits = |r: &Remote, sequence: &str| {
@@ -490,24 +551,24 @@ fn main() {
     };
     let loaded = |r: &Remote| format!(", p50 {} with {window} in flight", ms(r.load_p50));
     if run("memory") {
-        let m = remote(Backing::Memory, None, group_total, window, pings);
+        let m = remote(Backing::Memory, None, group_total, window, pings, group_total);
         report("in-memory stores", &m, 3, String::new());
     }
     if run("group") {
-        let g = remote(Backing::Fjall(Durability::GROUP), None, group_total, window, pings);
+        let g = remote(Backing::Fjall(Durability::GROUP), None, group_total, window, pings, group_total);
         report("group commit", &g, 3, loaded(&g));
     }
     if run("group-no-early") {
-        let g = remote(Backing::FjallNoEarlySync(Durability::GROUP), None, group_total, window, pings);
+        let g = remote(Backing::FjallNoEarlySync(Durability::GROUP), None, group_total, window, pings, 0);
         report("group, no early sync", &g, 3, loaded(&g));
     }
     if run("wide") {
         let wide = Durability::Group { max_cranks: 20_000, max_delay: Duration::from_millis(10) };
-        let w = remote(Backing::Fjall(wide), None, group_total, window * 4, pings.min(200));
+        let w = remote(Backing::Fjall(wide), None, group_total, window * 4, pings.min(200), 0);
         report("group (20k / 10 ms)", &w, 3, String::new());
     }
     if run("sync") {
-        let s = remote(Backing::Fjall(Durability::Sync), None, sync_total, window.min(64), pings.min(200));
+        let s = remote(Backing::Fjall(Durability::Sync), None, sync_total, window.min(64), pings.min(200), 0);
         report("sync", &s, 4, format!(" = {:.1} fdatasyncs", per(s.p50, fsync)));
         // Each is a store batch, synced before the next can start: a queues (host) and sends
         // (crank); b applies, delivers to the echo vat, sends the answer (notify crank); a applies.
@@ -518,15 +579,15 @@ fn main() {
         None => TurnLimits::default(),
     });
     if run("memory-turns") {
-        let m = remote(Backing::Memory, turns, group_total, window, pings);
+        let m = remote(Backing::Memory, turns, group_total, window, pings, group_total);
         report("in-memory, turns", &m, 3, String::new());
     }
     if run("group-turns") {
-        let g = remote(Backing::Fjall(Durability::GROUP), turns, group_total, window, pings);
+        let g = remote(Backing::Fjall(Durability::GROUP), turns, group_total, window, pings, group_total);
         report("group, turns", &g, 3, loaded(&g));
     }
     if run("sync-turns") {
-        let s = remote(Backing::Fjall(Durability::Sync), turns, group_total, window, pings.min(200));
+        let s = remote(Backing::Fjall(Durability::Sync), turns, group_total, window, pings.min(200), group_total);
         report("sync, turns", &s, 3, format!(" = {:.1} fdatasyncs{}", per(s.p50, fsync), loaded(&s)));
         // Each round of a node is one store batch, synced before its output leaves: a queues and
         // sends; b applies, delivers and answers; a applies (the answer's watch fires then).
