@@ -241,6 +241,14 @@ impl<'s> CrankContext<'s> {
         Ok(())
     }
 
+    /// The promise `vref` names, if this (peer-kernel) endpoint keeps `vref` as the alias of a
+    /// resolved promise (see [`Endpoint::is_peer_kernel`]); changes nothing.
+    pub fn alias(&mut self, vref: VRef) -> Result<Option<KRef>, SyscallError> {
+        self.guard()?;
+        let r = self.work.db.alias_kref(self.endpoint, vref);
+        self.check(r)
+    }
+
     /// The endpoint's c-list entry for `kref` (its vref and reachable flag); changes nothing.
     pub fn entry(&mut self, kref: KRef) -> Result<Option<ClistEntry>, SyscallError> {
         self.guard()?;

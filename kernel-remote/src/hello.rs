@@ -89,7 +89,7 @@ mod tests {
         assert!(matches!(check_hello(&me, None, Some(&b), &hello("a"), 1024), Err(HelloError::Impostor { .. })));
         assert!(matches!(check_hello(&me, Some(&b), None, &hello("a"), 1024), Err(HelloError::WrongPeer { .. })));
         assert!(matches!(check_hello(&me, None, None, &hello("me"), 1024), Err(HelloError::Ourselves(_))));
-        let ack = Frame::Ack { upto: PeerSeq(1) }.encode().expect("encode");
+        let ack = Frame::Ack { upto: PeerSeq(1), written: PeerSeq(0) }.encode().expect("encode");
         assert_eq!(check_hello(&me, None, None, &ack, 1024), Err(HelloError::NotHello));
         assert!(matches!(check_hello(&me, None, None, &[], 1024), Err(HelloError::Wire(_))));
     }

@@ -23,8 +23,12 @@
 //!   new export), and the drop is moot;
 //! - a notify's promises stay nameable as aliases in the link's c-list (kernel-core, for peer
 //!   kernels), because the peer may name them in messages sent before our `Resolve` reached
-//!   it; the peer answers our `Resolve` with [`WireMessage::Forget`] in its outbox, after
-//!   which it never names them again, and the aliases go.
+//!   it. The peer's acknowledgement of our `Resolve` says how far its outbox was written
+//!   (durably) by then ([`crate::Frame::Ack`]'s `written`): once we have applied its messages
+//!   that far, none naming them can still come, and the aliases go, in the transaction that
+//!   deletes the `Resolve`'s outbox entry (the node's `delete_acknowledged`). So an outbox
+//!   entry that is a `Resolve` stays until its names are forgotten, and after a restart the
+//!   outbox itself says which names are still to forget.
 
 use crate::rref::{PeerSeq, RRef};
 use crate::wire::{WireData, WireMessage, WireResolution};
@@ -64,6 +68,18 @@ pub(crate) struct Staged {
     pub seq: u64,
     /// The encoded message.
     pub message: Vec<u8>,
+    /// For a `Resolve`: the names (ours) of the promises it settled, which the link keeps as
+    /// aliases until the peer's acknowledgements let it forget them.
+    pub forget: Vec<VRef>,
+}
+
+/// The names a `Resolve` in our outbox leaves as aliases until forgotten: its promises, as the
+/// link names them. Empty for any other message.
+pub(crate) fn resolve_names(message: &WireMessage) -> Vec<VRef> {
+    match message {
+        WireMessage::Resolve { resolutions } => resolutions.iter().map(|r| r.promise.to_clist()).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Shared between the link endpoints (inside the kernel) and the node (the host): entries wait
@@ -225,10 +241,10 @@ impl Endpoint for LinkEndpoint {
                     }
                     return Ok(());
                 }
-                WireMessage::Resolve { resolutions } => {
+                WireMessage::Resolve { ref resolutions } => {
                     let error = CapData::error(&why);
                     let resolutions = resolutions
-                        .into_iter()
+                        .iter()
                         .map(|r| WireResolution {
                             promise: r.promise,
                             rejected: true,
@@ -244,7 +260,9 @@ impl Endpoint for LinkEndpoint {
         for v in named {
             ctx.vatstore_set(&named_key(v), seq.to_be_bytes().to_vec()).map_err(kernel_fault)?;
         }
-        self.stage(seq, bytes);
+        // The kernel keeps a notify's promises as our aliases: the names the peer may still use.
+        let forget = resolve_names(&message);
+        self.stage(seq, bytes, forget);
         Ok(())
     }
 
@@ -272,7 +290,7 @@ impl Endpoint for LinkEndpoint {
         };
         let bytes = message.encode().map_err(|e| Fault::VatError(e.to_string()))?;
         let seq = write_outbox(ctx, &bytes).map_err(kernel_fault)?;
-        self.stage(seq, bytes);
+        self.stage(seq, bytes, Vec::new());
         Ok(())
     }
 
@@ -283,10 +301,10 @@ impl Endpoint for LinkEndpoint {
 
 impl LinkEndpoint {
     /// Last, after every fallible step: staged entries leave only on this crank's commit event.
-    fn stage(&self, seq: u64, message: Vec<u8>) {
+    fn stage(&self, seq: u64, message: Vec<u8>, forget: Vec<VRef>) {
         let mut gate = self.gate.borrow_mut();
         let crank = gate.crank;
-        gate.staged.push_back((crank, Staged { link: self.index, seq, message }));
+        gate.staged.push_back((crank, Staged { link: self.index, seq, message, forget }));
     }
 }
 
@@ -344,8 +362,7 @@ fn in_data(ctx: &mut CrankContext<'_>, bootstrap: Option<KObjectId>, d: &WireDat
 
 /// Apply message `seq` from the peer inside an immediate-path transaction, recording `seq` as
 /// the highest applied in the same transaction. Any fault means nothing is applied. Returns
-/// the promises the message resolved, as we name them: the peer may forget their names once our
-/// [`WireMessage::Forget`] of them reaches it (see `apply_batch`).
+/// the promises the message resolved, as we name them (the names we stop using now).
 pub fn apply_inbound(
     ctx: &mut CrankContext<'_>,
     bootstrap: Option<KObjectId>,
@@ -425,7 +442,15 @@ pub fn apply_inbound(
             }
         }
         WireMessage::Forget { refs } => {
-            let names: Vec<VRef> = refs.iter().map(|r| r.flip().to_clist()).collect();
+            // Written by a version-2 peer. A name it lists that is no longer an alias was
+            // forgotten already (by an acknowledgement, after an upgrade): nothing to do.
+            let mut names = Vec::with_capacity(refs.len());
+            for r in refs {
+                let v = r.flip().to_clist();
+                if ctx.alias(v).map_err(refused)?.is_some() {
+                    names.push(v);
+                }
+            }
             ctx.forget_names(&names).map_err(refused)?;
         }
     }
@@ -433,25 +458,11 @@ pub fn apply_inbound(
     Ok(resolved)
 }
 
-/// Apply a batch of messages from the peer of link `link` inside one immediate-path
-/// transaction (see [`apply_inbound`]); for each `Resolve` among them, write a
-/// [`WireMessage::Forget`] of the promises it resolved into the link's outbox (one per
-/// `Resolve`, so the outbox does not depend on how messages happened to be batched). Returns
-/// those outbox entries, to transmit once the transaction has committed (and is durable).
-pub(crate) fn apply_batch(
-    ctx: &mut CrankContext<'_>,
-    link: usize,
-    bootstrap: Option<KObjectId>,
-    batch: &[(PeerSeq, WireMessage)],
-) -> Result<Vec<Staged>, Fault> {
-    let mut staged = Vec::new();
+/// Apply a batch of messages from the peer inside one immediate-path transaction (see
+/// [`apply_inbound`]).
+pub(crate) fn apply_batch(ctx: &mut CrankContext<'_>, bootstrap: Option<KObjectId>, batch: &[(PeerSeq, WireMessage)]) -> Result<(), Fault> {
     for (seq, message) in batch {
-        let forget = apply_inbound(ctx, bootstrap, *seq, message)?;
-        if !forget.is_empty() {
-            let message = WireMessage::Forget { refs: forget }.encode().map_err(|e| Fault::VatError(e.to_string()))?;
-            let seq = write_outbox(ctx, &message).map_err(kernel_fault)?;
-            staged.push(Staged { link, seq, message });
-        }
+        apply_inbound(ctx, bootstrap, *seq, message)?;
     }
-    Ok(staged)
+    Ok(())
 }

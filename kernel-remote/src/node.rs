@@ -14,7 +14,7 @@ use crate::link::{self, decode_u64, Gate, LinkEndpoint, OUTBOX_PREFIX};
 use crate::rref::{KernelId, PeerSeq};
 use crate::transport::{Transport, TransportEvent};
 use crate::wire::{Frame, WireMessage, DEFAULT_MAX_FRAME};
-use kernel_core::{CrankReport, EndpointId, KObjectId, Kernel, RunSummary};
+use kernel_core::{CrankReport, EndpointId, KObjectId, Kernel, RunSummary, VRef};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -162,6 +162,71 @@ struct PeerLink {
     ack_sent: u64,
     /// Send an acknowledgement even if it repeats (a duplicate arrived, or a new connection).
     reack: bool,
+    // ---- forgetting the names our `Resolve`s leave (see `link`) ----
+    /// Our outbox entries that are `Resolve`s, with the names they leave as aliases, in
+    /// sequence order: forgotten when the entry is deleted.
+    forgets: VecDeque<(u64, Vec<VRef>)>,
+    /// The peer's acknowledgements not yet usable for forgetting: `(upto, written)`, in order.
+    /// Usable once we have applied its messages up to `written`.
+    marks: VecDeque<(u64, u64)>,
+    /// The highest `upto` of a mark in `marks` (or already used).
+    marked: u64,
+    /// Our `Resolve`s up to here may have their names forgotten.
+    forgettable: u64,
+}
+
+/// Acknowledgements kept for forgetting at most; past it the newest two merge into one that
+/// waits for the later `written` (later forgetting, never earlier).
+const MAX_MARKS: usize = 64;
+
+impl PeerLink {
+    /// The peer acknowledged our messages up to `upto`, having written its own up to `written`.
+    fn mark(&mut self, upto: u64, written: u64) {
+        if upto <= self.marked {
+            return;
+        }
+        self.marked = upto;
+        let full = self.marks.len() >= MAX_MARKS;
+        match self.marks.back_mut() {
+            Some(last) if full => *last = (upto, last.1.max(written)),
+            _ => self.marks.push_back((upto, written)),
+        }
+        self.use_marks();
+    }
+
+    /// Marks whose `written` we have applied: our `Resolve`s up to their `upto` are forgettable.
+    fn use_marks(&mut self) {
+        while let Some(&(upto, written)) = self.marks.front() {
+            if written > self.applied {
+                break;
+            }
+            self.forgettable = self.forgettable.max(upto);
+            self.marks.pop_front();
+        }
+    }
+
+    /// Acknowledged entries that may be deleted: all of them, except from the first `Resolve`
+    /// whose names may not be forgotten yet.
+    fn deletable(&self) -> u64 {
+        match self.forgets.front() {
+            Some(&(seq, _)) if seq > self.forgettable => self.acked.min(seq - 1),
+            _ => self.acked,
+        }
+    }
+
+    /// True if a `Resolve`'s names may be forgotten now (its entry is deletable).
+    fn forget_due(&self) -> bool {
+        self.forgets.front().is_some_and(|&(seq, _)| seq <= self.deletable())
+    }
+
+    /// The highest of our entries that is durable at store position `durable`: entries the
+    /// peer acknowledged were, and each unacknowledged one carries its position.
+    fn durable_written(&self, durable: u64) -> u64 {
+        match self.unacked.partition_point(|e| e.mark <= durable) {
+            0 => self.acked,
+            n => self.unacked[n - 1].seq,
+        }
+    }
 }
 
 /// The open turn, as the node sees it: what its end must stamp.
@@ -272,7 +337,7 @@ impl<S: DurableStore> Node<S> {
         let endpoint = LinkEndpoint::new(index, Rc::clone(&self.gate), Rc::clone(&self.bootstrap), max_message);
         let ep = self.kernel.add_endpoint(&link_endpoint_name(&peer), Box::new(endpoint))?;
         let corrupt = |reason: String| RemoteError::Corrupt { peer: peer.clone(), reason };
-        let mut unacked = VecDeque::new();
+        let (mut unacked, mut forgets) = (VecDeque::new(), VecDeque::new());
         let (mut written, mut applied) = (0u64, 0u64);
         let mark = self.kernel.store().applied_mark();
         for (k, v) in self.kernel.vatstore(ep)? {
@@ -282,6 +347,11 @@ impl<S: DurableStore> Node<S> {
                 applied = decode_u64(&v).ok_or_else(|| corrupt("applied-sequence record".into()))?;
             } else if let Some(seq) = k.strip_prefix(OUTBOX_PREFIX) {
                 let seq = decode_u64(seq).ok_or_else(|| corrupt(format!("outbox key {}", k.escape_ascii())))?;
+                // A `Resolve` still in the outbox has not had its names forgotten.
+                let names = WireMessage::decode(&v).map(|m| link::resolve_names(&m)).unwrap_or_default();
+                if !names.is_empty() {
+                    forgets.push_back((seq, names));
+                }
                 unacked.push_back(OutEntry { seq, message: v, mark });
             }
         }
@@ -308,6 +378,10 @@ impl<S: DurableStore> Node<S> {
             inbound: Vec::new(),
             ack_sent: 0,
             reack: true,
+            forgets,
+            marks: VecDeque::new(),
+            marked: 0,
+            forgettable: 0,
         });
         self.by_peer.insert(peer, index);
         Ok(ep)
@@ -514,12 +588,13 @@ impl<S: DurableStore> Node<S> {
     fn frame(&mut self, now: Duration, i: usize, bytes: &[u8]) -> Result<(), FrameError> {
         match Frame::decode(bytes, self.config.max_frame).map_err(ProtocolError::from)? {
             Frame::Hello { .. } => Err(ProtocolError::Unexpected("hello").into()),
-            Frame::Ack { upto } => {
+            Frame::Ack { upto, written } => {
                 let base = self.config.retransmit_base;
                 let l = &mut self.links[i];
                 if upto.0 > l.written {
                     return Err(ProtocolError::AckBeyondSent { upto, sent: PeerSeq(l.written) }.into());
                 }
+                l.mark(upto.0, written.0);
                 if upto.0 > l.acked {
                     while l.unacked.front().is_some_and(|e| e.seq <= upto.0) {
                         l.unacked.pop_front();
@@ -561,20 +636,16 @@ impl<S: DurableStore> Node<S> {
             }
             let batch = std::mem::take(&mut self.links[i].inbound);
             let ep = self.links[i].ep;
-            let all = self.kernel.apply_external(ep, |ctx| link::apply_batch(ctx, i, bootstrap, &batch))?;
-            if let Ok(staged) = all {
+            let all = self.kernel.apply_external(ep, |ctx| link::apply_batch(ctx, bootstrap, &batch))?;
+            if all.is_ok() {
                 self.applied(i, batch.len() as u64, batch.last().map_or(0, |(s, _)| s.0));
-                self.outbox_written(staged);
                 continue;
             }
             // Find the refused one: apply the good prefix one message at a time.
             for one in batch.chunks(1) {
                 let seq = one[0].0;
-                match self.kernel.apply_external(ep, |ctx| link::apply_batch(ctx, i, bootstrap, one))? {
-                    Ok(staged) => {
-                        self.applied(i, 1, seq.0);
-                        self.outbox_written(staged);
-                    }
+                match self.kernel.apply_external(ep, |ctx| link::apply_batch(ctx, bootstrap, one))? {
+                    Ok(()) => self.applied(i, 1, seq.0),
                     Err(fault) => {
                         let peer = self.links[i].peer.clone();
                         self.links[i].received = self.links[i].applied;
@@ -607,6 +678,9 @@ impl<S: DurableStore> Node<S> {
             let link = &mut self.links[s.link];
             debug_assert_eq!(s.seq, link.written + 1, "outbox sequence for {}", link.peer);
             link.written = s.seq;
+            if !s.forget.is_empty() {
+                link.forgets.push_back((s.seq, s.forget));
+            }
             link.unacked.push_back(OutEntry { seq: s.seq, message: s.message, mark });
         }
     }
@@ -624,6 +698,7 @@ impl<S: DurableStore> Node<S> {
         let l = &mut self.links[i];
         l.applied = upto;
         l.applied_mark = mark;
+        l.use_marks();
         self.stats.applied += n;
     }
 
@@ -651,7 +726,8 @@ impl<S: DurableStore> Node<S> {
             }
             // Acknowledge what is applied and durable.
             if (l.applied > l.ack_sent || l.reack) && l.applied_mark <= durable {
-                if let Ok(bytes) = (Frame::Ack { upto: PeerSeq(l.applied) }).encode() {
+                let written = PeerSeq(l.durable_written(durable));
+                if let Ok(bytes) = (Frame::Ack { upto: PeerSeq(l.applied), written }).encode() {
                     net.send(&l.peer, bytes);
                     self.stats.acks_sent += 1;
                 }
@@ -694,28 +770,44 @@ impl<S: DurableStore> Node<S> {
         self.delete_acknowledged(now)
     }
 
-    /// Delete acknowledged outbox entries, many at once or every so often.
+    /// Delete acknowledged outbox entries, many at once or every so often, forgetting the names
+    /// the `Resolve`s among them left (see `link`): when the peer's acknowledgements allow it,
+    /// and at once when it is all that is left to do.
     fn delete_acknowledged(&mut self, now: Duration) -> Result<(), RemoteError> {
+        let idle = self.kernel.queue_len() == 0;
         for i in 0..self.links.len() {
             let l = &self.links[i];
+            let to = l.deletable();
             // Deleting acknowledged entries costs a store batch (an fsync under sync durability):
             // do it for many at once, or every so often, off the path of each message. Entries
             // not yet deleted when the kernel stops are resent after a restart and dropped as
-            // duplicates.
-            let due = l.acked - l.deleted >= DELETE_BATCH || now >= l.last_delete + DELETE_EVERY;
-            if l.acked > l.deleted && due {
-                let (ep, from, to) = (l.ep, l.deleted + 1, l.acked);
+            // duplicates. Names to forget do not wait for the clock once the kernel is idle.
+            let due = to - l.deleted >= DELETE_BATCH || now >= l.last_delete + DELETE_EVERY || (idle && l.forget_due());
+            if to > l.deleted && due {
+                let (ep, from) = (l.ep, l.deleted + 1);
+                let n = l.forgets.iter().take_while(|(seq, _)| *seq <= to).count();
+                let names: Vec<VRef> = l.forgets.iter().take(n).flat_map(|(_, names)| names.iter().copied()).collect();
                 let r = self.kernel.apply_external(ep, |ctx| {
+                    let fault = |e: kernel_core::SyscallError| kernel_core::Fault::VatError(e.to_string());
                     for seq in from..=to {
-                        ctx.vatstore_delete(&link::outbox_key(seq)).map_err(|e| kernel_core::Fault::VatError(e.to_string()))?;
+                        ctx.vatstore_delete(&link::outbox_key(seq)).map_err(fault)?;
                     }
-                    Ok(())
+                    // A name a version-2 peer's `Forget` took already is not an alias any more.
+                    let mut aliases = Vec::with_capacity(names.len());
+                    for &v in &names {
+                        if ctx.alias(v).map_err(fault)?.is_some() {
+                            aliases.push(v);
+                        }
+                    }
+                    ctx.forget_names(&aliases).map_err(fault)
                 })?;
                 if let Err(fault) = r {
                     return Err(RemoteError::Refused(format!("deleting acknowledged entries for {}: {fault}", self.links[i].peer)));
                 }
-                self.links[i].deleted = to;
-                self.links[i].last_delete = now;
+                let l = &mut self.links[i];
+                l.forgets.drain(..n);
+                l.deleted = to;
+                l.last_delete = now;
             }
         }
         Ok(())
@@ -750,11 +842,14 @@ impl<S: DurableStore> Node<S> {
     }
 
     /// True when nothing is waiting: no queued cranks, no unacknowledged output, no
-    /// acknowledgement owed.
+    /// acknowledgement owed, no names left to forget that may be forgotten.
     pub fn is_idle(&self) -> bool {
         self.kernel.queue_len() == 0
             && !self.kernel.turn_pending()
-            && self.links.iter().all(|l| l.unacked.is_empty() && l.inbound.is_empty() && l.ack_sent >= l.applied && !l.reack)
+            && self
+                .links
+                .iter()
+                .all(|l| l.unacked.is_empty() && l.inbound.is_empty() && l.ack_sent >= l.applied && !l.reack && !l.forget_due())
     }
 }
 

@@ -6,14 +6,15 @@
 //! kinds are added as new variants at the end of [`WireMessage`]; a kernel that does not know a
 //! variant fails to decode it and treats the frame as malformed, so such an addition bumps
 //! [`WIRE_VERSION`] (version 2 added the distributed-GC messages `Drop`, `Retire`, `Retired` and
-//! `Forget`).
+//! `Forget`; version 3 added `written` to `Ack`, which does `Forget`'s work: see
+//! [`Frame::Ack`]).
 
 use crate::error::WireError;
 use crate::rref::{KernelId, PeerSeq, RRef};
 use serde::{Deserialize, Serialize};
 
 /// The version byte every frame starts with.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 
 /// The largest frame accepted by default (16 MiB), version byte included.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -35,9 +36,19 @@ pub enum Frame {
     },
     /// Cumulative acknowledgement: every message up to and including `upto` is applied and
     /// committed (and durable, when the receiver's store is asked to be).
+    ///
+    /// It also lets the receiver of the ack forget the names of the promises its `Resolve`s up
+    /// to `upto` settled. The sender of the ack applied those `Resolve`s, so it will never name
+    /// those promises under those names again; every message it wrote before applying them is
+    /// at or below `written`. Once the receiver has applied the sender's messages up to
+    /// `written`, no message naming them can still arrive. (Before version 3 a `Forget` message
+    /// said this for each `Resolve`.)
     Ack {
         /// The highest sequence applied.
         upto: PeerSeq,
+        /// The highest sequence of the sender's own outbox for this peer that is committed (and
+        /// durable, when asked to be).
+        written: PeerSeq,
     },
 }
 
@@ -107,7 +118,9 @@ pub enum WireMessage {
     },
     /// The sender has applied the receiver's resolution of these promises and will never name
     /// them again under these names: the receiver may forget the names (see
-    /// `kernel_core::Endpoint::is_peer_kernel`).
+    /// `kernel_core::Endpoint::is_peer_kernel`). Written by version 2 only (version 3 says it
+    /// with [`Frame::Ack`]'s `written`); an outbox written by version 2 may still hold some,
+    /// and they are applied, names already forgotten skipped.
     Forget {
         /// The promises, as the sender names them.
         refs: Vec<RRef>,
@@ -201,7 +214,7 @@ mod tests {
         for f in [
             Frame::Hello { kernel: "a".parse().expect("id") },
             Frame::Data { seq: PeerSeq(7), message: msg.clone() },
-            Frame::Ack { upto: PeerSeq(u64::MAX) },
+            Frame::Ack { upto: PeerSeq(u64::MAX), written: PeerSeq(3) },
         ] {
             let bytes = f.encode().expect("encode");
             assert_eq!(bytes[0], WIRE_VERSION);
@@ -211,7 +224,7 @@ mod tests {
 
     #[test]
     fn bad_frames_are_refused_with_the_reason() {
-        let good = Frame::Ack { upto: PeerSeq(3) }.encode().expect("encode");
+        let good = Frame::Ack { upto: PeerSeq(3), written: PeerSeq(0) }.encode().expect("encode");
         assert!(matches!(Frame::decode(&[], 100), Err(WireError::Empty)));
         let mut other = good.clone();
         other[0] = 9;

@@ -41,7 +41,7 @@ impl Recorder {
         seqs
     }
     fn acks(&mut self) -> Vec<u64> {
-        let acks = self.sent.iter().filter_map(|(_, f)| if let Frame::Ack { upto } = f { Some(upto.0) } else { None }).collect();
+        let acks = self.sent.iter().filter_map(|(_, f)| if let Frame::Ack { upto, .. } = f { Some(upto.0) } else { None }).collect();
         self.sent.retain(|(_, f)| !matches!(f, Frame::Ack { .. }));
         acks
     }
@@ -206,7 +206,8 @@ fn the_receiver_applies_in_order_once_and_acks_only_what_is_durable() {
     assert_eq!((b.status()[0].applied, b.kernel().queue_len()), (PeerSeq(2), 2));
     assert!(net.closed.is_empty(), "{:?}", net.closed);
     // An ack for a message never written is a protocol violation.
-    b.handle(t, TransportEvent::Frame(id("a"), Frame::Ack { upto: PeerSeq(5) }.encode().expect("ack")), &mut net).expect("bad ack");
+    b.handle(t, TransportEvent::Frame(id("a"), Frame::Ack { upto: PeerSeq(5), written: PeerSeq(0) }.encode().expect("ack")), &mut net)
+        .expect("bad ack");
     assert_eq!(net.closed.len(), 1);
     assert!(net.closed[0].1.contains("ack of #5"), "{}", net.closed[0].1);
 }
@@ -237,7 +238,7 @@ fn retransmission_backs_off_to_its_cap_and_never_gives_up() {
     // An ack of the first: the second is still resent, the backlog shrinks.
     a.handle(
         Duration::from_millis(5_000),
-        TransportEvent::Frame(id("b"), Frame::Ack { upto: PeerSeq(1) }.encode().expect("ack")),
+        TransportEvent::Frame(id("b"), Frame::Ack { upto: PeerSeq(1), written: PeerSeq(0) }.encode().expect("ack")),
         &mut net,
     )
     .expect("ack");
@@ -291,7 +292,8 @@ fn a_refused_message_in_a_batch_stops_it_there_and_closes_the_connection() {
 }
 
 /// A result promise the peer has already resolved, named again by a message sent before its
-/// resolution arrived, still names it: the peer keeps the name (an alias) until our `Forget`.
+/// resolution arrived, still names it: the peer keeps the name (an alias) until our
+/// acknowledgements say no message naming it can still come.
 #[test]
 fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() {
     /// `first`: ask the peer to echo, keeping the result promise; `second`: hand that promise
@@ -342,7 +344,8 @@ fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() 
     assert!(to_a.closed.is_empty(), "b refused a's message: {:?}", to_a.closed);
     let link_at_b = b.peer_endpoint(&id("a")).expect("link");
     assert_eq!(b.kernel().aliases(link_at_b).expect("aliases").len(), 1, "b keeps the resolved promise's name");
-    // Let it all settle (b resends its Resolve after the timeout); a answers it with a Forget.
+    // Let it all settle (b resends its Resolve after the timeout); a's acknowledgement of it,
+    // once b has applied what a wrote before, lets b forget the name.
     for round in 1..=10u64 {
         let t = Duration::from_secs(5 * round);
         b.run(None).expect("run");
@@ -360,7 +363,85 @@ fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() 
     }
     assert!(to_a.closed.is_empty() && to_b.closed.is_empty(), "{:?} {:?}", to_a.closed, to_b.closed);
     assert!(a.is_idle() && b.is_idle(), "both sides settle");
-    assert_eq!(b.kernel().aliases(link_at_b).expect("aliases"), vec![], "a's Forget let b drop the name");
+    assert_eq!(b.kernel().aliases(link_at_b).expect("aliases"), vec![], "a's acknowledgement let b drop the name");
     let link_at_a = a.peer_endpoint(&id("b")).expect("link");
     assert!(a.kernel().clist(link_at_a).expect("c-list").iter().all(|(k, _)| k.as_promise().is_none()), "a holds no promise of b's");
+}
+
+/// The acknowledgement of a `Resolve` can overtake a message the acknowledging side sent
+/// before it applied the `Resolve`, one naming the resolved promise: the name must outlive the
+/// acknowledgement until that message is applied (the ack's `written` covers it).
+#[test]
+fn a_name_outlives_an_acknowledgement_that_overtakes_a_message_naming_it() {
+    /// `first`: ask the peer to echo, keeping the result promise; `second`: hand that promise
+    /// to the peer.
+    struct Passer;
+    impl Behavior for Passer {
+        fn call(&mut self, cx: &mut Cx<'_, '_, '_>, _: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {
+            let peer = args.slots.first().copied().ok_or_else(|| VatError::new("no peer"))?;
+            match method {
+                "first" => {
+                    let p = cx.send(peer, "echo", VatData::plain("1"))?;
+                    cx.set("p", &p.to_string())?;
+                }
+                _ => {
+                    let p: VRef = cx.get("p")?.and_then(|s| s.parse().ok()).ok_or_else(|| VatError::new("no p"))?;
+                    cx.send_only(peer, "take", VatData { body: b"[{\"$slot\":0}]".to_vec(), slots: vec![p] })?;
+                }
+            }
+            Ok(Answer::Value(VatData::plain("ok")))
+        }
+    }
+    let mut a = node(MemStore::new(), "a", "b");
+    let mut b = node(MemStore::new(), "b", "a");
+    let passer = a.kernel_mut().add_endpoint("passer", VatEndpoint::boxed(HelperVat::new(Passer))).expect("vat");
+    let passer = a.kernel().root(passer).expect("root");
+    let peer = kernel_core::KRef::Object(a.peer_root(&id("b")).expect("root"));
+    let (mut to_b, mut to_a) = (Recorder::default(), Recorder::default());
+    let t = Duration::ZERO;
+    a.handle(t, TransportEvent::Connected(id("b")), &mut to_b).expect("connect");
+    b.handle(t, TransportEvent::Connected(id("a")), &mut to_a).expect("connect");
+    let deliver = |frames: Vec<Frame>, to: &mut Node<MemStore>, sender: &str, net: &mut Recorder| {
+        for f in frames {
+            to.handle(t, TransportEvent::Frame(id(sender), f.encode().expect("encode")), net).expect("frame");
+        }
+        to.pump(t, net).expect("pump");
+    };
+    // a sends echo (#1, result p); b answers: its Resolve of p is on its way to a.
+    a.kernel_mut().queue_message(passer.into(), "first", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
+    a.run(None).expect("run");
+    a.pump(t, &mut to_b).expect("pump");
+    let first: Vec<Frame> = std::mem::take(&mut to_b.sent).into_iter().map(|(_, f)| f).collect();
+    deliver(first, &mut b, "a", &mut to_a);
+    b.run(None).expect("run");
+    b.pump(t, &mut to_a).expect("pump");
+    let resolve: Vec<Frame> = std::mem::take(&mut to_a.sent).into_iter().map(|(_, f)| f).collect();
+    assert!(resolve.iter().any(|f| matches!(f, Frame::Data { .. })), "b's Resolve");
+    // Before the Resolve reaches a, a names p again (#2).
+    a.kernel_mut().queue_message(passer.into(), "second", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
+    a.run(None).expect("run");
+    a.pump(t, &mut to_b).expect("pump");
+    let named: Vec<Frame> = std::mem::take(&mut to_b.sent).into_iter().map(|(_, f)| f).collect();
+    // a applies the Resolve and acknowledges it.
+    deliver(resolve, &mut a, "b", &mut to_b);
+    let acks: Vec<Frame> = std::mem::take(&mut to_b.sent).into_iter().map(|(_, f)| f).filter(|f| matches!(f, Frame::Ack { .. })).collect();
+    assert!(
+        acks.iter().any(|f| matches!(f, Frame::Ack { upto, written } if upto.0 >= 1 && written.0 >= 2)),
+        "a acknowledges the Resolve, its outbox written through #2 (echo, take): {acks:?}"
+    );
+    // The acknowledgement reaches b first: b must keep the name, #2 still to come.
+    deliver(acks, &mut b, "a", &mut to_a);
+    b.run(None).expect("run");
+    b.pump(t, &mut to_a).expect("pump");
+    let link_at_b = b.peer_endpoint(&id("a")).expect("link");
+    assert_eq!(b.kernel().aliases(link_at_b).expect("aliases").len(), 1, "the name outlives the acknowledgement");
+    // Then a's message naming p: applied, not refused.
+    let named: Vec<Frame> = named.into_iter().filter(|f| matches!(f, Frame::Data { .. })).collect();
+    assert!(!named.is_empty(), "a's take(p)");
+    deliver(named, &mut b, "a", &mut to_a);
+    assert!(to_a.closed.is_empty(), "b refused a's message naming p: {:?}", to_a.closed);
+    b.run(None).expect("run");
+    b.pump(t, &mut to_a).expect("pump");
+    assert_eq!(b.kernel().aliases(link_at_b).expect("aliases"), vec![], "applied through the ack's written: the name goes");
+    assert!(b.take_faults().is_empty());
 }

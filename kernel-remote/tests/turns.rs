@@ -125,7 +125,7 @@ fn a_round_trip_costs_each_node_one_store_batch_per_round_and_nothing_is_seen_be
     deliver(frames, &mut a, "b", &mut to_b);
     assert!(answer.borrow().is_none());
     a.pump(t, &mut to_b).expect("pump");
-    assert_eq!(batches(&a), before + 1, "the answer's apply (and the Forget it writes): one batch");
+    assert_eq!(batches(&a), before + 1, "the answer's apply: one batch");
     assert_eq!(*answer.borrow(), Some(Settlement::Fulfilled(CapData::plain("7"))));
 }
 

@@ -247,9 +247,14 @@ impl World {
                     self.violation(format!("k{} sent {seq} to k{} but its durable outbox does not hold those bytes", t.from, t.to));
                 }
             }
-            Ok(Frame::Ack { upto }) => {
-                if durable_u64(APPLIED_KEY) < upto.0 {
+            Ok(Frame::Ack { upto, written }) => {
+                // The peer forgets names on the strength of `written`: it must be durable.
+                let (applied, durable_written) = (durable_u64(APPLIED_KEY), durable_u64(NEXT_SEQ_KEY).max(1) - 1);
+                if applied < upto.0 {
                     self.violation(format!("k{} acked {upto} to k{} before applying it durably", t.from, t.to));
+                }
+                if durable_written < written.0 {
+                    self.violation(format!("k{} told k{} its outbox was written to {written} before that was durable", t.from, t.to));
                 }
             }
             Ok(Frame::Hello { .. }) => {}
@@ -495,7 +500,7 @@ impl World {
                 if st.backlog != 0 {
                     found.push(format!("k{i}: backlog {} to {}", st.backlog, st.peer));
                 }
-                // Every resolution sent was answered by the peer's Forget: no names kept.
+                // Every resolution sent was acknowledged and its names let go: no names kept.
                 match node.peer_endpoint(&st.peer).map(|ep| kernel.aliases(ep)) {
                     Ok(Ok(a)) if a.is_empty() => {}
                     Ok(Ok(a)) => found.push(format!("k{i}: the link to {} still keeps {} resolved promise names", st.peer, a.len())),

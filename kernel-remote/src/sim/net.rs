@@ -369,7 +369,7 @@ mod tests {
         let mut net = net.with_identities(ids);
         net.connect(0, 1);
         events(&mut net, 1);
-        let good = Frame::Ack { upto: PeerSeq(0) }.encode().expect("frame");
+        let good = Frame::Ack { upto: PeerSeq(0), written: PeerSeq(0) }.encode().expect("frame");
         net.port(0, Duration::ZERO).send(&"k1".parse().expect("id"), vec![9, 9]);
         net.port(0, Duration::ZERO).send(&"k1".parse().expect("id"), good);
         while net.deliver_next(Duration::from_secs(1)) {}
