@@ -306,8 +306,11 @@ fn random_object_graphs_are_collected_completely_and_never_early() {
     }
     let seen = seen.borrow();
     eprintln!("{seen:?}");
-    // The scenarios reach every kind of GC delivery, faults and answered pings.
+    // The scenarios reach every kind of GC delivery, faults and answered pings. The seed is
+    // random (each run explores new cases), so the bar sits well below the usual counts: the
+    // rarest, retireImports, came in at 17-41 per 96 cases over 15 runs and once at 9, under
+    // the old bar of cases / 8.
     for what in ["dropExports", "retireExports", "retireImports", "bringOutYourDead", "fault", "pong", "notify"] {
-        assert!(seen.get(what).copied().unwrap_or(0) >= u64::from(cases / 8), "too few {what}: {seen:?}");
+        assert!(seen.get(what).copied().unwrap_or(0) >= u64::from(cases / 16), "too few {what}: {seen:?}");
     }
 }
