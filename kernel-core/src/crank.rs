@@ -88,6 +88,21 @@ pub trait Endpoint {
     fn is_peer_kernel(&self) -> bool {
         false
     }
+
+    /// True if this endpoint takes its notifies inside the crank that settles the promise,
+    /// rather than in a crank of its own off the run queue: for an endpoint that is part of the
+    /// kernel's machinery (a link of `kernel-remote`, which only translates and records), never
+    /// for a vat. The notify then commits with the settlement: one crank, one transaction,
+    /// instead of two. Notifies the settling crank queues for other endpoints keep their order
+    /// in the run queue.
+    ///
+    /// Such an endpoint must not fail a notify: a fault, an illegal syscall, an exit or a panic
+    /// there is a kernel error ([`crate::KernelError::Refused`]), and the settling crank does
+    /// not commit. Only a crank whose delivery succeeds (or that had none to make) delivers so;
+    /// the consequences of an aborted crank, and the immediate path, queue their notifies.
+    fn notifies_in_crank(&self) -> bool {
+        false
+    }
 }
 
 /// Why an endpoint stops receiving deliveries after this crank.

@@ -638,6 +638,7 @@ impl<S: Store> Kernel<S> {
             }
         };
         let Some((endpoint, delivery)) = delivery else {
+            let work = notify_in_crank(work, &mut self.endpoints)?;
             let done = close(work, &self.watchers)?;
             let flushed = self.commit(done, crank)?;
             return Ok(Some(CrankReport { crank, input, outcome: CrankOutcome::Committed, flushed, commit: CommitEvent { crank } }));
@@ -707,6 +708,7 @@ impl<S: Store> Kernel<S> {
                     }
                     None => CrankOutcome::Committed,
                 };
+                let work = notify_in_crank(work, &mut self.endpoints)?;
                 let done = close(work, &self.watchers)?;
                 let flushed = self.commit(done, crank)?;
                 Ok(Some(CrankReport { crank, input, outcome, flushed, commit: CommitEvent { crank } }))
@@ -897,6 +899,67 @@ fn close(mut work: Work<'_>, watchers: &HashMap<KPromiseId, Vec<Watcher>>) -> Re
     let mut settled = buf.settled;
     settled.clear();
     Ok(Finished { end: db.finish(), queued: buf.outputs, first_queued, watched, flushed, maybe_free, settled })
+}
+
+/// Deliver, inside this crank, the notifies it queued for endpoints that take them so
+/// ([`Endpoint::notifies_in_crank`]), in the order they were queued (and any such notify one of
+/// those deliveries queues in turn), as a crank of their own would: the queue item's reference
+/// released, nothing for an endpoint that is gone or no longer holds the promise, the notified
+/// promises leaving the endpoint's c-list (kept as aliases for a peer kernel) afterwards.
+fn notify_in_crank<'s>(mut work: Work<'s>, endpoints: &mut [Option<Box<dyn Endpoint>>]) -> Result<Work<'s>, KernelError> {
+    let mut i = 0;
+    while i < work.buf.outputs.len() {
+        let (endpoint, kp) = match &work.buf.outputs[i] {
+            RunQueueItem::Notify { endpoint, promise } => (*endpoint, *promise),
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        let Some(Some(imp)) = endpoints.get_mut(endpoint.0 as usize) else {
+            i += 1;
+            continue;
+        };
+        if !imp.notifies_in_crank() {
+            i += 1;
+            continue;
+        }
+        work.buf.outputs.remove(i);
+        work.db.decref(KRef::Promise(kp), true)?;
+        if !work.db.is_live(endpoint)? || work.db.clist_entry(endpoint, KRef::Promise(kp))?.is_none() {
+            continue;
+        }
+        let resolutions = promise::resolutions_for_notify(&work, kp)?;
+        let notified: Vec<KPromiseId> = resolutions.iter().map(|(kp, _)| *kp).collect();
+        let peer = imp.is_peer_kernel();
+        let mut ctx = CrankContext::new(work, endpoint, peer);
+        let returned = catch_unwind(AssertUnwindSafe(|| imp.deliver(KernelDelivery::Notify { resolutions }, &mut ctx)));
+        let (back, verdict, kernel_error) = ctx.into_parts();
+        work = back;
+        if let Some(e) = kernel_error {
+            return Err(e);
+        }
+        let failure = match (verdict, returned) {
+            (None, Ok(Ok(()))) => None,
+            (Some(Verdict::Illegal(reason)), _) => Some(format!("an illegal syscall: {reason}")),
+            (Some(Verdict::Exit { .. }), _) => Some("an exit".to_owned()),
+            (None, Ok(Err(fault))) => Some(fault.to_string()),
+            (None, Err(panic)) => Some(format!("a panic: {}", panic_message(&panic))),
+        };
+        if let Some(failure) = failure {
+            return Err(KernelError::Refused(format!(
+                "{endpoint} takes its notifies in the settling crank, and failed one of {kp} with {failure}"
+            )));
+        }
+        for kp in notified {
+            if peer {
+                work.db.clist_alias(endpoint, kp)?;
+            } else {
+                work.db.clist_remove(endpoint, KRef::Promise(kp))?;
+            }
+        }
+    }
+    Ok(work)
 }
 
 /// Begin a crank's work in the maps the last committed transaction left, if any.

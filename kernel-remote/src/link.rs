@@ -297,6 +297,12 @@ impl Endpoint for LinkEndpoint {
     fn is_peer_kernel(&self) -> bool {
         true
     }
+
+    /// A link's notify only translates and records (it fails only if the kernel's store does):
+    /// it commits with the settlement, one crank instead of two.
+    fn notifies_in_crank(&self) -> bool {
+        true
+    }
 }
 
 impl LinkEndpoint {
