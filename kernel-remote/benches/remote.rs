@@ -6,9 +6,10 @@
 //! A message is `echo(n)` sent by kernel a's host to kernel b's bootstrap vat, with a result
 //! promise; it counts when the answer is back in a (the round trip ends at the commit of a's
 //! transaction that applies the answer, when the host's watch fires). A round trip is two wire
-//! messages (the send and the answer) and six store batches in sequence (a: queue, send crank;
-//! b: apply, delivery crank, answer crank; a: apply): under sync durability six fsyncs; under
-//! group commit, with the node syncing early when idle, one sync on each side. With turns
+//! messages (the send and the answer) and five store batches in sequence (a: queue, send crank;
+//! b: apply, delivery crank, which also writes the answer, the link taking its notify in the
+//! settling crank; a: apply): under sync durability five fsyncs; under group commit, with the
+//! node syncing early when idle, one sync on each side. With turns
 //! (`RemoteConfig::turns`) each node's round is one store batch: a round trip is three batches
 //! in sequence (a: queue and send; b: apply, deliver and answer; a: apply), under sync
 //! durability three fsyncs, the answer's watch firing once a's is done.
@@ -586,8 +587,9 @@ fn main() {
         let s = remote(Backing::Fjall(Durability::Sync), None, sync_total, window.min(64), pings.min(200), 0);
         report("sync", &s, 4, format!(" = {:.1} fdatasyncs", per(s.p50, fsync)));
         // Each is a store batch, synced before the next can start: a queues (host) and sends
-        // (crank); b applies, delivers to the echo vat, sends the answer (notify crank); a applies.
-        commits(&s, "6 durable commits in sequence (a: queue, send; b: apply, deliver, answer; a: apply)");
+        // (crank); b applies, delivers to the echo vat (the crank also writes the answer: the
+        // link takes its notify in the settling crank); a applies.
+        commits(&s, "5 durable commits in sequence (a: queue, send; b: apply, deliver + answer; a: apply)");
     }
     let turns = Some(match std::env::var("TURN_CRANKS").ok().and_then(|v| v.parse().ok()) {
         Some(max_cranks) => TurnLimits { max_cranks, ..TurnLimits::default() },
