@@ -205,12 +205,12 @@ impl PeerLink {
         }
     }
 
-    /// Acknowledged entries that may be deleted: all of them, except from the first `Resolve`
-    /// whose names may not be forgotten yet.
+    /// Acknowledged entries that may be deleted: all of them, up to the first `Resolve` (of any
+    /// still pending, not only the first) whose names may not be forgotten yet.
     fn deletable(&self) -> u64 {
-        match self.forgets.front() {
-            Some(&(seq, _)) if seq > self.forgettable => self.acked.min(seq - 1),
-            _ => self.acked,
+        match self.forgets.iter().find(|&&(seq, _)| seq > self.forgettable) {
+            Some(&(seq, _)) => self.acked.min(seq - 1),
+            None => self.acked,
         }
     }
 
@@ -348,7 +348,8 @@ impl<S: DurableStore> Node<S> {
             } else if let Some(seq) = k.strip_prefix(OUTBOX_PREFIX) {
                 let seq = decode_u64(seq).ok_or_else(|| corrupt(format!("outbox key {}", k.escape_ascii())))?;
                 // A `Resolve` still in the outbox has not had its names forgotten.
-                let names = WireMessage::decode(&v).map(|m| link::resolve_names(&m)).unwrap_or_default();
+                let message = WireMessage::decode(&v).map_err(|e| corrupt(format!("outbox entry {seq}: {e}")))?;
+                let names = link::resolve_names(&message);
                 if !names.is_empty() {
                     forgets.push_back((seq, names));
                 }
@@ -549,6 +550,10 @@ impl<S: DurableStore> Node<S> {
                 l.reack = true;
                 l.rto = base;
                 l.deadline = None;
+                // The peer acknowledges afresh on a new connection; what its acks said before
+                // (a `written` we may never reach, were it wrong) waits no longer.
+                l.marks.clear();
+                l.marked = 0;
                 let _ = now;
             }
             TransportEvent::Disconnected(peer, _reason) => {

@@ -445,3 +445,76 @@ fn a_name_outlives_an_acknowledgement_that_overtakes_a_message_naming_it() {
     assert_eq!(b.kernel().aliases(link_at_b).expect("aliases"), vec![], "applied through the ack's written: the name goes");
     assert!(b.take_faults().is_empty());
 }
+
+/// Two `Resolve`s: the first forgettable, the second acknowledged only by an ack whose `written`
+/// b has not applied yet. Deleting up to the first one must not take the second one's name too
+/// (found in review: deletion looked only at the first pending `Resolve`, and b then refused
+/// a's message naming the second promise, for good).
+#[test]
+fn a_later_resolve_keeps_its_name_when_an_earlier_one_may_be_forgotten() {
+    struct Passer;
+    impl Behavior for Passer {
+        fn call(&mut self, cx: &mut Cx<'_, '_, '_>, _: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {
+            let peer = args.slots.first().copied().ok_or_else(|| VatError::new("no peer"))?;
+            match method {
+                "first" => {
+                    let p = cx.send(peer, "echo", VatData::plain("1"))?;
+                    cx.set("p", &p.to_string())?;
+                }
+                _ => {
+                    let p: VRef = cx.get("p")?.and_then(|s| s.parse().ok()).ok_or_else(|| VatError::new("no p"))?;
+                    cx.send_only(peer, "take", VatData { body: b"[{\"$slot\":0}]".to_vec(), slots: vec![p] })?;
+                }
+            }
+            Ok(Answer::Value(VatData::plain("ok")))
+        }
+    }
+    let mut a = node(MemStore::new(), "a", "b");
+    let mut b = node(MemStore::new(), "b", "a");
+    let passer = a.kernel_mut().add_endpoint("passer", VatEndpoint::boxed(HelperVat::new(Passer))).expect("vat");
+    let passer = a.kernel().root(passer).expect("root");
+    let peer = kernel_core::KRef::Object(a.peer_root(&id("b")).expect("root"));
+    let (mut to_b, mut to_a) = (Recorder::default(), Recorder::default());
+    let t = Duration::ZERO;
+    a.handle(t, TransportEvent::Connected(id("b")), &mut to_b).expect("connect");
+    b.handle(t, TransportEvent::Connected(id("a")), &mut to_a).expect("connect");
+    let deliver = |frames: Vec<Frame>, to: &mut Node<MemStore>, sender: &str, net: &mut Recorder| {
+        for f in frames {
+            to.handle(t, TransportEvent::Frame(id(sender), f.encode().expect("encode")), net).expect("frame");
+        }
+        to.pump(t, net).expect("pump");
+    };
+    let take = |r: &mut Recorder| -> Vec<Frame> { std::mem::take(&mut r.sent).into_iter().map(|(_, f)| f).collect() };
+    // a: echo #1 (p1), echo #2 (p2, kept as "p").
+    for _ in 0..2 {
+        a.kernel_mut().queue_message(passer.into(), "first", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
+    }
+    a.run(None).expect("run");
+    a.pump(t, &mut to_b).expect("pump");
+    deliver(take(&mut to_b), &mut b, "a", &mut to_a);
+    b.run(None).expect("run");
+    b.pump(t, &mut to_a).expect("pump");
+    let from_b = take(&mut to_a);
+    let data: Vec<Frame> = from_b.iter().filter(|f| matches!(f, Frame::Data { .. })).cloned().collect();
+    assert_eq!(data.len(), 2, "b's two Resolves: {from_b:?}");
+    // a gets b's Resolve #1 only; acks (1, written 2). b can forget p1.
+    deliver(vec![data[0].clone()], &mut a, "b", &mut to_b);
+    let ack1: Vec<Frame> = take(&mut to_b).into_iter().filter(|f| matches!(f, Frame::Ack { .. })).collect();
+    // Before Resolve #2 (p2) reaches a, a names p2 again (#3).
+    a.kernel_mut().queue_message(passer.into(), "second", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
+    a.run(None).expect("run");
+    a.pump(t, &mut to_b).expect("pump");
+    let named: Vec<Frame> = take(&mut to_b).into_iter().filter(|f| matches!(f, Frame::Data { .. })).collect();
+    // a applies Resolve #2 and acks (2, written 3); that ack overtakes #3.
+    deliver(vec![data[1].clone()], &mut a, "b", &mut to_b);
+    let ack2: Vec<Frame> = take(&mut to_b).into_iter().filter(|f| matches!(f, Frame::Ack { .. })).collect();
+    // Both acks reach b in one round (e.g. ack1 was delayed, or b was busy).
+    deliver(ack1.into_iter().chain(ack2).collect(), &mut b, "a", &mut to_a);
+    let link_at_b = b.peer_endpoint(&id("a")).expect("link");
+    assert_eq!(b.kernel().aliases(link_at_b).expect("aliases").len(), 1, "p1's name went, p2's stays");
+    deliver(named, &mut b, "a", &mut to_a);
+    assert!(to_a.closed.is_empty(), "b refused a's message naming p2: {:?}", to_a.closed);
+    b.run(None).expect("run");
+    b.pump(t, &mut to_a).expect("pump");
+    assert_eq!(b.kernel().aliases(link_at_b).expect("aliases"), vec![], "applied through the ack's written: p2's name goes too");
+}
