@@ -152,6 +152,15 @@ pub struct Kernel<S: Store> {
     /// most [`QUEUED_BOUND`]): the crank that takes one off the queue does not read and decode
     /// it again. An item is here only while the store holds it; any it lacks, the store has.
     queued: IdHashMap<u64, RunQueueItem>,
+    /// Whether an attached endpoint takes its notifies in the settling crank
+    /// ([`Endpoint::notifies_in_crank`]); only then is `reach` kept.
+    in_crank: bool,
+    /// How many run-queue items may be delivered where (see [`Reach`]), counted while
+    /// `reach_known`: since the kernel last saw the queue empty, every item queued and taken has
+    /// been counted. A notify is taken in the settling crank only if nothing queued ahead of it
+    /// may reach its endpoint (DESIGN §10.2: outputs reach their endpoint in order).
+    reach: HashMap<Reach, u64>,
+    reach_known: bool,
     endpoints: Vec<Option<Box<dyn Endpoint>>>,
     watchers: HashMap<KPromiseId, Vec<Watcher>>,
     observers: Vec<Observer>,
@@ -175,6 +184,7 @@ impl<S: Store> Kernel<S> {
                 end.counters
             }
         };
+        let reach_known = counters.queue_tail == counters.queue_head;
         Ok(Kernel {
             store: Turned::new(store),
             deferred: None,
@@ -182,6 +192,9 @@ impl<S: Store> Kernel<S> {
             cache,
             scratch: None,
             queued: IdHashMap::default(),
+            in_crank: false,
+            reach: HashMap::new(),
+            reach_known,
             endpoints: Vec::new(),
             watchers: HashMap::new(),
             observers: Vec::new(),
@@ -292,6 +305,8 @@ impl<S: Store> Kernel<S> {
         if let Some(c) = load_counters(&self.store, &self.cache)? {
             self.counters = c;
         }
+        self.reach.clear();
+        self.reach_known = self.queue_len() == 0;
         Ok(())
     }
 
@@ -330,6 +345,12 @@ impl<S: Store> Kernel<S> {
         let i = ep.0 as usize;
         if self.endpoints.len() <= i {
             self.endpoints.resize_with(i + 1, || None);
+        }
+        if endpoint.notifies_in_crank() && !self.in_crank {
+            // From now on the queue is counted; what it holds already, once it has emptied.
+            self.in_crank = true;
+            self.reach.clear();
+            self.reach_known = self.queue_len() == 0;
         }
         self.endpoints[i] = Some(endpoint);
         Ok(ep)
@@ -404,9 +425,11 @@ impl<S: Store> Kernel<S> {
         let (kp, out) = result(&mut db)?;
         let message = Message { method: method.to_owned(), args, result: kp };
         gc::add_message_refs(&mut db, target, &message)?;
-        db.push_run_queue(&RunQueueItem::Send { target, message });
+        let item = RunQueueItem::Send { target, message };
+        db.push_run_queue(&item);
         let finished = db.finish();
         self.apply_immediate(finished)?;
+        self.count_queued(std::slice::from_ref(&item))?;
         Ok(out)
     }
 
@@ -439,9 +462,39 @@ impl<S: Store> Kernel<S> {
         if db.endpoint_status(ep)?.is_none() {
             return Err(KernelError::UnknownEndpoint(ep));
         }
-        db.push_run_queue(&RunQueueItem::Gc { endpoint: ep, action: GcAction::BringOutYourDead });
+        let item = RunQueueItem::Gc { endpoint: ep, action: GcAction::BringOutYourDead };
+        db.push_run_queue(&item);
         let finished = db.finish();
-        self.apply_immediate(finished)
+        self.apply_immediate(finished)?;
+        self.count_queued(std::slice::from_ref(&item))
+    }
+
+    /// Count committed run-queue items by where they may be delivered (see `reach`).
+    fn count_queued(&mut self, items: &[RunQueueItem]) -> Result<(), KernelError> {
+        if !self.in_crank || !self.reach_known || items.is_empty() {
+            return Ok(());
+        }
+        let reaches = {
+            let db = self.read();
+            items.iter().map(|item| reach_of(&db, item)).collect::<Result<Vec<_>, _>>()?
+        };
+        for r in reaches {
+            *self.reach.entry(r).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// A crank that took an item reaching `taken` off the queue committed.
+    fn count_taken(&mut self, taken: Option<Reach>) {
+        if let (Some(r), true) = (taken, self.reach_known) {
+            if let Some(n) = self.reach.get_mut(&r) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        if self.queue_len() == 0 {
+            self.reach.clear();
+            self.reach_known = true;
+        }
     }
 
     /// Run `callback` once `kp` settles, after the crank that settles it commits (at once if it
@@ -597,6 +650,8 @@ impl<S: Store> Kernel<S> {
         let Some(item) = work.db.pop_run_queue(decoded)? else {
             return Ok(None);
         };
+        let taken = if self.in_crank { Some(reach_of(&work.db, &item)?) } else { None };
+        let queue = QueueReach { known: self.reach_known, counts: &self.reach, taken };
         work.db.counters.cranks += 1;
         let crank = CrankNumber(work.db.counters.cranks);
         let (input, delivery) = match item {
@@ -638,9 +693,10 @@ impl<S: Store> Kernel<S> {
             }
         };
         let Some((endpoint, delivery)) = delivery else {
-            let work = notify_in_crank(work, &mut self.endpoints)?;
+            let work = notify_in_crank(work, &mut self.endpoints, &queue)?;
             let done = close(work, &self.watchers)?;
             let flushed = self.commit(done, crank)?;
+            self.count_taken(taken);
             return Ok(Some(CrankReport { crank, input, outcome: CrankOutcome::Committed, flushed, commit: CommitEvent { crank } }));
         };
         let notified: Vec<KPromiseId> = match &delivery {
@@ -708,9 +764,10 @@ impl<S: Store> Kernel<S> {
                     }
                     None => CrankOutcome::Committed,
                 };
-                let work = notify_in_crank(work, &mut self.endpoints)?;
+                let work = notify_in_crank(work, &mut self.endpoints, &queue)?;
                 let done = close(work, &self.watchers)?;
                 let flushed = self.commit(done, crank)?;
+                self.count_taken(taken);
                 Ok(Some(CrankReport { crank, input, outcome, flushed, commit: CommitEvent { crank } }))
             }
             Err(fault) => {
@@ -734,6 +791,7 @@ impl<S: Store> Kernel<S> {
                 }
                 let done = close(work, &self.watchers)?;
                 let flushed = self.commit(done, crank)?;
+                self.count_taken(taken);
                 Ok(Some(CrankReport {
                     crank,
                     input,
@@ -765,6 +823,7 @@ impl<S: Store> Kernel<S> {
     fn apply_finished(&mut self, done: Finished) -> Result<usize, KernelError> {
         let Finished { end, mut queued, first_queued, watched, flushed, maybe_free, settled } = done;
         self.apply_immediate(end)?;
+        self.count_queued(&queued)?;
         for (seq, item) in (first_queued..).zip(queued.drain(..)) {
             if self.queued.len() >= QUEUED_BOUND {
                 break;
@@ -906,7 +965,11 @@ fn close(mut work: Work<'_>, watchers: &HashMap<KPromiseId, Vec<Watcher>>) -> Re
 /// those deliveries queues in turn), as a crank of their own would: the queue item's reference
 /// released, nothing for an endpoint that is gone or no longer holds the promise, the notified
 /// promises leaving the endpoint's c-list (kept as aliases for a peer kernel) afterwards.
-fn notify_in_crank<'s>(mut work: Work<'s>, endpoints: &mut [Option<Box<dyn Endpoint>>]) -> Result<Work<'s>, KernelError> {
+fn notify_in_crank<'s>(
+    mut work: Work<'s>,
+    endpoints: &mut [Option<Box<dyn Endpoint>>],
+    queue: &QueueReach<'_>,
+) -> Result<Work<'s>, KernelError> {
     let mut i = 0;
     while i < work.buf.outputs.len() {
         let (endpoint, kp) = match &work.buf.outputs[i] {
@@ -920,7 +983,20 @@ fn notify_in_crank<'s>(mut work: Work<'s>, endpoints: &mut [Option<Box<dyn Endpo
             i += 1;
             continue;
         };
-        if !imp.notifies_in_crank() {
+        // Only if nothing queued ahead of it, by earlier cranks or earlier in this one, may reach
+        // the endpoint: otherwise it waits its turn in the run queue.
+        let mut ahead = !imp.notifies_in_crank() || queue.may_reach(endpoint);
+        for earlier in &work.buf.outputs[..i] {
+            if ahead {
+                break;
+            }
+            ahead = match reach_of(&work.db, earlier)? {
+                Reach::To(ep) => ep == endpoint,
+                Reach::Anyone => true,
+                Reach::Nobody => false,
+            };
+        }
+        if ahead {
             i += 1;
             continue;
         }
@@ -960,6 +1036,43 @@ fn notify_in_crank<'s>(mut work: Work<'s>, endpoints: &mut [Option<Box<dyn Endpo
         }
     }
     Ok(work)
+}
+
+/// Where a run-queue item may be delivered: to one endpoint (a notify, a GC action, a send to
+/// an object, which goes to its owner or is rejected), to any (a send to a promise: routing
+/// decides when it is taken), or to none (a send to an object that no longer exists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Reach {
+    To(EndpointId),
+    Anyone,
+    Nobody,
+}
+
+fn reach_of(db: &KernelTxn<'_>, item: &RunQueueItem) -> Result<Reach, KernelError> {
+    Ok(match item {
+        RunQueueItem::Notify { endpoint, .. } | RunQueueItem::Gc { endpoint, .. } => Reach::To(*endpoint),
+        RunQueueItem::Send { target: KRef::Promise(_), .. } => Reach::Anyone,
+        RunQueueItem::Send { target: KRef::Object(o), .. } => match db.peek_object(*o, |r| r.map(|r| r.owner))? {
+            Some(owner) => Reach::To(owner),
+            None => Reach::Nobody,
+        },
+    })
+}
+
+/// What the run queue holds, for a crank deciding whether a notify may be taken in it: the
+/// counts of `Kernel::reach`, less the item this crank took.
+struct QueueReach<'a> {
+    known: bool,
+    counts: &'a HashMap<Reach, u64>,
+    taken: Option<Reach>,
+}
+
+impl QueueReach<'_> {
+    /// True if an item still queued may be delivered to `ep` (or nobody can tell).
+    fn may_reach(&self, ep: EndpointId) -> bool {
+        let queued = |r: Reach| self.counts.get(&r).copied().unwrap_or(0).saturating_sub(u64::from(self.taken == Some(r)));
+        !self.known || queued(Reach::To(ep)) > 0 || queued(Reach::Anyone) > 0
+    }
 }
 
 /// Begin a crank's work in the maps the last committed transaction left, if any.
