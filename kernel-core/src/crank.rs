@@ -93,8 +93,9 @@ pub trait Endpoint {
     /// rather than in a crank of its own off the run queue: for an endpoint that is part of the
     /// kernel's machinery (a link of `kernel-remote`, which only translates and records), never
     /// for a vat. The notify then commits with the settlement: one crank, one transaction,
-    /// instead of two. Notifies the settling crank queues for other endpoints keep their order
-    /// in the run queue.
+    /// instead of two. Only if nothing queued ahead of it (by earlier cranks, or earlier in this
+    /// one) may reach the endpoint; otherwise it is queued, so the endpoint still receives a
+    /// crank's outputs, and the queue's items, in order.
     ///
     /// Such an endpoint must not fail a notify: a fault, an illegal syscall, an exit or a panic
     /// there is a kernel error ([`crate::KernelError::Refused`]), and the settling crank does
