@@ -101,6 +101,9 @@ pub trait Endpoint {
     /// there is a kernel error ([`crate::KernelError::Refused`]), and the settling crank does
     /// not commit. Only a crank whose delivery succeeds (or that had none to make) delivers so;
     /// the consequences of an aborted crank, and the immediate path, queue their notifies.
+    ///
+    /// The kernel asks when the endpoint is attached (to start counting its run queue by
+    /// destination) and at each notify: the answer must not change.
     fn notifies_in_crank(&self) -> bool {
         false
     }

@@ -429,7 +429,7 @@ impl<S: Store> Kernel<S> {
         db.push_run_queue(&item);
         let finished = db.finish();
         self.apply_immediate(finished)?;
-        self.count_queued(std::slice::from_ref(&item))?;
+        self.count_queued(std::slice::from_ref(&item));
         Ok(out)
     }
 
@@ -466,22 +466,32 @@ impl<S: Store> Kernel<S> {
         db.push_run_queue(&item);
         let finished = db.finish();
         self.apply_immediate(finished)?;
-        self.count_queued(std::slice::from_ref(&item))
+        self.count_queued(std::slice::from_ref(&item));
+        Ok(())
     }
 
-    /// Count committed run-queue items by where they may be delivered (see `reach`).
-    fn count_queued(&mut self, items: &[RunQueueItem]) -> Result<(), KernelError> {
+    /// Count committed run-queue items by where they may be delivered (see `reach`). The items
+    /// are committed already: if reading where one goes fails, the counts are dropped (and
+    /// trusted again once the queue has emptied) rather than the commit reported as failed.
+    fn count_queued(&mut self, items: &[RunQueueItem]) {
         if !self.in_crank || !self.reach_known || items.is_empty() {
-            return Ok(());
+            return;
         }
         let reaches = {
             let db = self.read();
-            items.iter().map(|item| reach_of(&db, item)).collect::<Result<Vec<_>, _>>()?
+            items.iter().map(|item| reach_of(&db, item)).collect::<Result<Vec<_>, _>>()
         };
-        for r in reaches {
-            *self.reach.entry(r).or_default() += 1;
+        match reaches {
+            Ok(reaches) => {
+                for r in reaches {
+                    *self.reach.entry(r).or_default() += 1;
+                }
+            }
+            Err(_) => {
+                self.reach.clear();
+                self.reach_known = false;
+            }
         }
-        Ok(())
     }
 
     /// A crank that took an item reaching `taken` off the queue committed.
@@ -491,7 +501,7 @@ impl<S: Store> Kernel<S> {
                 *n = n.saturating_sub(1);
             }
         }
-        if self.queue_len() == 0 {
+        if self.in_crank && self.queue_len() == 0 {
             self.reach.clear();
             self.reach_known = true;
         }
@@ -651,7 +661,7 @@ impl<S: Store> Kernel<S> {
             return Ok(None);
         };
         let taken = if self.in_crank { Some(reach_of(&work.db, &item)?) } else { None };
-        let queue = QueueReach { known: self.reach_known, counts: &self.reach, taken };
+        let queue = QueueReach { known: self.in_crank && self.reach_known, counts: &self.reach, taken };
         work.db.counters.cranks += 1;
         let crank = CrankNumber(work.db.counters.cranks);
         let (input, delivery) = match item {
@@ -693,7 +703,7 @@ impl<S: Store> Kernel<S> {
             }
         };
         let Some((endpoint, delivery)) = delivery else {
-            let work = notify_in_crank(work, &mut self.endpoints, &queue)?;
+            let work = if self.in_crank { notify_in_crank(work, &mut self.endpoints, &queue)? } else { work };
             let done = close(work, &self.watchers)?;
             let flushed = self.commit(done, crank)?;
             self.count_taken(taken);
@@ -764,7 +774,7 @@ impl<S: Store> Kernel<S> {
                     }
                     None => CrankOutcome::Committed,
                 };
-                let work = notify_in_crank(work, &mut self.endpoints, &queue)?;
+                let work = if self.in_crank { notify_in_crank(work, &mut self.endpoints, &queue)? } else { work };
                 let done = close(work, &self.watchers)?;
                 let flushed = self.commit(done, crank)?;
                 self.count_taken(taken);
@@ -823,7 +833,7 @@ impl<S: Store> Kernel<S> {
     fn apply_finished(&mut self, done: Finished) -> Result<usize, KernelError> {
         let Finished { end, mut queued, first_queued, watched, flushed, maybe_free, settled } = done;
         self.apply_immediate(end)?;
-        self.count_queued(&queued)?;
+        self.count_queued(&queued);
         for (seq, item) in (first_queued..).zip(queued.drain(..)) {
             if self.queued.len() >= QUEUED_BOUND {
                 break;
@@ -970,36 +980,34 @@ fn notify_in_crank<'s>(
     endpoints: &mut [Option<Box<dyn Endpoint>>],
     queue: &QueueReach<'_>,
 ) -> Result<Work<'s>, KernelError> {
+    // Where the outputs passed over so far (left queued, ahead of later ones) may reach.
+    let (mut reached, mut anyone) = (Vec::<EndpointId>::new(), false);
     let mut i = 0;
     while i < work.buf.outputs.len() {
-        let (endpoint, kp) = match &work.buf.outputs[i] {
-            RunQueueItem::Notify { endpoint, promise } => (*endpoint, *promise),
-            _ => {
-                i += 1;
-                continue;
+        let candidate = match &work.buf.outputs[i] {
+            RunQueueItem::Notify { endpoint, promise } => Some((*endpoint, *promise)),
+            _ => None,
+        };
+        // Only if nothing queued ahead of it, by earlier cranks or earlier in this one, may
+        // reach the endpoint: otherwise it waits its turn in the run queue.
+        let take = candidate.filter(|(endpoint, _)| {
+            !anyone
+                && !reached.contains(endpoint)
+                && !queue.may_reach(*endpoint)
+                && endpoints.get(endpoint.0 as usize).is_some_and(|e| e.as_ref().is_some_and(|e| e.notifies_in_crank()))
+        });
+        let Some((endpoint, kp)) = take else {
+            match reach_of(&work.db, &work.buf.outputs[i])? {
+                Reach::To(ep) if !reached.contains(&ep) => reached.push(ep),
+                Reach::Anyone => anyone = true,
+                _ => {}
             }
+            i += 1;
+            continue;
         };
         let Some(Some(imp)) = endpoints.get_mut(endpoint.0 as usize) else {
-            i += 1;
-            continue;
+            return Err(KernelError::NotAttached(endpoint, String::new()));
         };
-        // Only if nothing queued ahead of it, by earlier cranks or earlier in this one, may reach
-        // the endpoint: otherwise it waits its turn in the run queue.
-        let mut ahead = !imp.notifies_in_crank() || queue.may_reach(endpoint);
-        for earlier in &work.buf.outputs[..i] {
-            if ahead {
-                break;
-            }
-            ahead = match reach_of(&work.db, earlier)? {
-                Reach::To(ep) => ep == endpoint,
-                Reach::Anyone => true,
-                Reach::Nobody => false,
-            };
-        }
-        if ahead {
-            i += 1;
-            continue;
-        }
         work.buf.outputs.remove(i);
         work.db.decref(KRef::Promise(kp), true)?;
         if !work.db.is_live(endpoint)? || work.db.clist_entry(endpoint, KRef::Promise(kp))?.is_none() {
