@@ -291,39 +291,56 @@ fn a_refused_message_in_a_batch_stops_it_there_and_closes_the_connection() {
     assert_eq!(b.status()[0].applied, PeerSeq(2));
 }
 
-/// A result promise the peer has already resolved, named again by a message sent before its
-/// resolution arrived, still names it: the peer keeps the name (an alias) until our
-/// acknowledgements say no message naming it can still come.
-#[test]
-fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() {
-    /// `first`: ask the peer to echo, keeping the result promise; `second`: hand that promise
-    /// to the peer.
-    struct Passer;
-    impl Behavior for Passer {
-        fn call(&mut self, cx: &mut Cx<'_, '_, '_>, _: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {
-            let peer = args.slots.first().copied().ok_or_else(|| VatError::new("no peer"))?;
-            match method {
-                "first" => {
-                    let p = cx.send(peer, "echo", VatData::plain("1"))?;
-                    cx.set("p", &p.to_string())?;
-                }
-                _ => {
-                    let p: VRef = cx.get("p")?.and_then(|s| s.parse().ok()).ok_or_else(|| VatError::new("no p"))?;
-                    cx.send_only(peer, "take", VatData { body: b"[{\"$slot\":0}]".to_vec(), slots: vec![p] })?;
-                }
+/// `first`: ask the peer to echo, keeping the result promise; `second`: hand that promise to
+/// the peer.
+struct Passer;
+
+impl Behavior for Passer {
+    fn call(&mut self, cx: &mut Cx<'_, '_, '_>, _: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {
+        let peer = args.slots.first().copied().ok_or_else(|| VatError::new("no peer"))?;
+        match method {
+            "first" => {
+                let p = cx.send(peer, "echo", VatData::plain("1"))?;
+                cx.set("p", &p.to_string())?;
             }
-            Ok(Answer::Value(VatData::plain("ok")))
+            _ => {
+                let p: VRef = cx.get("p")?.and_then(|s| s.parse().ok()).ok_or_else(|| VatError::new("no p"))?;
+                cx.send_only(peer, "take", VatData { body: b"[{\"$slot\":0}]".to_vec(), slots: vec![p] })?;
+            }
         }
+        Ok(Answer::Value(VatData::plain("ok")))
     }
+}
+
+/// Kernels a and b on memory, connected, a with a `Passer` vat: a, b, the passer's root, b's
+/// root as a names it (the passer's argument), and what a and b send (`to_b`, `to_a`).
+fn passer_pair() -> (Node<MemStore>, Node<MemStore>, kernel_core::KObjectId, kernel_core::KRef, Recorder, Recorder) {
     let mut a = node(MemStore::new(), "a", "b");
     let mut b = node(MemStore::new(), "b", "a");
     let passer = a.kernel_mut().add_endpoint("passer", VatEndpoint::boxed(HelperVat::new(Passer))).expect("vat");
     let passer = a.kernel().root(passer).expect("root");
     let peer = kernel_core::KRef::Object(a.peer_root(&id("b")).expect("root"));
     let (mut to_b, mut to_a) = (Recorder::default(), Recorder::default());
+    a.handle(Duration::ZERO, TransportEvent::Connected(id("b")), &mut to_b).expect("connect");
+    b.handle(Duration::ZERO, TransportEvent::Connected(id("a")), &mut to_a).expect("connect");
+    (a, b, passer, peer, to_b, to_a)
+}
+
+/// Hand `frames` from `sender` to `to`, then pump it (at time zero).
+fn deliver(frames: Vec<Frame>, to: &mut Node<MemStore>, sender: &str, net: &mut Recorder) {
+    for f in frames {
+        to.handle(Duration::ZERO, TransportEvent::Frame(id(sender), f.encode().expect("encode")), net).expect("frame");
+    }
+    to.pump(Duration::ZERO, net).expect("pump");
+}
+
+/// A result promise the peer has already resolved, named again by a message sent before its
+/// resolution arrived, still names it: the peer keeps the name (an alias) until our
+/// acknowledgements say no message naming it can still come.
+#[test]
+fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() {
+    let (mut a, mut b, passer, peer, mut to_b, mut to_a) = passer_pair();
     let t = Duration::ZERO;
-    a.handle(t, TransportEvent::Connected(id("b")), &mut to_b).expect("connect");
-    b.handle(t, TransportEvent::Connected(id("a")), &mut to_a).expect("connect");
     let forward = |from: &mut Recorder, to: &mut Node<MemStore>, sender: &str, net: &mut Recorder| {
         for (_, f) in std::mem::take(&mut from.sent) {
             to.handle(t, TransportEvent::Frame(id(sender), f.encode().expect("encode")), net).expect("frame");
@@ -373,40 +390,8 @@ fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() 
 /// acknowledgement until that message is applied (the ack's `written` covers it).
 #[test]
 fn a_name_outlives_an_acknowledgement_that_overtakes_a_message_naming_it() {
-    /// `first`: ask the peer to echo, keeping the result promise; `second`: hand that promise
-    /// to the peer.
-    struct Passer;
-    impl Behavior for Passer {
-        fn call(&mut self, cx: &mut Cx<'_, '_, '_>, _: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {
-            let peer = args.slots.first().copied().ok_or_else(|| VatError::new("no peer"))?;
-            match method {
-                "first" => {
-                    let p = cx.send(peer, "echo", VatData::plain("1"))?;
-                    cx.set("p", &p.to_string())?;
-                }
-                _ => {
-                    let p: VRef = cx.get("p")?.and_then(|s| s.parse().ok()).ok_or_else(|| VatError::new("no p"))?;
-                    cx.send_only(peer, "take", VatData { body: b"[{\"$slot\":0}]".to_vec(), slots: vec![p] })?;
-                }
-            }
-            Ok(Answer::Value(VatData::plain("ok")))
-        }
-    }
-    let mut a = node(MemStore::new(), "a", "b");
-    let mut b = node(MemStore::new(), "b", "a");
-    let passer = a.kernel_mut().add_endpoint("passer", VatEndpoint::boxed(HelperVat::new(Passer))).expect("vat");
-    let passer = a.kernel().root(passer).expect("root");
-    let peer = kernel_core::KRef::Object(a.peer_root(&id("b")).expect("root"));
-    let (mut to_b, mut to_a) = (Recorder::default(), Recorder::default());
+    let (mut a, mut b, passer, peer, mut to_b, mut to_a) = passer_pair();
     let t = Duration::ZERO;
-    a.handle(t, TransportEvent::Connected(id("b")), &mut to_b).expect("connect");
-    b.handle(t, TransportEvent::Connected(id("a")), &mut to_a).expect("connect");
-    let deliver = |frames: Vec<Frame>, to: &mut Node<MemStore>, sender: &str, net: &mut Recorder| {
-        for f in frames {
-            to.handle(t, TransportEvent::Frame(id(sender), f.encode().expect("encode")), net).expect("frame");
-        }
-        to.pump(t, net).expect("pump");
-    };
     // a sends echo (#1, result p); b answers: its Resolve of p is on its way to a.
     a.kernel_mut().queue_message(passer.into(), "first", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
     a.run(None).expect("run");
@@ -452,38 +437,8 @@ fn a_name_outlives_an_acknowledgement_that_overtakes_a_message_naming_it() {
 /// a's message naming the second promise, for good).
 #[test]
 fn a_later_resolve_keeps_its_name_when_an_earlier_one_may_be_forgotten() {
-    struct Passer;
-    impl Behavior for Passer {
-        fn call(&mut self, cx: &mut Cx<'_, '_, '_>, _: VRef, method: &str, args: VatData) -> Result<Answer, VatError> {
-            let peer = args.slots.first().copied().ok_or_else(|| VatError::new("no peer"))?;
-            match method {
-                "first" => {
-                    let p = cx.send(peer, "echo", VatData::plain("1"))?;
-                    cx.set("p", &p.to_string())?;
-                }
-                _ => {
-                    let p: VRef = cx.get("p")?.and_then(|s| s.parse().ok()).ok_or_else(|| VatError::new("no p"))?;
-                    cx.send_only(peer, "take", VatData { body: b"[{\"$slot\":0}]".to_vec(), slots: vec![p] })?;
-                }
-            }
-            Ok(Answer::Value(VatData::plain("ok")))
-        }
-    }
-    let mut a = node(MemStore::new(), "a", "b");
-    let mut b = node(MemStore::new(), "b", "a");
-    let passer = a.kernel_mut().add_endpoint("passer", VatEndpoint::boxed(HelperVat::new(Passer))).expect("vat");
-    let passer = a.kernel().root(passer).expect("root");
-    let peer = kernel_core::KRef::Object(a.peer_root(&id("b")).expect("root"));
-    let (mut to_b, mut to_a) = (Recorder::default(), Recorder::default());
+    let (mut a, mut b, passer, peer, mut to_b, mut to_a) = passer_pair();
     let t = Duration::ZERO;
-    a.handle(t, TransportEvent::Connected(id("b")), &mut to_b).expect("connect");
-    b.handle(t, TransportEvent::Connected(id("a")), &mut to_a).expect("connect");
-    let deliver = |frames: Vec<Frame>, to: &mut Node<MemStore>, sender: &str, net: &mut Recorder| {
-        for f in frames {
-            to.handle(t, TransportEvent::Frame(id(sender), f.encode().expect("encode")), net).expect("frame");
-        }
-        to.pump(t, net).expect("pump");
-    };
     let take = |r: &mut Recorder| -> Vec<Frame> { std::mem::take(&mut r.sent).into_iter().map(|(_, f)| f).collect() };
     // a: echo #1 (p1), echo #2 (p2, kept as "p").
     for _ in 0..2 {
