@@ -550,10 +550,6 @@ impl<S: DurableStore> Node<S> {
                 l.reack = true;
                 l.rto = base;
                 l.deadline = None;
-                // The peer acknowledges afresh on a new connection; what its acks said before
-                // (a `written` we may never reach, were it wrong) waits no longer.
-                l.marks.clear();
-                l.marked = 0;
                 let _ = now;
             }
             TransportEvent::Disconnected(peer, _reason) => {
