@@ -246,26 +246,16 @@ impl<'s> CrankContext<'s> {
     }
 
     /// Forget promise names this (peer-kernel) endpoint kept after their notify (see
-    /// [`Endpoint::is_peer_kernel`]): the peer says it will not name them again. Naming one that
-    /// is not such an alias is illegal.
+    /// [`Endpoint::is_peer_kernel`]): the peer will not name them again. A name that is no
+    /// longer kept (forgotten already) is skipped.
     pub fn forget_names(&mut self, vrefs: &[VRef]) -> Result<(), SyscallError> {
         self.guard()?;
         let ep = self.endpoint;
         for &v in vrefs {
             let r = self.work.db.alias_remove(ep, v);
-            if !self.check(r)? {
-                return Err(self.illegal(format!("forget of {v}, which {ep} does not keep as a resolved promise's name")));
-            }
+            self.check(r)?;
         }
         Ok(())
-    }
-
-    /// The promise `vref` names, if this (peer-kernel) endpoint keeps `vref` as the alias of a
-    /// resolved promise (see [`Endpoint::is_peer_kernel`]); changes nothing.
-    pub fn alias(&mut self, vref: VRef) -> Result<Option<KRef>, SyscallError> {
-        self.guard()?;
-        let r = self.work.db.alias_kref(self.endpoint, vref);
-        self.check(r)
     }
 
     /// The endpoint's c-list entry for `kref` (its vref and reachable flag); changes nothing.

@@ -449,14 +449,8 @@ pub fn apply_inbound(
         }
         WireMessage::Forget { refs } => {
             // Written by a version-2 peer. A name it lists that is no longer an alias was
-            // forgotten already (by an acknowledgement, after an upgrade): nothing to do.
-            let mut names = Vec::with_capacity(refs.len());
-            for r in refs {
-                let v = r.flip().to_clist();
-                if ctx.alias(v).map_err(refused)?.is_some() {
-                    names.push(v);
-                }
-            }
+            // forgotten already (by an acknowledgement, after an upgrade), and is skipped.
+            let names: Vec<VRef> = refs.iter().map(|r| r.flip().to_clist()).collect();
             ctx.forget_names(&names).map_err(refused)?;
         }
     }

@@ -793,14 +793,8 @@ impl<S: DurableStore> Node<S> {
                     for seq in from..=to {
                         ctx.vatstore_delete(&link::outbox_key(seq)).map_err(fault)?;
                     }
-                    // A name a version-2 peer's `Forget` took already is not an alias any more.
-                    let mut aliases = Vec::with_capacity(names.len());
-                    for &v in &names {
-                        if ctx.alias(v).map_err(fault)?.is_some() {
-                            aliases.push(v);
-                        }
-                    }
-                    ctx.forget_names(&aliases).map_err(fault)
+                    // A name a version-2 peer's `Forget` took already is skipped.
+                    ctx.forget_names(&names).map_err(fault)
                 })?;
                 if let Err(fault) = r {
                     return Err(RemoteError::Refused(format!("deleting acknowledged entries for {}: {fault}", self.links[i].peer)));
