@@ -169,9 +169,8 @@ struct PeerLink {
     /// The peer's acknowledgements not yet usable for forgetting: `(upto, written)`, in order.
     /// Usable once we have applied its messages up to `written`.
     marks: VecDeque<(u64, u64)>,
-    /// The highest `upto` of a mark in `marks` (or already used).
-    marked: u64,
-    /// Our `Resolve`s up to here may have their names forgotten.
+    /// Our `Resolve`s up to here may have their names forgotten (the highest `upto` of the
+    /// marks used).
     forgettable: u64,
 }
 
@@ -182,10 +181,11 @@ const MAX_MARKS: usize = 64;
 impl PeerLink {
     /// The peer acknowledged our messages up to `upto`, having written its own up to `written`.
     fn mark(&mut self, upto: u64, written: u64) {
-        if upto <= self.marked {
+        // The highest `upto` marked so far: the newest mark waiting, or else the last one used.
+        let marked = self.marks.back().map_or(self.forgettable, |&(u, _)| u);
+        if upto <= marked {
             return;
         }
-        self.marked = upto;
         let full = self.marks.len() >= MAX_MARKS;
         match self.marks.back_mut() {
             Some(last) if full => *last = (upto, last.1.max(written)),
@@ -208,7 +208,8 @@ impl PeerLink {
     /// Acknowledged entries that may be deleted: all of them, up to the first `Resolve` (of any
     /// still pending, not only the first) whose names may not be forgotten yet.
     fn deletable(&self) -> u64 {
-        match self.forgets.iter().find(|&&(seq, _)| seq > self.forgettable) {
+        // `forgets` is in sequence order.
+        match self.forgets.get(self.forgets.partition_point(|&(seq, _)| seq <= self.forgettable)) {
             Some(&(seq, _)) => self.acked.min(seq - 1),
             None => self.acked,
         }
@@ -381,7 +382,6 @@ impl<S: DurableStore> Node<S> {
             reack: true,
             forgets,
             marks: VecDeque::new(),
-            marked: 0,
             forgettable: 0,
         });
         self.by_peer.insert(peer, index);
@@ -786,7 +786,7 @@ impl<S: DurableStore> Node<S> {
             let due = to - l.deleted >= DELETE_BATCH || now >= l.last_delete + DELETE_EVERY || (idle && l.forget_due());
             if to > l.deleted && due {
                 let (ep, from) = (l.ep, l.deleted + 1);
-                let n = l.forgets.iter().take_while(|(seq, _)| *seq <= to).count();
+                let n = l.forgets.partition_point(|&(seq, _)| seq <= to);
                 let names: Vec<VRef> = l.forgets.iter().take(n).flat_map(|(_, names)| names.iter().copied()).collect();
                 let r = self.kernel.apply_external(ep, |ctx| {
                     let fault = |e: kernel_core::SyscallError| kernel_core::Fault::VatError(e.to_string());
