@@ -681,18 +681,13 @@ impl<S: Store> Kernel<S> {
                     }
                 }
             }
-            RunQueueItem::Notify { endpoint, promise: kp } => {
-                work.db.decref(KRef::Promise(kp), true)?;
-                // Not to an endpoint that has since dropped the promise (or already learned of
-                // it through another notify): it would get the promise under a fresh vref.
-                if work.db.is_live(endpoint)? && work.db.clist_entry(endpoint, KRef::Promise(kp))?.is_some() {
-                    let resolutions = promise::resolutions_for_notify(&work, kp)?;
+            RunQueueItem::Notify { endpoint, promise: kp } => match take_notify(&mut work, endpoint, kp)? {
+                Some(resolutions) => {
                     let d = Delivery::Kernel(KernelDelivery::Notify { resolutions });
                     (CrankInput::Notify { endpoint, promise: kp, delivered: true }, Some((endpoint, d)))
-                } else {
-                    (CrankInput::Notify { endpoint, promise: kp, delivered: false }, None)
                 }
-            }
+                None => (CrankInput::Notify { endpoint, promise: kp, delivered: false }, None),
+            },
             RunQueueItem::Gc { endpoint, action } => {
                 let name = action.name();
                 let applies = if work.db.is_live(endpoint)? { gc::still_applies(&work.db, endpoint, action)? } else { None };
@@ -726,24 +721,8 @@ impl<S: Store> Kernel<S> {
             return Err(KernelError::NotAttached(endpoint, name));
         };
         let peer = imp.is_peer_kernel();
-        let mut ctx = CrankContext::new(work, endpoint, peer);
-        let returned = catch_unwind(AssertUnwindSafe(|| match delivery {
-            Delivery::Kernel(d) => imp.deliver(d, &mut ctx),
-            Delivery::Gc(a) => imp.collect(a, &mut ctx),
-        }));
-        let (mut work, verdict, kernel_error) = ctx.into_parts();
-        if let Some(e) = kernel_error {
-            return Err(e); // the transaction is dropped; the item stays queued
-        }
-        let exit = match (verdict, returned) {
-            (Some(Verdict::Illegal(reason)), _) => Err(Fault::IllegalSyscall(reason)),
-            // The exit verdict is sticky too: an error or panic after asking to exit (e.g. the
-            // endpoint not catching a refused later syscall) cannot turn it into an abort.
-            (Some(Verdict::Exit { failure, info }), _) => Ok(Some((failure, info))),
-            (None, Ok(Err(fault))) => Err(fault),
-            (None, Err(panic)) => Err(Fault::Panic(panic_message(&panic))),
-            (None, Ok(Ok(()))) => Ok(None),
-        };
+        // On a kernel error the transaction is dropped; the item stays queued.
+        let (mut work, exit) = deliver(work, imp.as_mut(), endpoint, delivery)?;
         match exit {
             Ok(exit) => {
                 if let Some(kp) = result {
@@ -754,15 +733,7 @@ impl<S: Store> Kernel<S> {
                         work.db.import(endpoint, KRef::Promise(kp))?;
                     }
                 }
-                for kp in &notified {
-                    if peer {
-                        // A peer may name it in messages already on their way (see
-                        // `Endpoint::is_peer_kernel`): keep the name until it says it is done.
-                        work.db.clist_alias(endpoint, *kp)?;
-                    } else {
-                        work.db.clist_remove(endpoint, KRef::Promise(*kp))?;
-                    }
-                }
+                after_notify(&mut work.db, endpoint, peer, &notified)?;
                 if let Some(action) = &gc_action {
                     gc::after_delivery(&mut work.db, endpoint, action)?;
                 }
@@ -1009,41 +980,84 @@ fn notify_in_crank<'s>(
             return Err(KernelError::NotAttached(endpoint, String::new()));
         };
         work.buf.outputs.remove(i);
-        work.db.decref(KRef::Promise(kp), true)?;
-        if !work.db.is_live(endpoint)? || work.db.clist_entry(endpoint, KRef::Promise(kp))?.is_none() {
-            continue;
-        }
-        let resolutions = promise::resolutions_for_notify(&work, kp)?;
+        let Some(resolutions) = take_notify(&mut work, endpoint, kp)? else { continue };
         let notified: Vec<KPromiseId> = resolutions.iter().map(|(kp, _)| *kp).collect();
         let peer = imp.is_peer_kernel();
-        let mut ctx = CrankContext::new(work, endpoint, peer);
-        let returned = catch_unwind(AssertUnwindSafe(|| imp.deliver(KernelDelivery::Notify { resolutions }, &mut ctx)));
-        let (back, verdict, kernel_error) = ctx.into_parts();
+        let (back, exit) = deliver(work, imp.as_mut(), endpoint, Delivery::Kernel(KernelDelivery::Notify { resolutions }))?;
         work = back;
-        if let Some(e) = kernel_error {
-            return Err(e);
-        }
-        let failure = match (verdict, returned) {
-            (None, Ok(Ok(()))) => None,
-            (Some(Verdict::Illegal(reason)), _) => Some(format!("an illegal syscall: {reason}")),
-            (Some(Verdict::Exit { .. }), _) => Some("an exit".to_owned()),
-            (None, Ok(Err(fault))) => Some(fault.to_string()),
-            (None, Err(panic)) => Some(format!("a panic: {}", panic_message(&panic))),
+        let failure = match exit {
+            Ok(None) => None,
+            Ok(Some(_)) => Some("an exit".to_owned()),
+            Err(fault) => Some(fault.to_string()),
         };
         if let Some(failure) = failure {
             return Err(KernelError::Refused(format!(
                 "{endpoint} takes its notifies in the settling crank, and failed one of {kp} with {failure}"
             )));
         }
-        for kp in notified {
-            if peer {
-                work.db.clist_alias(endpoint, kp)?;
-            } else {
-                work.db.clist_remove(endpoint, KRef::Promise(kp))?;
-            }
-        }
+        after_notify(&mut work.db, endpoint, peer, &notified)?;
     }
     Ok(work)
+}
+
+/// A queued notify of `kp` for `endpoint` is taken: the item's reference is released, and the
+/// resolutions to deliver are returned, unless the endpoint is gone or no longer holds the
+/// promise (it dropped it, or learned of it through another notify: it would get the promise
+/// under a fresh vref).
+fn take_notify(work: &mut Work<'_>, endpoint: EndpointId, kp: KPromiseId) -> Result<Option<Vec<(KPromiseId, Settlement)>>, KernelError> {
+    work.db.decref(KRef::Promise(kp), true)?;
+    if work.db.is_live(endpoint)? && work.db.clist_entry(endpoint, KRef::Promise(kp))?.is_some() {
+        Ok(Some(promise::resolutions_for_notify(work, kp)?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// How a delivery ended: `Ok(None)` returned, `Ok(Some((failure, info)))` asked to exit,
+/// `Err` faulted (an illegal syscall, an error, a panic).
+type DeliveryEnd = Result<Option<(bool, CapData)>, Fault>;
+
+/// Deliver `delivery` to `imp` (endpoint `endpoint`) inside `work`, catching a panic: the work
+/// back, and how the delivery ended. A kernel error is returned as such.
+fn deliver<'s>(
+    work: Work<'s>,
+    imp: &mut dyn Endpoint,
+    endpoint: EndpointId,
+    delivery: Delivery,
+) -> Result<(Work<'s>, DeliveryEnd), KernelError> {
+    let mut ctx = CrankContext::new(work, endpoint, imp.is_peer_kernel());
+    let returned = catch_unwind(AssertUnwindSafe(|| match delivery {
+        Delivery::Kernel(d) => imp.deliver(d, &mut ctx),
+        Delivery::Gc(a) => imp.collect(a, &mut ctx),
+    }));
+    let (work, verdict, kernel_error) = ctx.into_parts();
+    if let Some(e) = kernel_error {
+        return Err(e);
+    }
+    let exit = match (verdict, returned) {
+        (Some(Verdict::Illegal(reason)), _) => Err(Fault::IllegalSyscall(reason)),
+        // The exit verdict is sticky too: an error or panic after asking to exit (e.g. the
+        // endpoint not catching a refused later syscall) cannot turn it into an abort.
+        (Some(Verdict::Exit { failure, info }), _) => Ok(Some((failure, info))),
+        (None, Ok(Err(fault))) => Err(fault),
+        (None, Err(panic)) => Err(Fault::Panic(panic_message(&panic))),
+        (None, Ok(Ok(()))) => Ok(None),
+    };
+    Ok((work, exit))
+}
+
+/// After a notify to `endpoint` committed: the promises it carried leave its c-list. A peer
+/// kernel may name them in messages already on their way (see `Endpoint::is_peer_kernel`): it
+/// keeps the names as aliases until it says it is done.
+fn after_notify(db: &mut KernelTxn<'_>, endpoint: EndpointId, peer: bool, notified: &[KPromiseId]) -> Result<(), KernelError> {
+    for &kp in notified {
+        if peer {
+            db.clist_alias(endpoint, kp)?;
+        } else {
+            db.clist_remove(endpoint, KRef::Promise(kp))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where a run-queue item may be delivered: to one endpoint (a notify, a GC action, a send to
