@@ -184,7 +184,6 @@ impl<S: Store> Kernel<S> {
                 end.counters
             }
         };
-        let reach_known = counters.queue_tail == counters.queue_head;
         Ok(Kernel {
             store: Turned::new(store),
             deferred: None,
@@ -194,7 +193,8 @@ impl<S: Store> Kernel<S> {
             queued: IdHashMap::default(),
             in_crank: false,
             reach: HashMap::new(),
-            reach_known,
+            // Set when an endpoint that takes notifies in the crank is attached.
+            reach_known: false,
             endpoints: Vec::new(),
             watchers: HashMap::new(),
             observers: Vec::new(),
@@ -961,13 +961,9 @@ fn notify_in_crank<'s>(
         };
         // Only if nothing queued ahead of it, by earlier cranks or earlier in this one, may
         // reach the endpoint: otherwise it waits its turn in the run queue.
-        let take = candidate.filter(|(endpoint, _)| {
-            !anyone
-                && !reached.contains(endpoint)
-                && !queue.may_reach(*endpoint)
-                && endpoints.get(endpoint.0 as usize).is_some_and(|e| e.as_ref().is_some_and(|e| e.notifies_in_crank()))
-        });
-        let Some((endpoint, kp)) = take else {
+        let take = candidate.filter(|(endpoint, _)| !anyone && !reached.contains(endpoint) && !queue.may_reach(*endpoint));
+        let imp = take.and_then(|(endpoint, _)| endpoints.get_mut(endpoint.0 as usize)?.as_mut().filter(|e| e.notifies_in_crank()));
+        let (Some((endpoint, kp)), Some(imp)) = (take, imp) else {
             match reach_of(&work.db, &work.buf.outputs[i])? {
                 Reach::To(ep) if !reached.contains(&ep) => reached.push(ep),
                 Reach::Anyone => anyone = true,
@@ -975,9 +971,6 @@ fn notify_in_crank<'s>(
             }
             i += 1;
             continue;
-        };
-        let Some(Some(imp)) = endpoints.get_mut(endpoint.0 as usize) else {
-            return Err(KernelError::NotAttached(endpoint, String::new()));
         };
         work.buf.outputs.remove(i);
         let Some(resolutions) = take_notify(&mut work, endpoint, kp)? else { continue };
