@@ -13,7 +13,8 @@ fn fault(e: SyscallError) -> Fault {
     Fault::VatError(e.to_string())
 }
 
-/// `later` keeps its result promise; `resolve` settles the kept one.
+/// `later` keeps its result promise; any other method first sends `hello` to the object in its
+/// slot, if it has one, then settles the kept promise.
 #[derive(Default)]
 struct Decider(Option<KPromiseId>);
 
@@ -23,6 +24,9 @@ impl Endpoint for Decider {
         match message.method.as_str() {
             "later" => self.0 = message.result,
             _ => {
+                if let Some(&to) = message.args.slots.first() {
+                    ctx.send(to, "hello".into(), CapData::plain("[]"), None).map_err(fault)?;
+                }
                 if let Some(kp) = self.0.take() {
                     ctx.resolve(vec![(kp, Settlement::Fulfilled(CapData::plain("done")))]).map_err(fault)?;
                 }
@@ -128,29 +132,6 @@ fn a_failed_notify_in_the_settling_crank_is_a_kernel_error_and_nothing_commits()
     assert_eq!(k.settlement(kp).expect("read"), None, "still unsettled");
 }
 
-/// `later` keeps its result promise; `go` sends `hello` to the watcher (its root is the
-/// message's slot), then settles the kept promise.
-#[derive(Default)]
-struct SendThenSettle(Option<KPromiseId>);
-
-impl Endpoint for SendThenSettle {
-    fn deliver(&mut self, d: KernelDelivery, ctx: &mut CrankContext<'_>) -> Result<(), Fault> {
-        let KernelDelivery::Message { message, .. } = d else { return Ok(()) };
-        match message.method.as_str() {
-            "later" => self.0 = message.result,
-            _ => {
-                if let Some(&watcher) = message.args.slots.first() {
-                    ctx.send(watcher, "hello".into(), CapData::plain("[]"), None).map_err(fault)?;
-                }
-                if let Some(kp) = self.0.take() {
-                    ctx.resolve(vec![(kp, Settlement::Fulfilled(CapData::plain("done")))]).map_err(fault)?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 /// What the watcher saw, in order, when the settling crank (`go`) also sends it `hello` first
 /// (`from_crank`), or the host queued `hello` to it behind `go` (still queued when `go` runs).
 fn order(in_crank: bool, from_crank: bool) -> Vec<String> {
@@ -159,7 +140,7 @@ fn order(in_crank: bool, from_crank: bool) -> Vec<String> {
     let w = Watcher { in_crank, fail: false, log: Rc::default(), order: Rc::clone(&order) };
     let watcher = k.add_endpoint("watcher", Box::new(w)).expect("watcher");
     let watcher = KRef::Object(k.root(watcher).expect("root"));
-    let decider = k.add_endpoint("decider", Box::new(SendThenSettle::default())).expect("decider");
+    let decider = k.add_endpoint("decider", Box::new(Decider::default())).expect("decider");
     let decider = KRef::Object(k.root(decider).expect("root"));
     let kp = k.queue_message(decider, "later", CapData::plain("[]")).expect("queue");
     k.queue_send_only(watcher, "watch", CapData { body: b"[]".to_vec(), slots: vec![KRef::Promise(kp)] }).expect("send");
