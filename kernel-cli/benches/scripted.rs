@@ -11,6 +11,10 @@ use kernel_cli::script::{LogSink, Script, ScriptLimits, ScriptVat};
 use kernel_core::{CapData, Endpoint, KRef, Kernel, MemStore};
 use std::time::{Duration, Instant};
 
+/// The `kernel` binary's allocator (see the workspace's note on mimalloc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The scripted pinger: the ping-pong example's alice, without her log line.
 const PINGER: &str = r#"
 fn bootstrap(vats) {

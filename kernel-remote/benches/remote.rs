@@ -50,6 +50,11 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The allocator a kernel binary ships with (the `kernel` CLI; see the workspace's note on
+/// mimalloc), so the baseline and the remote cases run on it alike.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Answers `echo(x)` with `x`; counts one-way `tick`s in [`TICKS`].
 struct Echo;
 impl Behavior for Echo {
