@@ -32,8 +32,9 @@
 //! `--only NAME` runs one case (memory, group, group-no-early, wide, sync, memory-turns,
 //! group-turns, sync-turns), e.g. under perf; `--latency-only` skips the throughput runs,
 //! `--throughput-only` the latency runs. `ROUND_CRANKS` sets the cranks per host round,
-//! `TURN_CRANKS` the turn limit, `WINDOW` the messages in flight and `MESSAGES` the messages
-//! per throughput run, for trying others.
+//! `TURN_CRANKS` the turn limit, `WINDOW` the messages in flight, `MESSAGES` the messages
+//! per throughput run and `RUNS` the throughput runs of a case (3, 1 with `--quick`: the
+//! median is printed, with the lowest and highest), for trying others.
 //!
 //! `cargo bench -p kernel-remote --bench remote [-- --quick]`
 
@@ -301,7 +302,10 @@ fn setup<S: DurableStore>(kernel: Kernel<S>, name: &str, peer: &str, turns: Opti
 }
 
 struct Remote {
+    /// The median of the throughput runs ([`THROUGHPUT_RUNS`]), in round trips per second.
     rate: f64,
+    /// Every throughput run's rate, lowest first.
+    rates: Vec<f64>,
     p50: Duration,
     p99: Duration,
     load_p50: Duration,
@@ -430,7 +434,15 @@ fn remote_on<S: DurableStore>(
         (n.kernel().store().applied_mark(), b_batches.load(Ordering::Relaxed), a, b)
     };
     let m0 = marks(&node);
-    let (elapsed, mut loaded) = drive(&mut node, &mut service, target, total, window);
+    // The host's load swings from run to run: several runs, and their median.
+    let runs = THROUGHPUT_RUNS.load(Ordering::Relaxed).max(1);
+    let (mut rates, mut loaded) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (elapsed, latencies) = drive(&mut node, &mut service, target, total, window);
+        rates.push(total as f64 / elapsed.as_secs_f64());
+        loaded.extend(latencies);
+    }
+    rates.sort_by(f64::total_cmp);
     let m1 = marks(&node);
     let oneway_rate = if oneway_total > 0 { drive_one_way(&mut node, &mut service, target, oneway_total, window) } else { 0.0 };
     let m1b = marks(&node);
@@ -440,14 +452,16 @@ fn remote_on<S: DurableStore>(
     oneway.sort();
     to_commit.sort();
     let per = |x: u64, y: u64, n: u64| (x.saturating_sub(y)) as f64 / n.max(1) as f64;
-    let batches = [per(m1.0, m0.0, total), per(m1.1, m0.1, total), per(m2.0, m1b.0, pings), per(m2.1, m1b.1, pings)];
-    let early = [per(m1.2, m0.2, total), per(m1.3, m0.3, total), per(m2.2, m1b.2, pings), per(m2.3, m1b.3, pings)];
+    let all = total * runs;
+    let batches = [per(m1.0, m0.0, all), per(m1.1, m0.1, all), per(m2.0, m1b.0, pings), per(m2.1, m1b.1, pings)];
+    let early = [per(m1.2, m0.2, all), per(m1.3, m0.3, all), per(m2.2, m1b.2, pings), per(m2.3, m1b.3, pings)];
     stop.store(true, Ordering::Relaxed);
     b.join().expect("b");
     loaded.sort();
     lat.sort();
     Remote {
-        rate: total as f64 / elapsed.as_secs_f64(),
+        rate: rates[rates.len() / 2],
+        rates,
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
         load_p50: percentile(&loaded, 0.5),
@@ -507,6 +521,8 @@ fn ms(d: Duration) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let runs = std::env::var("RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 1 } else { 3 });
+    THROUGHPUT_RUNS.store(runs, Ordering::Relaxed);
     // `--only NAME` (memory, group, wide, sync): run that case alone, for profiling.
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
@@ -537,9 +553,12 @@ fn main() {
     // then the one-way details.
     let report = |label: &str, r: &Remote, ratio_digits: usize, extra: String| {
         println!(
-            "remote: tcp loopback, {label:<19}{:>10.0} msg/s ({:.ratio_digits$}x in-memory); round trip p50 {} p99 {} (one at a time){extra}",
+            "remote: tcp loopback, {label:<19}{:>10.0} msg/s ({:.ratio_digits$}x in-memory; median of {}: {:.0}..{:.0}); round trip p50 {} p99 {} (one at a time){extra}",
             r.rate,
             r.rate / local,
+            r.rates.len(),
+            r.rates[0],
+            r.rates[r.rates.len() - 1],
             ms(r.p50),
             ms(r.p99)
         );
@@ -648,6 +667,9 @@ fn targets(group: Option<&Remote>, memory: Option<&Remote>, sync_turns: Option<&
         );
     }
 }
+
+/// Throughput runs per case, of which the median is reported (`RUNS`; 3, or 1 with `--quick`).
+static THROUGHPUT_RUNS: AtomicU64 = AtomicU64::new(3);
 
 /// Cranks per `serve_once` round (`ROUND_CRANKS` to try others). Small rounds keep both kernels
 /// busy at once: a round's output leaves at its end, so with 4,096 cranks a round the two
