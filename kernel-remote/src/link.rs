@@ -367,19 +367,12 @@ fn in_data(ctx: &mut CrankContext<'_>, bootstrap: Option<KObjectId>, d: &WireDat
 }
 
 /// Apply message `seq` from the peer inside an immediate-path transaction, recording `seq` as
-/// the highest applied in the same transaction. Any fault means nothing is applied. Returns
-/// the promises the message resolved, as we name them (the names we stop using now).
-pub fn apply_inbound(
-    ctx: &mut CrankContext<'_>,
-    bootstrap: Option<KObjectId>,
-    seq: PeerSeq,
-    message: &WireMessage,
-) -> Result<Vec<RRef>, Fault> {
+/// the highest applied in the same transaction. Any fault means nothing is applied.
+pub fn apply_inbound(ctx: &mut CrankContext<'_>, bootstrap: Option<KObjectId>, seq: PeerSeq, message: &WireMessage) -> Result<(), Fault> {
     let applied = read_u64(ctx, APPLIED_KEY, 0)?;
     if seq.0 != applied + 1 {
         return Err(Fault::IllegalSyscall(format!("message {seq} does not follow {}", PeerSeq(applied))));
     }
-    let mut resolved = Vec::new();
     match message {
         WireMessage::Deliver { target, method, args, result } => {
             let target = in_ref(ctx, bootstrap, *target)?;
@@ -407,7 +400,6 @@ pub fn apply_inbound(
                 };
                 let data = in_data(ctx, bootstrap, &r.data)?;
                 settled.push((kp, if r.rejected { Settlement::Rejected(data) } else { Settlement::Fulfilled(data) }));
-                resolved.push(r.promise.flip());
             }
             ctx.resolve(settled).map_err(refused)?;
         }
@@ -454,8 +446,7 @@ pub fn apply_inbound(
             ctx.forget_names(&names).map_err(refused)?;
         }
     }
-    ctx.vatstore_set(APPLIED_KEY, seq.0.to_be_bytes().to_vec()).map_err(refused)?;
-    Ok(resolved)
+    ctx.vatstore_set(APPLIED_KEY, seq.0.to_be_bytes().to_vec()).map_err(refused)
 }
 
 /// Apply a batch of messages from the peer inside one immediate-path transaction (see
