@@ -89,37 +89,50 @@ struct Done {
 /// per message).
 fn drive<S: DurableStore>(
     node: &mut Node<S>,
-    mut service: impl FnMut(&mut Node<S>),
+    service: impl FnMut(&mut Node<S>),
     target: kernel_core::KObjectId,
     total: u64,
     window: u64,
 ) -> (Duration, Vec<Duration>) {
     let done = Rc::new(RefCell::new(Done::default()));
+    let answered = || done.borrow().count;
+    let elapsed = windowed(node, service, total, window, answered, |node, n| {
+        let at = Instant::now();
+        let d = Rc::clone(&done);
+        node.kernel_mut()
+            .queue_message_then(target.into(), "echo", CapData::plain(n.to_string()), move |_, s| {
+                assert!(matches!(s, Settlement::Fulfilled(_)), "{s:?}");
+                let mut d = d.borrow_mut();
+                d.count += 1;
+                d.latencies.push(at.elapsed());
+            })
+            .expect("queue");
+    });
+    let latencies = std::mem::take(&mut done.borrow_mut().latencies);
+    (elapsed, latencies)
+}
+
+/// Send message `n` (`send(node, n)`) for `n` in `0..total`, at most `window` of them sent and
+/// not yet `done` at a time, serving the node in between, until `done()` reaches `total`: the
+/// time it took.
+fn windowed<S: DurableStore>(
+    node: &mut Node<S>,
+    mut service: impl FnMut(&mut Node<S>),
+    total: u64,
+    window: u64,
+    done: impl Fn() -> u64,
+    mut send: impl FnMut(&mut Node<S>, u64),
+) -> Duration {
     let start = Instant::now();
     let mut sent = 0u64;
-    loop {
-        let answered = done.borrow().count;
-        if answered >= total {
-            break;
-        }
-        while sent < total && sent - answered < window {
-            let at = Instant::now();
-            let d = Rc::clone(&done);
-            node.kernel_mut()
-                .queue_message_then(target.into(), "echo", CapData::plain(sent.to_string()), move |_, s| {
-                    assert!(matches!(s, Settlement::Fulfilled(_)), "{s:?}");
-                    let mut d = d.borrow_mut();
-                    d.count += 1;
-                    d.latencies.push(at.elapsed());
-                })
-                .expect("queue");
+    while done() < total {
+        while sent < total && sent - done().min(sent) < window {
+            send(node, sent);
             sent += 1;
         }
         service(node);
     }
-    let elapsed = start.elapsed();
-    let latencies = std::mem::take(&mut done.borrow_mut().latencies);
-    (elapsed, latencies)
+    start.elapsed()
 }
 
 /// One-way messages (`queue_send_only`, no result promise) from a to b's vat, `window` of them
@@ -134,16 +147,10 @@ fn drive_one_way<S: DurableStore>(
 ) -> f64 {
     let base = TICKS.load(Ordering::Relaxed);
     let delivered = || TICKS.load(Ordering::Relaxed) - base;
-    let start = Instant::now();
-    let mut sent = 0u64;
-    while delivered() < total {
-        while sent < total && sent - delivered().min(sent) < window {
-            node.kernel_mut().queue_send_only(target.into(), "tick", CapData::plain(sent.to_string())).expect("send");
-            sent += 1;
-        }
-        service(node);
-    }
-    let rate = total as f64 / start.elapsed().as_secs_f64();
+    let elapsed = windowed(node, &mut service, total, window, delivered, |node, n| {
+        node.kernel_mut().queue_send_only(target.into(), "tick", CapData::plain(n.to_string())).expect("send");
+    });
+    let rate = total as f64 / elapsed.as_secs_f64();
     // Every message acknowledged (applied by b): b's vat had each exactly once.
     while n_busy(node) {
         service(node);
