@@ -1304,10 +1304,16 @@ impl Model {
 
     // ---- host API (immediate path) ----
 
-    fn queue_message(&mut self, target: KRef, method: String, args: Vec<KRef>, pinned: bool) -> Result<KPromiseId, String> {
-        if let Some(missing) = std::iter::once(&target).chain(&args).find(|r| !self.exists(**r)) {
-            return Err(format!("unknown reference {missing}"));
+    /// The host may queue only to and with references that exist.
+    fn check_host_refs(&self, target: KRef, args: &[KRef]) -> Result<(), String> {
+        match std::iter::once(&target).chain(args).find(|r| !self.exists(**r)) {
+            Some(missing) => Err(format!("unknown reference {missing}")),
+            None => Ok(()),
         }
+    }
+
+    fn queue_message(&mut self, target: KRef, method: String, args: Vec<KRef>, pinned: bool) -> Result<KPromiseId, String> {
+        self.check_host_refs(target, &args)?;
         let kp = self.new_promise(None, pinned);
         let message = Message { method, args: CapData { body: HOST_BODY.to_vec(), slots: args }, result: Some(kp) };
         self.run_queue.push_back(RunQueueItem::Send { target, message });
@@ -1315,9 +1321,7 @@ impl Model {
     }
 
     fn queue_send_only(&mut self, target: KRef, method: String, args: Vec<KRef>) -> Result<(), String> {
-        if let Some(missing) = std::iter::once(&target).chain(&args).find(|r| !self.exists(**r)) {
-            return Err(format!("unknown reference {missing}"));
-        }
+        self.check_host_refs(target, &args)?;
         let message = Message { method, args: CapData { body: HOST_BODY.to_vec(), slots: args }, result: None };
         self.run_queue.push_back(RunQueueItem::Send { target, message });
         Ok(())
