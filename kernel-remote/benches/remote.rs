@@ -47,7 +47,7 @@ use std::cell::RefCell;
 use std::io::Write;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -63,8 +63,8 @@ impl Behavior for Echo {
         if method == "tick" {
             TICKS.fetch_add(1, Ordering::Relaxed);
         }
-        if method == "echo" && DELIVERY.armed.load(Ordering::Acquire) {
-            DELIVERY.at.lock().expect("lock").get_or_insert_with(Instant::now);
+        if method == "echo" {
+            PROBE.record(&PROBE.delivered);
         }
         Ok(Answer::Value(args))
     }
@@ -74,14 +74,38 @@ impl Behavior for Echo {
 /// reads b's count from a's thread).
 static TICKS: AtomicU64 = AtomicU64::new(0);
 
-/// While the latency run measures a message ([`one_way`]): the instant an echo vat first had an
-/// `echo` delivered (only b's vat gets them).
-static DELIVERY: Delivery = Delivery { armed: AtomicBool::new(false), at: std::sync::Mutex::new(None) };
+/// What the latency run ([`one_way`]) records while it measures one message: b's first crank
+/// commit (b's commit observer) and the first `echo` delivered to an echo vat (only b's vat gets
+/// them). A static, as the echo vat is handed nothing.
+static PROBE: Probe = Probe { armed: AtomicBool::new(false), first_commit: Mutex::new(None), delivered: Mutex::new(None) };
 
-/// See [`DELIVERY`].
-struct Delivery {
+/// See [`PROBE`].
+struct Probe {
     armed: AtomicBool,
-    at: std::sync::Mutex<Option<Instant>>,
+    first_commit: Mutex<Option<Instant>>,
+    delivered: Mutex<Option<Instant>>,
+}
+
+impl Probe {
+    /// Start recording, afresh.
+    fn arm(&self) {
+        *self.first_commit.lock().expect("lock") = None;
+        *self.delivered.lock().expect("lock") = None;
+        self.armed.store(true, Ordering::Release);
+    }
+
+    /// The first time `slot` is recorded since [`Probe::arm`], while armed: now.
+    fn record(&self, slot: &Mutex<Option<Instant>>) {
+        if self.armed.load(Ordering::Acquire) {
+            slot.lock().expect("lock").get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Stop recording: (b's first crank commit, the delivery), as recorded.
+    fn disarm(&self) -> (Option<Instant>, Option<Instant>) {
+        self.armed.store(false, Ordering::Release);
+        (*self.first_commit.lock().expect("lock"), *self.delivered.lock().expect("lock"))
+    }
 }
 
 fn id(s: &str) -> KernelId {
@@ -185,7 +209,7 @@ fn drive_one_way<S: DurableStore>(
 /// back. Without turns it is the delivery crank's commit, after the apply's. Each message waits
 /// for both kernels to be idle, so no earlier work of b's commits in between.
 ///
-/// And the time to the message's delivery to b's vat ([`DELIVERY`]): a message's latency as
+/// And the time to the message's delivery to b's vat ([`PROBE`]): a message's latency as
 /// its receiver sees it. Ken lets b run the delivery before b's transaction is durable (nothing
 /// it does leaves b before that, and a b that crashes first gets the message again, as it was
 /// not acknowledged), so with turns under sync durability that is a's durable commit and the
@@ -196,19 +220,16 @@ fn one_way<S: DurableStore>(
     target: kernel_core::KObjectId,
     pings: u64,
     peer: &KernelId,
-    b: &BSide,
+    b_idle: &AtomicBool,
 ) -> OneWay {
     let link = |n: &Node<S>| n.status().into_iter().find(|s| &s.peer == peer).expect("link");
     let (mut out, mut to_commit, mut to_vat) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..pings {
-        while n_busy(node) || !b.idle.load(Ordering::Acquire) {
+        while n_busy(node) || !b_idle.load(Ordering::Acquire) {
             service(node);
         }
         let seq = link(node).written.0 + 1;
-        *b.first_commit.lock().expect("lock") = None;
-        *DELIVERY.at.lock().expect("lock") = None;
-        b.armed.store(true, Ordering::Release);
-        DELIVERY.armed.store(true, Ordering::Release);
+        PROBE.arm();
         let queued = Instant::now();
         let answered = Rc::new(std::cell::Cell::new(false));
         let a = Rc::clone(&answered);
@@ -220,12 +241,11 @@ fn one_way<S: DurableStore>(
         while !answered.get() {
             service(node);
         }
-        b.armed.store(false, Ordering::Release);
-        DELIVERY.armed.store(false, Ordering::Release);
-        if let Some(at) = *b.first_commit.lock().expect("lock") {
+        let (committed, delivered) = PROBE.disarm();
+        if let Some(at) = committed {
             to_commit.push(at.saturating_duration_since(queued));
         }
-        if let Some(at) = *DELIVERY.at.lock().expect("lock") {
+        if let Some(at) = delivered {
             to_vat.push(at.saturating_duration_since(queued));
         }
     }
@@ -243,15 +263,6 @@ struct OneWay {
     to_commit: Vec<Duration>,
     /// To the delivery to b's vat.
     to_vat: Vec<Duration>,
-}
-
-/// What node b's thread shares with the latency measurement: whether b is idle, and its first
-/// crank commit since `armed` was set.
-#[derive(Default)]
-struct BSide {
-    idle: AtomicBool,
-    armed: AtomicBool,
-    first_commit: std::sync::Mutex<Option<Instant>>,
 }
 
 /// Cranks queued, messages not yet acknowledged, or a turn not yet written.
@@ -447,18 +458,14 @@ fn remote_on<S: DurableStore>(
     let b_early = Arc::new(AtomicU64::new(0));
     let b_syncs = Arc::clone(&b_early);
     let make_b = make.clone();
-    let b_side = Arc::new(BSide::default());
-    let side = Arc::clone(&b_side);
+    // Whether b is idle, for the latency run.
+    let b_idle = Arc::new(AtomicBool::new(false));
+    let idle = Arc::clone(&b_idle);
     let b = thread::Builder::new()
         .name("node-b".into())
         .spawn(move || {
             let mut node = make_b(&b_dir, "b", "a");
-            let observed = Arc::clone(&side);
-            node.kernel_mut().add_commit_observer(move |_| {
-                if observed.armed.load(Ordering::Acquire) {
-                    observed.first_commit.lock().expect("lock").get_or_insert_with(Instant::now);
-                }
-            });
+            node.kernel_mut().add_commit_observer(|_| PROBE.record(&PROBE.first_commit));
             let mut net = TcpTransport::start(id("b"), "127.0.0.1:0".parse().expect("addr"), TcpConfig::default()).expect("start");
             addr_tx.send(net.local_addr()).expect("addr");
             let clock = Instant::now();
@@ -466,7 +473,7 @@ fn remote_on<S: DurableStore>(
                 serve_once(&mut node, &mut net, || clock.elapsed(), round_cranks(), Duration::from_micros(200)).expect("serve b");
                 b_count.store(node.kernel().store().applied_mark(), Ordering::Relaxed);
                 b_syncs.store(node.stats().early_syncs, Ordering::Relaxed);
-                side.idle.store(node.is_idle(), Ordering::Release);
+                idle.store(node.is_idle(), Ordering::Release);
             }
         })
         .expect("node b thread");
@@ -499,7 +506,7 @@ fn remote_on<S: DurableStore>(
     let m1b = marks(&node);
     let (_, mut lat) = drive(&mut node, &mut service, target, pings, 1);
     let m2 = marks(&node);
-    let oneway = one_way(&mut node, &mut service, target, pings, &id("b"), &b_side);
+    let oneway = one_way(&mut node, &mut service, target, pings, &id("b"), &b_idle);
     let per = |x: u64, y: u64, n: u64| (x.saturating_sub(y)) as f64 / n.max(1) as f64;
     let all = total * runs;
     let batches = [per(m1.0, m0.0, all), per(m1.1, m0.1, all), per(m2.0, m1b.0, pings), per(m2.1, m1b.1, pings)];
