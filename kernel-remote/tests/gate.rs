@@ -35,6 +35,10 @@ impl Transport for Recorder {
 }
 
 impl Recorder {
+    /// Every frame sent so far, taken.
+    fn frames(&mut self) -> Vec<Frame> {
+        std::mem::take(&mut self.sent).into_iter().map(|(_, f)| f).collect()
+    }
     fn data(&mut self) -> Vec<u64> {
         let seqs = self.sent.iter().filter_map(|(_, f)| if let Frame::Data { seq, .. } = f { Some(seq.0) } else { None }).collect();
         self.sent.retain(|(_, f)| !matches!(f, Frame::Data { .. }));
@@ -326,12 +330,12 @@ fn passer_pair() -> (Node<MemStore>, Node<MemStore>, kernel_core::KObjectId, ker
     (a, b, passer, peer, to_b, to_a)
 }
 
-/// Hand `frames` from `sender` to `to`, then pump it (at time zero).
-fn deliver(frames: Vec<Frame>, to: &mut Node<MemStore>, sender: &str, net: &mut Recorder) {
+/// Hand `frames` from `sender` to `to` at time `t`, then pump it.
+fn deliver(t: Duration, frames: Vec<Frame>, to: &mut Node<MemStore>, sender: &str, net: &mut Recorder) {
     for f in frames {
-        to.handle(Duration::ZERO, TransportEvent::Frame(id(sender), f.encode().expect("encode")), net).expect("frame");
+        to.handle(t, TransportEvent::Frame(id(sender), f.encode().expect("encode")), net).expect("frame");
     }
-    to.pump(Duration::ZERO, net).expect("pump");
+    to.pump(t, net).expect("pump");
 }
 
 /// A result promise the peer has already resolved, named again by a message sent before its
@@ -341,23 +345,17 @@ fn deliver(frames: Vec<Frame>, to: &mut Node<MemStore>, sender: &str, net: &mut 
 fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() {
     let (mut a, mut b, passer, peer, mut to_b, mut to_a) = passer_pair();
     let t = Duration::ZERO;
-    let forward = |from: &mut Recorder, to: &mut Node<MemStore>, sender: &str, net: &mut Recorder| {
-        for (_, f) in std::mem::take(&mut from.sent) {
-            to.handle(t, TransportEvent::Frame(id(sender), f.encode().expect("encode")), net).expect("frame");
-        }
-        to.pump(t, net).expect("pump");
-    };
     a.kernel_mut().queue_message(passer.into(), "first", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
     a.run(None).expect("run");
     a.pump(t, &mut to_b).expect("pump");
-    forward(&mut to_b, &mut b, "a", &mut to_a);
+    deliver(t, to_b.frames(), &mut b, "a", &mut to_a);
     b.run(None).expect("run"); // b answers; its Resolve for the result is now on its way to a
     b.pump(t, &mut to_a).expect("pump");
     to_a.sent.clear(); // ...and still in flight when a names the promise again
     a.kernel_mut().queue_message(passer.into(), "second", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
     a.run(None).expect("run");
     a.pump(t, &mut to_b).expect("pump");
-    forward(&mut to_b, &mut b, "a", &mut to_a);
+    deliver(t, to_b.frames(), &mut b, "a", &mut to_a);
     assert!(to_a.closed.is_empty(), "b refused a's message: {:?}", to_a.closed);
     let link_at_b = b.peer_endpoint(&id("a")).expect("link");
     assert_eq!(b.kernel().aliases(link_at_b).expect("aliases").len(), 1, "b keeps the resolved promise's name");
@@ -367,16 +365,10 @@ fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() 
         let t = Duration::from_secs(5 * round);
         b.run(None).expect("run");
         b.pump(t, &mut to_a).expect("pump");
-        for (_, f) in std::mem::take(&mut to_a.sent) {
-            a.handle(t, TransportEvent::Frame(id("b"), f.encode().expect("encode")), &mut to_b).expect("frame");
-        }
-        a.pump(t, &mut to_b).expect("pump");
+        deliver(t, to_a.frames(), &mut a, "b", &mut to_b);
         a.run(None).expect("run");
         a.pump(t, &mut to_b).expect("pump");
-        for (_, f) in std::mem::take(&mut to_b.sent) {
-            b.handle(t, TransportEvent::Frame(id("a"), f.encode().expect("encode")), &mut to_a).expect("frame");
-        }
-        b.pump(t, &mut to_a).expect("pump");
+        deliver(t, to_b.frames(), &mut b, "a", &mut to_a);
     }
     assert!(to_a.closed.is_empty() && to_b.closed.is_empty(), "{:?} {:?}", to_a.closed, to_b.closed);
     assert!(a.is_idle() && b.is_idle(), "both sides settle");
@@ -396,26 +388,25 @@ fn a_name_outlives_an_acknowledgement_that_overtakes_a_message_naming_it() {
     a.kernel_mut().queue_message(passer.into(), "first", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
     a.run(None).expect("run");
     a.pump(t, &mut to_b).expect("pump");
-    let first: Vec<Frame> = std::mem::take(&mut to_b.sent).into_iter().map(|(_, f)| f).collect();
-    deliver(first, &mut b, "a", &mut to_a);
+    deliver(t, to_b.frames(), &mut b, "a", &mut to_a);
     b.run(None).expect("run");
     b.pump(t, &mut to_a).expect("pump");
-    let resolve: Vec<Frame> = std::mem::take(&mut to_a.sent).into_iter().map(|(_, f)| f).collect();
+    let resolve = to_a.frames();
     assert!(resolve.iter().any(|f| matches!(f, Frame::Data { .. })), "b's Resolve");
     // Before the Resolve reaches a, a names p again (#2).
     a.kernel_mut().queue_message(passer.into(), "second", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
     a.run(None).expect("run");
     a.pump(t, &mut to_b).expect("pump");
-    let named: Vec<Frame> = std::mem::take(&mut to_b.sent).into_iter().map(|(_, f)| f).collect();
+    let named = to_b.frames();
     // a applies the Resolve and acknowledges it.
-    deliver(resolve, &mut a, "b", &mut to_b);
-    let acks: Vec<Frame> = std::mem::take(&mut to_b.sent).into_iter().map(|(_, f)| f).filter(|f| matches!(f, Frame::Ack { .. })).collect();
+    deliver(t, resolve, &mut a, "b", &mut to_b);
+    let acks: Vec<Frame> = to_b.frames().into_iter().filter(|f| matches!(f, Frame::Ack { .. })).collect();
     assert!(
         acks.iter().any(|f| matches!(f, Frame::Ack { upto, written } if upto.0 >= 1 && written.0 >= 2)),
         "a acknowledges the Resolve, its outbox written through #2 (echo, take): {acks:?}"
     );
     // The acknowledgement reaches b first: b must keep the name, #2 still to come.
-    deliver(acks, &mut b, "a", &mut to_a);
+    deliver(t, acks, &mut b, "a", &mut to_a);
     b.run(None).expect("run");
     b.pump(t, &mut to_a).expect("pump");
     let link_at_b = b.peer_endpoint(&id("a")).expect("link");
@@ -423,7 +414,7 @@ fn a_name_outlives_an_acknowledgement_that_overtakes_a_message_naming_it() {
     // Then a's message naming p: applied, not refused.
     let named: Vec<Frame> = named.into_iter().filter(|f| matches!(f, Frame::Data { .. })).collect();
     assert!(!named.is_empty(), "a's take(p)");
-    deliver(named, &mut b, "a", &mut to_a);
+    deliver(t, named, &mut b, "a", &mut to_a);
     assert!(to_a.closed.is_empty(), "b refused a's message naming p: {:?}", to_a.closed);
     b.run(None).expect("run");
     b.pump(t, &mut to_a).expect("pump");
@@ -439,35 +430,34 @@ fn a_name_outlives_an_acknowledgement_that_overtakes_a_message_naming_it() {
 fn a_later_resolve_keeps_its_name_when_an_earlier_one_may_be_forgotten() {
     let (mut a, mut b, passer, peer, mut to_b, mut to_a) = passer_pair();
     let t = Duration::ZERO;
-    let take = |r: &mut Recorder| -> Vec<Frame> { std::mem::take(&mut r.sent).into_iter().map(|(_, f)| f).collect() };
     // a: echo #1 (p1), echo #2 (p2, kept as "p").
     for _ in 0..2 {
         a.kernel_mut().queue_message(passer.into(), "first", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
     }
     a.run(None).expect("run");
     a.pump(t, &mut to_b).expect("pump");
-    deliver(take(&mut to_b), &mut b, "a", &mut to_a);
+    deliver(t, to_b.frames(), &mut b, "a", &mut to_a);
     b.run(None).expect("run");
     b.pump(t, &mut to_a).expect("pump");
-    let from_b = take(&mut to_a);
+    let from_b = to_a.frames();
     let data: Vec<Frame> = from_b.iter().filter(|f| matches!(f, Frame::Data { .. })).cloned().collect();
     assert_eq!(data.len(), 2, "b's two Resolves: {from_b:?}");
     // a gets b's Resolve #1 only; acks (1, written 2). b can forget p1.
-    deliver(vec![data[0].clone()], &mut a, "b", &mut to_b);
-    let ack1: Vec<Frame> = take(&mut to_b).into_iter().filter(|f| matches!(f, Frame::Ack { .. })).collect();
+    deliver(t, vec![data[0].clone()], &mut a, "b", &mut to_b);
+    let ack1: Vec<Frame> = to_b.frames().into_iter().filter(|f| matches!(f, Frame::Ack { .. })).collect();
     // Before Resolve #2 (p2) reaches a, a names p2 again (#3).
     a.kernel_mut().queue_message(passer.into(), "second", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
     a.run(None).expect("run");
     a.pump(t, &mut to_b).expect("pump");
-    let named: Vec<Frame> = take(&mut to_b).into_iter().filter(|f| matches!(f, Frame::Data { .. })).collect();
+    let named: Vec<Frame> = to_b.frames().into_iter().filter(|f| matches!(f, Frame::Data { .. })).collect();
     // a applies Resolve #2 and acks (2, written 3); that ack overtakes #3.
-    deliver(vec![data[1].clone()], &mut a, "b", &mut to_b);
-    let ack2: Vec<Frame> = take(&mut to_b).into_iter().filter(|f| matches!(f, Frame::Ack { .. })).collect();
+    deliver(t, vec![data[1].clone()], &mut a, "b", &mut to_b);
+    let ack2: Vec<Frame> = to_b.frames().into_iter().filter(|f| matches!(f, Frame::Ack { .. })).collect();
     // Both acks reach b in one round (e.g. ack1 was delayed, or b was busy).
-    deliver(ack1.into_iter().chain(ack2).collect(), &mut b, "a", &mut to_a);
+    deliver(t, ack1.into_iter().chain(ack2).collect(), &mut b, "a", &mut to_a);
     let link_at_b = b.peer_endpoint(&id("a")).expect("link");
     assert_eq!(b.kernel().aliases(link_at_b).expect("aliases").len(), 1, "p1's name went, p2's stays");
-    deliver(named, &mut b, "a", &mut to_a);
+    deliver(t, named, &mut b, "a", &mut to_a);
     assert!(to_a.closed.is_empty(), "b refused a's message naming p2: {:?}", to_a.closed);
     b.run(None).expect("run");
     b.pump(t, &mut to_a).expect("pump");
