@@ -330,6 +330,14 @@ fn passer_pair() -> (Node<MemStore>, Node<MemStore>, kernel_core::KObjectId, ker
     (a, b, passer, peer, to_b, to_a)
 }
 
+/// a's host calls `method` on the passer, with b's root (`peer`); a runs it and sends what it
+/// wrote (at time zero).
+fn passer_call(a: &mut Node<MemStore>, passer: kernel_core::KObjectId, peer: kernel_core::KRef, method: &str, to_b: &mut Recorder) {
+    a.kernel_mut().queue_message(passer.into(), method, CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
+    a.run(None).expect("run");
+    a.pump(Duration::ZERO, to_b).expect("pump");
+}
+
 /// Hand `frames` from `sender` to `to` at time `t`, then pump it.
 fn deliver(t: Duration, frames: Vec<Frame>, to: &mut Node<MemStore>, sender: &str, net: &mut Recorder) {
     for f in frames {
@@ -345,16 +353,12 @@ fn deliver(t: Duration, frames: Vec<Frame>, to: &mut Node<MemStore>, sender: &st
 fn a_result_promise_named_again_while_its_resolution_is_in_flight_is_accepted() {
     let (mut a, mut b, passer, peer, mut to_b, mut to_a) = passer_pair();
     let t = Duration::ZERO;
-    a.kernel_mut().queue_message(passer.into(), "first", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
-    a.run(None).expect("run");
-    a.pump(t, &mut to_b).expect("pump");
+    passer_call(&mut a, passer, peer, "first", &mut to_b);
     deliver(t, to_b.frames(), &mut b, "a", &mut to_a);
     b.run(None).expect("run"); // b answers; its Resolve for the result is now on its way to a
     b.pump(t, &mut to_a).expect("pump");
     to_a.sent.clear(); // ...and still in flight when a names the promise again
-    a.kernel_mut().queue_message(passer.into(), "second", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
-    a.run(None).expect("run");
-    a.pump(t, &mut to_b).expect("pump");
+    passer_call(&mut a, passer, peer, "second", &mut to_b);
     deliver(t, to_b.frames(), &mut b, "a", &mut to_a);
     assert!(to_a.closed.is_empty(), "b refused a's message: {:?}", to_a.closed);
     let link_at_b = b.peer_endpoint(&id("a")).expect("link");
@@ -385,18 +389,14 @@ fn a_name_outlives_an_acknowledgement_that_overtakes_a_message_naming_it() {
     let (mut a, mut b, passer, peer, mut to_b, mut to_a) = passer_pair();
     let t = Duration::ZERO;
     // a sends echo (#1, result p); b answers: its Resolve of p is on its way to a.
-    a.kernel_mut().queue_message(passer.into(), "first", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
-    a.run(None).expect("run");
-    a.pump(t, &mut to_b).expect("pump");
+    passer_call(&mut a, passer, peer, "first", &mut to_b);
     deliver(t, to_b.frames(), &mut b, "a", &mut to_a);
     b.run(None).expect("run");
     b.pump(t, &mut to_a).expect("pump");
     let resolve = to_a.frames();
     assert!(resolve.iter().any(|f| matches!(f, Frame::Data { .. })), "b's Resolve");
     // Before the Resolve reaches a, a names p again (#2).
-    a.kernel_mut().queue_message(passer.into(), "second", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
-    a.run(None).expect("run");
-    a.pump(t, &mut to_b).expect("pump");
+    passer_call(&mut a, passer, peer, "second", &mut to_b);
     let named = to_b.frames();
     // a applies the Resolve and acknowledges it.
     deliver(t, resolve, &mut a, "b", &mut to_b);
@@ -446,9 +446,7 @@ fn a_later_resolve_keeps_its_name_when_an_earlier_one_may_be_forgotten() {
     deliver(t, vec![data[0].clone()], &mut a, "b", &mut to_b);
     let ack1: Vec<Frame> = to_b.frames().into_iter().filter(|f| matches!(f, Frame::Ack { .. })).collect();
     // Before Resolve #2 (p2) reaches a, a names p2 again (#3).
-    a.kernel_mut().queue_message(passer.into(), "second", CapData { body: b"[]".to_vec(), slots: vec![peer] }).expect("queue");
-    a.run(None).expect("run");
-    a.pump(t, &mut to_b).expect("pump");
+    passer_call(&mut a, passer, peer, "second", &mut to_b);
     let named: Vec<Frame> = to_b.frames().into_iter().filter(|f| matches!(f, Frame::Data { .. })).collect();
     // a applies Resolve #2 and acks (2, written 3); that ack overtakes #3.
     deliver(t, vec![data[1].clone()], &mut a, "b", &mut to_b);
